@@ -50,7 +50,7 @@ def model_names() -> list[str]:
 def model_spec(name: str) -> dict:
     reg = registry()
     if name not in reg:
-        raise KeyError(f"unknown model preset {name!r}; allowed: {', '.join(reg)} (or a model directory)")
+        raise ValueError(f"unknown model preset {name!r}; allowed: {', '.join(reg)} (or a model directory)")
     return reg[name]
 
 

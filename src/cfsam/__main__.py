@@ -1,0 +1,5 @@
+import sys
+
+from cfsam.cli import main
+
+sys.exit(main())
