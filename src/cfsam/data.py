@@ -133,6 +133,8 @@ def file_hashes(name: str) -> dict[str, str]:
         return {f"hub:{spec['hub']['id']}": "hub"}
     if "substitute" in spec:
         return {k: v for s in spec["substitute"]["sets"] for k, v in file_hashes(s).items()}
+    if "missing" in spec:
+        return {"missing": spec["missing"]}
     root = data_dir()
     out = {}
     for p in raw_files(name):
