@@ -10,7 +10,9 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv model reproduce test book clean-book info
+BOOK_OUT := _build/$(PRESET)
+
+.PHONY: venv model reproduce test book info
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -30,15 +32,19 @@ model: venv
 info: venv
 	$(VENV)/bin/cfsam info
 
+# The main job: compute what the results cache lacks for PRESET, then build the book from the cache.
 reproduce: model
 	$(VENV)/bin/cfsam run-missing --preset $(PRESET)
 	$(MAKE) book PRESET=$(PRESET)
 
+# The book never trains. Jupyter's execution cache keys on code, not on results: drop it when results changed.
 book: venv
-	CFSAM_PRESET=$(PRESET) $(VENV)/bin/jupyter-book build . --warningiserror --keep-going
+	@if [ -f $(BOOK_OUT)/.built ] && [ -n "$$(find $${CFSAM_RESULTS:-results}/$(PRESET) -newer $(BOOK_OUT)/.built 2>/dev/null | head -1)" ]; then \
+		echo "results changed since the last build: re-executing notebooks"; rm -rf $(BOOK_OUT)/_build/.jupyter_cache; fi
+	CFSAM_PRESET=$(PRESET) $(VENV)/bin/jupyter-book build . --path-output $(BOOK_OUT) --warningiserror --keep-going
+	touch $(BOOK_OUT)/.built
+	@echo "book: $(BOOK_OUT)/_build/html/index.html"
 
+# The test suite; tests/test_book.py also runs the smoke preset end to end and builds its book.
 test: venv
-	$(VENV)/bin/python -m pytest -q tests
-
-clean-book:
-	rm -rf _build
+	$(PY) -m pytest -q tests

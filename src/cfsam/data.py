@@ -228,6 +228,11 @@ def load_records(name: str, split: str = "train") -> datasets.Dataset:
     """A training set as ``{"id", "turns"}`` records; split is train, heldout (fixed 5%, at most 500) or all."""
     if split not in ("train", "heldout", "all"):
         raise DataError(f"split {split!r}; allowed: train, heldout, all")
+    return _load_records(name, split, str(data_dir()), use_mirror())
+
+
+@lru_cache(maxsize=32)  # keyed by the mirror too: tests and users may point CFSAM_DATA_DIR elsewhere
+def _load_records(name: str, split: str, _data_dir: str, _mirror: bool) -> datasets.Dataset:
     spec = dataset_spec(name)
     if spec["kind"] != "train":
         raise DataError(f"dataset {name!r} is an evaluation set; training sets: {', '.join(dataset_names('train'))}")

@@ -12,6 +12,7 @@ Notebooks call ``load_results`` / ``frame``; ``run_missing`` computes what they 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -304,9 +305,13 @@ def measure(model_ref: str, spec: dict) -> dict:
                                             batch_size=ls["batch_size"], max_length=h["max_length"], seed=h["seed"])
         surfaces, summary = landscape.flatness_over_seeds(loaded.model, batches, seeds=ls["seeds"], n=ls["grid"],
                                                           span=ls["span"], filter_norm=ls["filter_norm"])
-        out["landscape"] = {"flatness": summary, "surfaces": [s.to_dict() for s in surfaces],
+        out["landscape"] = {"flatness": summary, "surfaces": [_jsonable(dataclasses.asdict(s)) for s in surfaces],
                             "curvature": landscape.curvature(loaded.model, batches, iters=10, probes=4)}
     return out, loaded.model
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: v.tolist() if hasattr(v, "tolist") else v for k, v in d.items()}
 
 
 def run_one(preset: str, name: str) -> dict:

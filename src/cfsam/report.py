@@ -1,0 +1,269 @@
+"""Tables for the notebooks: our cached results as the paper prints them, the paper's numbers beside them.
+
+Each experiment maps to the paper's run key (method, stage2, optimizer, epochs), so a notebook asks for
+"Table 2a" and gets, per row of the paper, the paper's value, ours and their difference. Absolute values
+are not comparable across models (a 135M model sits near chance where Llama2-7B does not); the
+forgetting deltas (a run minus its reference row) are, and the continuous measures (gold log-prob,
+held-out loss) show effects that accuracy at chance cannot.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from . import paper
+from .experiments import load_results
+
+CATEGORIES = ["DK", "Understanding", "Reasoning", "Exams", "AVG"]
+MMLU_PARTS = {"mmlu_stem": "STEM", "mmlu_humanities": "Humanities", "mmlu_social_sciences": "Social Sciences",
+              "mmlu_other": "Other"}
+# the paper's task column -> our task name (TruthfulQA: the paper's values match MC1's scale)
+PAPER_TASK = {"truthfulqa": "truthfulqa_mc1"}
+
+
+def run_key(spec: dict) -> dict:
+    """The paper's identity of a run: method, stage-2 set, optimizer and epochs of the last stage."""
+    run = spec["run"]
+    if run["kind"] == "wise_ft":
+        return {**run_key({"run": run["stage2"]}), "method": "wise_ft"}
+    if run["kind"] in ("base", "stage1"):
+        return {"method": "none", "stage2": "", "optimizer": run.get("optimizer", "none"),
+                "epochs": run.get("epochs"), "kind": run["kind"]}
+    return {"method": "rehearsal" if run.get("rehearsal") else "none", "stage2": run["dataset"],
+            "optimizer": run["optimizer"], "epochs": run["epochs"], "kind": "stage2"}
+
+
+def metrics(entry: dict) -> dict[str, float]:
+    """Every number of one cached entry, flat, in percent where the paper uses percent."""
+    out: dict[str, float] = {}
+    ev = entry.get("eval") or {}
+    for cat in CATEGORIES:
+        score = (ev.get("categories") or {}).get(cat, {}).get("score")
+        out[cat] = np.nan if score is None else 100 * score
+    mmlu = (ev.get("categories") or {}).get("MMLU") or {}
+    for col, sub in MMLU_PARTS.items():
+        out[col] = 100 * mmlu[sub] if mmlu.get(sub) is not None else np.nan
+    for name, res in (ev.get("tasks") or {}).items():
+        ok = res.get("status") == "ok"
+        out[name] = 100 * res["score"] if ok else np.nan
+        out[f"{name}:gold_logprob"] = res.get("gold_logprob", np.nan) if ok else np.nan
+    for col, ours in PAPER_TASK.items():
+        out.setdefault(col, out.get(ours, np.nan))
+    for ds, v in (entry.get("heldout_loss") or {}).items():
+        out[f"loss:{ds}"] = v["loss"]
+    flat = (entry.get("landscape") or {}).get("flatness") or {}
+    for m, v in flat.items():
+        out[m], out[f"{m}:std"] = v["mean"], v.get("std")
+    for k, v in ((entry.get("landscape") or {}).get("curvature") or {}).items():
+        if isinstance(v, (int, float)):
+            out[f"curvature:{k}"] = v
+    return out
+
+
+def frame(preset: str, names: list[str] | None = None) -> pd.DataFrame:
+    """One row per experiment: its status, run key and every metric (NaN where missing)."""
+    rows = []
+    for name, entry in load_results(preset, names).items():
+        from .experiments import experiments
+
+        spec = entry.get("spec") or experiments(preset)[name]
+        row = {"experiment": name, "status": entry["status"], **run_key(spec)}
+        last = spec["run"].get("stage2", spec["run"])
+        row.update(rho=last.get("rho"), adaptive=last.get("adaptive"))
+        if entry["status"] == "ok":  # a stale entry's numbers are never shown as results
+            row.update(metrics(entry))
+            row["wall_s"] = entry.get("provenance", {}).get("wall_s")
+        if entry["status"] != "ok":
+            row["command"] = entry["command"]
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("experiment")
+
+
+def compare(preset: str, table: str, names: list[str], *, paper_model: str = "llama2-7b") -> pd.DataFrame:
+    """The paper's table beside ours: per paper row and metric, the paper's value, ours, ours - paper.
+
+    Rows are matched on (method, stage2, optimizer, epochs). Delta is recomputed for our runs with the
+    paper's convention for that table: Table 2's (``paper.delta``), or, for Tables 1 and 4, against the
+    Alpaca row. Table 4's AVG is the mean of its two tasks, as printed.
+    """
+    table = str(table)
+    ours = frame(preset, names)
+    printed = paper.paper_table(table)
+    models = printed.index.get_level_values("model")
+    printed = printed[models == (paper_model if paper_model in set(models) else models[0])]
+    metric_cols = [c for c in printed.columns if c != "Delta"]
+    rows, labels = [], []
+    for _, method, stage2, optimizer, epochs in printed.index:
+        if not stage2:
+            match = ours[ours["kind"] == "stage1"]
+        else:
+            match = ours[(ours["method"] == method) & (ours["stage2"] == stage2) & (ours["optimizer"] == optimizer)]
+            # Table 1 leaves stage 2's epochs unstated: take the preset's default run, not the 1-epoch one
+            match = match[~match.index.str.endswith("-e1")] if pd.isna(epochs) else match[match["epochs"] == epochs]
+        labels.append(_label(method, stage2, optimizer, epochs))
+        rows.append(match.iloc[0] if len(match) else None)
+
+    def ours_value(row, metric):
+        if row is None:
+            return np.nan
+        if table == "4" and metric == "AVG":
+            return (row.get("hellaswag", np.nan) + row.get("truthfulqa", np.nan)) / 2
+        return row.get({"MMLU": "mmlu"}.get(metric, PAPER_TASK.get(metric, metric)), np.nan)
+
+    out = {}
+    for m in metric_cols:
+        ours_vals = np.array([ours_value(r, m) for r in rows], dtype=float)
+        out[(m, "paper")] = printed[m].to_numpy()
+        out[(m, "ours")] = ours_vals
+        out[(m, "ours - paper")] = ours_vals - printed[m].to_numpy()
+    if "Delta" in printed.columns:
+        base_metric = "MMLU" if table == "1" else "AVG"
+        ours_base = pd.Series(out[(base_metric, "ours")], index=printed.index)
+        if table in ("1", "4"):
+            ours_delta = (ours_base - ours_base.iloc[0]).where(np.arange(len(ours_base)) > 0)
+        else:
+            ours_delta = paper.delta(ours_base)
+        out[("Delta", "paper")] = printed["Delta"].to_numpy()
+        out[("Delta", "ours")] = ours_delta.to_numpy()
+    df = pd.DataFrame(out, index=pd.Index(labels, name="run"))
+    df.columns = pd.MultiIndex.from_tuples(df.columns)
+    df[("", "experiment")] = [None if r is None else r.name for r in rows]
+    df[("", "status")] = [("missing" if r is None else r["status"]) for r in rows]
+    return df
+
+
+def _label(method: str, stage2: str, optimizer: str, epochs) -> str:
+    if not stage2:
+        return "Alpaca"
+    name = {"sharegpt": "ShareGPT", "open-platypus": "Open-Platypus", "metamathqa": "MetaMath",
+            "auto-wiki": "Auto-Wiki"}.get(stage2, stage2)
+    prefix = {"none": "", "wise_ft": "Wise-FT ", "rehearsal": "Rehearsal "}[method]
+    ep = "" if pd.isna(epochs) else f", {int(epochs)} ep"
+    return f"{prefix}-> {name} ({'w/' if optimizer == 'sam' else 'w/o'} SAM{ep})"
+
+
+def missing_note(df: pd.DataFrame, preset: str) -> str:
+    """A sentence naming what is missing and the command that computes it (the book never trains)."""
+    status = df[("", "status")] if ("", "status") in df else df.get("status")
+    missing = df[status != "ok"] if status is not None else df.iloc[0:0]
+    if missing.empty:
+        return "All results of this page are in the cache."
+    return (f"{len(missing)} result(s) are missing or stale here; compute them with "
+            f"`cfsam run-missing --preset {preset}` (or `make reproduce PRESET={preset}`).")
+
+
+def forgetting(preset: str, names: list[str], reference: str = "stage1") -> pd.DataFrame:
+    """Per experiment: the change against the reference run of the continuous measures that still move
+    when accuracy sits at chance: held-out stage-1 loss and each task's mean gold log-prob."""
+    df = frame(preset, names)
+    if reference not in df.index or df.loc[reference, "status"] == "missing":
+        return pd.DataFrame()
+    cols = [c for c in df.columns if c.startswith("loss:") or c.endswith(":gold_logprob") or c in CATEGORIES]
+    ref = df.loc[reference, cols].astype(float)
+    return df[cols].astype(float).sub(ref, axis=1)
+
+
+def surfaces(preset: str, names: list[str], seed_index: int = 0) -> dict:
+    """The cached loss surfaces (one direction seed) of the given experiments, by experiment name."""
+    from .landscape import Surface
+
+    out = {}
+    for name, entry in load_results(preset, names).items():
+        stored = (entry.get("landscape") or {}).get("surfaces") if entry["status"] == "ok" else None
+        if stored:
+            d = stored[seed_index]
+            out[name] = Surface(**{k: np.asarray(v) if k in ("x", "y", "losses") else v for k, v in d.items()})
+    return out
+
+
+def learning_and_forgetting(preset: str, names: list[str], reference: str = "stage1") -> pd.DataFrame:
+    """Per stage-2 run, side by side: what it learned (its own held-out loss, down is learning) and what
+    it forgot (held-out stage-1 loss and the eval AVG against the reference), with rho and optimizer."""
+    df = frame(preset, names)
+    if reference not in df.index or df.loc[reference, "status"] != "ok":
+        return pd.DataFrame()
+    ref = df.loc[reference]
+    rows = []
+    for name, r in df[df["kind"] == "stage2"].iterrows():
+        own = f"loss:{r['stage2']}"
+        rows.append({"experiment": name, "status": r["status"], "method": r["method"], "optimizer": r["optimizer"],
+                     "rho": r["rho"], "adaptive": r["adaptive"], "epochs": r["epochs"],
+                     "learned (Δ own held-out loss)": r.get(own, np.nan) - ref.get(own, np.nan),
+                     "forgot (Δ Alpaca held-out loss)": r.get("loss:alpaca", np.nan) - ref.get("loss:alpaca", np.nan),
+                     "Δ AVG": r.get("AVG", np.nan) - ref.get("AVG", np.nan)})
+    return pd.DataFrame(rows).set_index("experiment") if rows else pd.DataFrame()
+
+
+FLATNESS = ["SC", "AG", "MAG", "curvature:hessian_top_eigenvalue", "curvature:hessian_trace",
+            "curvature:sam_sharpness"]
+
+
+def flatness_vs_forgetting(preset: str, names: list[str], *, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Spearman correlation, over runs with a landscape, between each flatness measure and forgetting
+    (Δ held-out Alpaca loss against the base model), with a percentile bootstrap 95% interval over runs."""
+    from scipy.stats import spearmanr
+
+    df = frame(preset, names)
+    df = df[df["status"] == "ok"]
+    if "base" not in df.index or "SC" not in df:
+        return pd.DataFrame()
+    runs = df[df["SC"].notna()]
+    forgot = (runs["loss:alpaca"] - df.loc["base", "loss:alpaca"]).to_numpy(float)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for m in FLATNESS:
+        if m not in runs or runs[m].isna().any() or len(runs) < 3:
+            rows.append({"measure": m, "runs": len(runs), "spearman": np.nan, "ci_low": np.nan, "ci_high": np.nan})
+            continue
+        x = runs[m].to_numpy(float)
+        boots = []
+        for _ in range(n_boot):
+            i = rng.integers(0, len(x), len(x))
+            if len(set(i)) > 2:
+                boots.append(spearmanr(x[i], forgot[i]).statistic)
+        lo, hi = np.nanpercentile(boots, [2.5, 97.5]) if boots else (np.nan, np.nan)
+        rows.append({"measure": m, "runs": len(runs), "spearman": spearmanr(x, forgot).statistic,
+                     "ci_low": lo, "ci_high": hi})
+    return pd.DataFrame(rows).set_index("measure")
+
+
+def training_cost(preset: str, names: list[str]) -> pd.DataFrame:
+    """Wall time, steps, seconds per step and tokens/s of each training run, from its metrics."""
+    rows = []
+    for name, entry in load_results(preset, names).items():
+        t = entry.get("train") if entry["status"] == "ok" else None
+        if not t or "total_steps" not in t:  # Wise-FT merges train nothing themselves
+            continue
+        steps = t.get("total_steps")
+        rows.append({"experiment": name, "optimizer": t.get("config", {}).get("optimizer"),
+                     "steps": steps, "train_s": t.get("train_seconds"),
+                     "s_per_step": t["train_seconds"] / steps if steps else np.nan,
+                     "tokens_per_s": t.get("tokens_per_s"),
+                     "peak_memory_GB": (t.get("peak_memory_bytes") or np.nan) / 1e9})
+    return pd.DataFrame(rows).set_index("experiment") if rows else pd.DataFrame()
+
+
+def preset_note(preset: str) -> str:
+    """What the numbers on a page are: the preset, its model, and the data stand-ins it uses."""
+    from . import data
+    from .presets import load_preset
+
+    p = load_preset(preset)
+    sets = [p["data"]["stage1"], *p["data"]["stage2"]]
+    labels = [f"{s}: {data.label(s)}" for s in sets if data.label(s)]
+    warn = ("**Smoke preset: a tiny random model. These numbers exercise the pipeline; they are not results.** "
+            if preset == "smoke" else "")
+    return (f"{warn}Preset `{preset}` ({p['description']}); model `{p['model']}`. "
+            + ("Data stand-ins: " + "; ".join(labels) + "." if labels else ""))
+
+
+def show(df: pd.DataFrame, precision: int = 2):
+    """A results table formatted for the book (NaN shown as a dash)."""
+    return df.style.format(precision=precision, na_rep="–")
+
+
+def flatness_table(preset: str, names: list[str]) -> pd.DataFrame:
+    """The paper's flatness metrics (mean and std over direction seeds), the curvature measures beyond
+    them, and the held-out Alpaca loss of each run with a landscape."""
+    cols = ["SC", "SC:std", "AG", "AG:std", "MAG", "MAG:std", *FLATNESS[3:], "loss:alpaca"]
+    return frame(preset, names).reindex(columns=["status", *cols])
