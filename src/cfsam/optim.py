@@ -45,6 +45,41 @@ def _norm(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t, 2.0, dtype=torch.promote_types(t.dtype, torch.float32))
 
 
+def _piece(t: torch.Tensor, sharded: bool | None) -> torch.Tensor:
+    """One tensor's contribution to a global norm: its norm, still a DTensor (partial) when sharded."""
+    if _is_dtensor(t) and sharded is False:
+        return _norm(t.to_local())
+    return _norm(t)
+
+
+def _combine(pieces: list[torch.Tensor], sharded: bool | None, process_group, device) -> torch.Tensor:
+    """sqrt(sum of squares) of per-tensor norms across ranks (at most two scalar collectives)."""
+    dtype = torch.float64 if any(n.dtype == torch.float64 for n in pieces) else torch.float32
+    sq = torch.zeros((), dtype=dtype, device=device)
+    plain = [n.to(device, dtype) for n in pieces if not _is_dtensor(n)]
+    dtensors = [n for n in pieces if _is_dtensor(n)]
+    if plain:
+        sq = sq + torch.stack(plain).square().sum()
+    if sharded is True and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=process_group)
+    if dtensors:
+        sq = sq + torch.linalg.vector_norm(torch.stack(dtensors)).full_tensor().to(device, dtype).square()
+    return sq.sqrt()
+
+
+@torch.no_grad()
+def global_norm(tensors, sharded: bool | None = None, process_group=None) -> torch.Tensor:
+    """2-norm of ``tensors`` taken as one vector over all ranks (``sharded`` as in :class:`SAM`).
+
+    ``cfsam.train`` uses it for the gradient norm it logs and clips, with AdamW as with SAM."""
+    tensors = list(tensors)
+    if not tensors:
+        return torch.zeros(())
+    first = tensors[0]
+    device = first.to_local().device if _is_dtensor(first) else first.device
+    return _combine([_piece(t, sharded) for t in tensors], sharded, process_group, device)
+
+
 class SAM(torch.optim.Optimizer):
     """``SAM(params, torch.optim.AdamW, rho=2.0, adaptive=False, lr=..., ...)``.
 
@@ -90,27 +125,6 @@ class SAM(torch.optim.Optimizer):
         for group in self.param_groups:
             yield from group["params"]
 
-    # -- the global norm -------------------------------------------------------------------------
-    def _piece(self, t: torch.Tensor) -> torch.Tensor:
-        """This tensor's contribution to a global norm: its norm, still a DTensor when sharded."""
-        if _is_dtensor(t) and self.sharded is False:
-            return _norm(t.to_local())
-        return _norm(t)  # for a DTensor: a DTensor with a partial placement, reduced in _combine
-
-    def _combine(self, pieces: list[torch.Tensor]) -> torch.Tensor:
-        """sqrt(sum of squares) of per-tensor norms across ranks (at most two scalar collectives)."""
-        dtype = torch.float64 if any(n.dtype == torch.float64 for n in pieces) else torch.float32
-        sq = torch.zeros((), dtype=dtype, device=self._device())
-        plain = [n.to(sq.device, dtype) for n in pieces if not _is_dtensor(n)]
-        dtensors = [n for n in pieces if _is_dtensor(n)]
-        if plain:
-            sq = sq + torch.stack(plain).square().sum()
-        if self.sharded is True and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.process_group)
-        if dtensors:
-            sq = sq + torch.linalg.vector_norm(torch.stack(dtensors)).full_tensor().to(sq.device, dtype).square()
-        return sq.sqrt()
-
     def _device(self) -> torch.device:
         p = next(self._params())
         return p.to_local().device if _is_dtensor(p) else p.device
@@ -118,8 +132,9 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def grad_norm(self, adaptive: bool = False) -> torch.Tensor:
         """Global 2-norm of the current gradients (of ``|w| * g`` when ``adaptive``)."""
-        return self._combine([self._piece(p.abs() * p.grad if adaptive else p.grad)
-                              for p in self._params() if p.grad is not None])
+        return _combine([_piece(p.abs() * p.grad if adaptive else p.grad, self.sharded)
+                         for p in self._params() if p.grad is not None], self.sharded, self.process_group,
+                        self._device())
 
     # -- the two steps ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -148,11 +163,11 @@ class SAM(torch.optim.Optimizer):
                 if group["adaptive"]:
                     e = torch.mul(p, p).mul_(p.grad).mul_(scale)  # one param-sized temporary at a time
                     p.add_(e)
-                    e_pieces.append(self._piece(e))
+                    e_pieces.append(_piece(e, self.sharded))
                 else:
                     p.add_(p.grad, alpha=scale)
-                    e_pieces.append(self._piece(p.grad) * scale)
-        self.last_perturbation_norm = float(self._combine(e_pieces))
+                    e_pieces.append(_piece(p.grad, self.sharded) * scale)
+        self.last_perturbation_norm = float(_combine(e_pieces, self.sharded, self.process_group, self._device()))
         if zero_grad:
             self.zero_grad()
         return grad_norm

@@ -1,0 +1,626 @@
+"""One stage of continual instruction tuning: model + dataset + AdamW or SAM -> a trained model directory.
+
+Why a short explicit loop and not ``transformers.Trainer``: SAM takes two forward/backward passes over
+the same micro-batches with the weights moved in between, and the norm that sets the move must be
+the norm of the whole gradient (accumulated over micro-batches, reduced over ranks). Trainer owns the
+accumulation loop, the backward, clipping and the optimizer step (under FSDP/DeepSpeed accelerate
+wraps the optimizer too), so SAM there means overriding ``training_step`` against its accumulation
+counters; the paper's code ends up with three passes and per-shard norms. Here every pass is in
+view (``optimizer_step``) and distribution is torch's own: DDP (``no_sync`` on all but the last
+micro-batch) or FSDP2 ``fully_shard`` per decoder layer, whose DTensor gradients ``cfsam.optim.SAM``
+reduces exactly. ``torchrun`` / ``accelerate launch`` only launch it: rank and world size come from
+the environment (accelerate's FSDP plugin needs an accelerator, this runs on CPU as well).
+
+Batch semantics: ``batch_size`` is the global number of examples per optimizer step (the paper's 128);
+each rank runs ``grad_accum`` micro-batches of ``batch_size / (grad_accum * world_size)``. The loss is
+the mean over every response token of the global batch (``num_items_in_batch``), so one process and N
+processes make the same updates. SAM with accumulation perturbs with the whole batch's gradient, then
+re-runs the same micro-batches at the perturbed point.
+
+``out_dir`` gets the model (``save_pretrained`` + tokenizer) and ``metrics.json``, written last: its
+presence marks a finished run, and a finished run with the same config is returned, not redone.
+While running, ``checkpoint-<step>/`` holds torch.distributed.checkpoint shards of model and
+optimizer (SAM state included), the scheduler, the GradScaler, RNG states and the position in the
+data; each is written under ``.tmp`` and renamed, only the latest is kept, and a rerun resumes from
+it. A NaN loss stops the run with ``TrainingDiverged``; the last good checkpoint stays.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import resource
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from cfsam import data as cfdata
+from cfsam import models
+from cfsam.optim import SAM, global_norm
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adamw", "sam")
+DISTS = ("auto", "none", "ddp", "fsdp")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+DEFAULT_REHEARSAL_FRACTION = 0.1  # share of stage-1 examples in the stage-2 mix when rehearsal is asked for
+CKPT_PREFIX = "checkpoint-"
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient: the run stopped; the last good checkpoint is kept."""
+
+
+# ------------------------------------------------------------------------------------ config
+def stage_id(config: dict) -> str:
+    """A short hash of a stage's config: same config, same id (and same cached model)."""
+    blob = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _model_ref(model_name_or_dir: str) -> dict:
+    """What identifies the starting weights: a preset name, or a directory (and its stage id)."""
+    path = Path(model_name_or_dir)
+    if path.is_dir():
+        ref = {"dir": str(path.resolve())}
+        for marker in ("metrics.json", "merge.json"):
+            if (path / marker).exists():
+                ref["stage_id"] = json.loads((path / marker).read_text()).get("stage_id")
+        return ref
+    models.model_spec(model_name_or_dir)  # unknown preset: KeyError naming the allowed ones
+    return {"preset": model_name_or_dir}
+
+
+def _data_ref(dataset) -> dict:
+    if isinstance(dataset, str):
+        if dataset not in cfdata.dataset_names("train"):
+            raise ValueError(f"unknown training dataset {dataset!r}; allowed: "
+                             f"{', '.join(cfdata.dataset_names('train'))} (or a datasets.Dataset)")
+        return {"name": dataset, "sha256": cfdata.file_hashes(dataset)}
+    cols = set(getattr(dataset, "column_names", []) or [])
+    if not {"input_ids", "labels"} <= cols:
+        raise ValueError(f"dataset must be a registry name or a datasets.Dataset with input_ids and labels "
+                         f"columns; got {type(dataset).__name__} with columns {sorted(cols)}")
+    return {"fingerprint": getattr(dataset, "_fingerprint", None), "rows": len(dataset)}
+
+
+def _validate(**kw) -> None:
+    def bad(name, allowed):
+        raise ValueError(f"{name}={kw[name]!r}; allowed: {allowed}")
+
+    if kw["optimizer"] not in OPTIMIZERS:
+        bad("optimizer", " | ".join(OPTIMIZERS))
+    for name in ("lr", "epochs"):
+        if not (isinstance(kw[name], (int, float)) and math.isfinite(kw[name]) and kw[name] > 0):
+            bad(name, "a number > 0")
+    for name in ("batch_size", "grad_accum", "log_every"):
+        if not (isinstance(kw[name], int) and kw[name] >= 1):
+            bad(name, "an integer >= 1")
+    if not (isinstance(kw["max_length"], int) and kw["max_length"] >= 8):
+        bad("max_length", "an integer >= 8")
+    for name in ("n_train", "max_steps"):
+        if kw[name] is not None and not (isinstance(kw[name], int) and kw[name] >= 1):
+            bad(name, "None or an integer >= 1")
+    if not (isinstance(kw["checkpoint_every"], int) and kw["checkpoint_every"] >= 0):
+        bad("checkpoint_every", "an integer >= 0 (0: no checkpoints)")
+    if kw["batch_size"] % kw["grad_accum"]:
+        raise ValueError(f"batch_size={kw['batch_size']} (global) must be a multiple of grad_accum={kw['grad_accum']}")
+    if kw["optimizer"] == "sam" and not (isinstance(kw["rho"], (int, float)) and kw["rho"] > 0):
+        bad("rho", "a number > 0 for SAM (the paper uses 2)")
+    if not 0.0 <= kw["rehearsal_fraction"] < 1.0:
+        bad("rehearsal_fraction", "0 <= fraction < 1")
+    if kw["rehearsal_fraction"] > 0 and kw["rehearsal_from"] is None:
+        raise ValueError(f"rehearsal_fraction={kw['rehearsal_fraction']} needs rehearsal_from (the stage-1 dataset)")
+    if not 0.0 <= kw["warmup_ratio"] <= 1.0:
+        bad("warmup_ratio", "0 <= ratio <= 1")
+    if not kw["weight_decay"] >= 0:
+        bad("weight_decay", "a number >= 0")
+    if kw["max_grad_norm"] is not None and not kw["max_grad_norm"] > 0:
+        bad("max_grad_norm", "None (no clipping) or a number > 0")
+    if kw["lr_scheduler"] not in SCHEDULERS:
+        bad("lr_scheduler", " | ".join(SCHEDULERS))
+    if kw["precision"] not in PRECISIONS:
+        bad("precision", " | ".join(PRECISIONS))
+    if kw["dist"] not in DISTS:
+        bad("dist", " | ".join(DISTS))
+
+
+# ------------------------------------------------------------------------------ distribution
+@dataclass
+class Runtime:
+    mode: str  # none | ddp | fsdp
+    rank: int
+    world: int
+    device: torch.device
+    created_group: bool
+
+
+def _setup_distributed(mode: str) -> Runtime:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise ValueError(
+            "launched with a DeepSpeed config: cfsam's trainer runs DDP or FSDP2 itself (DeepSpeed's engine "
+            "owns the backward and the step, so SAM's perturb/restore cannot sit between its passes). "
+            "Use configs/accelerate_fsdp.yaml: FSDP2 FULL_SHARD shards parameters, gradients and optimizer "
+            "state as ZeRO-3 does.")
+    if mode == "auto":
+        use_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        mode = "none" if world == 1 and not dist.is_initialized() else ("fsdp" if use_fsdp else "ddp")
+    created = False
+    if mode != "none" and not dist.is_initialized():
+        if "RANK" not in os.environ:
+            raise ValueError(f"dist={mode!r} needs a launcher: torchrun --nproc_per_node N or accelerate launch")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        created = True
+    rank = dist.get_rank() if mode != "none" else 0
+    world = dist.get_world_size() if mode != "none" else 1
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return Runtime(mode, rank, world, device, created)
+
+
+def _wrap(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
+    model.to(rt.device)
+    if rt.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    if rt.mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        # one FSDP unit per decoder layer, the root holds embeddings, final norm and the (tied) head
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    return model
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def _barrier(rt: Runtime) -> None:
+    if rt.mode != "none":
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------ one update
+@dataclass
+class StepContext:
+    world: int = 1
+    no_sync: Callable | None = None  # DDP's model.no_sync; None: synchronise every micro-batch
+    autocast_dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+    max_grad_norm: float | None = None
+    device_type: str = "cpu"
+
+
+def _passes(model, micro_batches, n_items, ctx: StepContext) -> torch.Tensor:
+    """Forward+backward over the micro-batches; gradients of the global mean token loss. Returns this
+    rank's share of that loss."""
+    total = torch.zeros((), device=n_items.device)
+    for i, mb in enumerate(micro_batches):
+        sync = ctx.no_sync is None or i == len(micro_batches) - 1
+        with contextlib.nullcontext() if sync else ctx.no_sync():
+            with torch.autocast(ctx.device_type, dtype=ctx.autocast_dtype, enabled=ctx.autocast_dtype is not None):
+                loss = model(**mb, num_items_in_batch=n_items).loss
+            # DDP and FSDP average gradients over ranks; the loss is already a share of the global mean
+            scaled = loss * ctx.world
+            (ctx.scaler.scale(scaled) if ctx.scaler is not None else scaled).backward()
+        total += loss.detach().float()
+    return total
+
+
+def _clip(params, norm: torch.Tensor, max_norm: float | None) -> None:
+    if max_norm is not None and float(norm) > max_norm:
+        coef = max_norm / (float(norm) + 1e-6)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef)
+
+
+def optimizer_step(model, opt, micro_batches: list[dict], ctx: StepContext) -> dict:
+    """One optimizer update from this rank's micro-batches (AdamW: one pass; SAM: two).
+
+    Returns {"loss", "grad_norm", "perturbation_norm", "sam_grad_norm", "skipped"} (global values).
+    With an fp16 GradScaler each SAM pass is unscaled before its norm is taken; the scaler is updated
+    after each pass (so its growth counter counts passes), and an overflow in either pass skips the
+    update with the weights restored. Raises TrainingDiverged on a non-finite loss."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    n_items = sum((mb["labels"][:, 1:] != -100).sum() for mb in micro_batches)
+    if ctx.world > 1:
+        dist.all_reduce(n_items)
+    n_items = n_items.clamp(min=1)
+    loss = _passes(model, micro_batches, n_items, ctx)
+    if ctx.world > 1:
+        dist.all_reduce(loss)
+    out = {"loss": float(loss), "grad_norm": None, "perturbation_norm": None, "sam_grad_norm": None, "skipped": False}
+    if not math.isfinite(out["loss"]):
+        opt.zero_grad(set_to_none=True)
+        raise TrainingDiverged(f"loss is {out['loss']}")
+    scaler = ctx.scaler
+    if scaler is not None:
+        scaler.unscale_(opt)
+    if isinstance(opt, SAM):
+        out["grad_norm"] = float(opt.first_step(zero_grad=True))
+        out["perturbation_norm"] = opt.last_perturbation_norm
+        if scaler is not None:
+            scaler.update()  # closes pass 1, so that pass 2 can be unscaled
+        if not math.isfinite(out["grad_norm"]):
+            return _skip_or_raise(out, ctx, "gradient")
+        _passes(model, micro_batches, n_items, ctx)
+        if scaler is not None:
+            scaler.unscale_(opt)
+        norm2 = opt.grad_norm()
+        out["sam_grad_norm"] = float(norm2)
+        if not math.isfinite(out["sam_grad_norm"]):
+            opt.restore()
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.update()
+            return _skip_or_raise(out, ctx, "gradient at the SAM-perturbed point (is rho too large?)")
+        _clip(params, norm2, ctx.max_grad_norm)
+        opt.second_step(zero_grad=True)
+        if scaler is not None:
+            scaler.update()
+        return out
+    norm = global_norm([p.grad for p in params if p.grad is not None])
+    out["grad_norm"] = float(norm)
+    if not math.isfinite(out["grad_norm"]):
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.update()
+        return _skip_or_raise(out, ctx, "gradient")
+    _clip(params, norm, ctx.max_grad_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.update()
+    return out
+
+
+def _skip_or_raise(out: dict, ctx: StepContext, what: str) -> dict:
+    if ctx.scaler is None:  # no loss scale to lower: a real divergence
+        raise TrainingDiverged(f"non-finite {what}")
+    out["skipped"] = True  # fp16 overflow: the scaler has lowered its scale, try the next batch
+    return out
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def _latest_checkpoint(out_dir: Path) -> Path | None:
+    done = [p for p in out_dir.glob(CKPT_PREFIX + "*") if p.is_dir() and p.name[len(CKPT_PREFIX):].isdigit()]
+    return max(done, key=lambda p: int(p.name[len(CKPT_PREFIX):]), default=None)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def _quiet_dcp():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: intended
+        yield
+
+
+def _save_checkpoint(out_dir: Path, step: int, model, opt, sched, scaler, history: dict, sid: str,
+                     rt: Runtime) -> Path:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final, tmp = out_dir / f"{CKPT_PREFIX}{step}", out_dir / f"{CKPT_PREFIX}{step}.tmp"
+    if rt.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(rt)
+    model_sd, optim_sd = get_state_dict(model, opt)  # sharded under FSDP2, full otherwise
+    with _quiet_dcp():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / "dcp", no_dist=rt.mode == "none")
+    # trusted files written by this code: torch.save keeps RNG tuples and numpy states as they are
+    torch.save(_rng_state(), tmp / f"rng-{rt.rank}.pt")
+    if rt.rank == 0:
+        torch.save({"step": step, "stage_id": sid, "scheduler": sched.state_dict(), "history": history,
+                    "scaler": scaler.state_dict() if scaler is not None else None, "world": rt.world},
+                   tmp / "trainer_state.pt")
+    _barrier(rt)
+    if rt.rank == 0:
+        os.replace(tmp, final)  # atomic: a kill before this leaves only a .tmp, which resume ignores
+        for old in out_dir.glob(CKPT_PREFIX + "*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier(rt)
+    return final
+
+
+def _load_checkpoint(ckpt: Path, model, opt, sched, scaler, sid: str, rt: Runtime) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    if state["stage_id"] != sid:
+        raise ValueError(f"{ckpt} belongs to stage {state['stage_id']}, not {sid}: use another out_dir or delete it")
+    model_sd, optim_sd = get_state_dict(model, opt)
+    with _quiet_dcp():
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt / "dcp", no_dist=rt.mode == "none")
+    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    sched.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    rng_file = ckpt / f"rng-{rt.rank}.pt"
+    if rng_file.exists():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return state
+
+
+# ------------------------------------------------------------------------------ the stage
+def _build_optimizer(model, optimizer: str, lr: float, weight_decay: float, rho: float, adaptive: bool):
+    # no weight decay on biases and norm weights, as transformers.Trainer does
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if optimizer == "sam":
+        return SAM(groups, torch.optim.AdamW, rho=rho, adaptive=adaptive, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_max_rss"
+
+
+def train_stage(model_name_or_dir: str, dataset, out_dir, *, optimizer: str = "adamw", lr: float = 1e-4,
+                epochs: float = 1.0, batch_size: int = 8, grad_accum: int = 1, max_length: int = 256,
+                n_train: int | None = None, seed: int = 1234, rho: float = 2.0, adaptive: bool = False,
+                rehearsal_from=None, rehearsal_fraction: float = 0.0, warmup_ratio: float = 0.03,
+                weight_decay: float = 0.0, lr_scheduler: str = "cosine", max_grad_norm: float | None = 1.0,
+                precision: str = "fp32", checkpoint_every: int = 0, log_every: int = 10,
+                max_steps: int | None = None, dist: str = "auto", keep_checkpoints: bool = False,
+                callback: Callable[[dict], None] | None = None) -> dict:
+    """Train one stage and return its metrics (see the module docstring for files and semantics).
+
+    ``dataset``: a training-set name of ``cfsam.data`` or a tokenised ``datasets.Dataset``
+    (input_ids, labels). ``rehearsal_from`` (a name or Dataset) with ``rehearsal_fraction`` mixes
+    that share of stage-1 examples into this stage (``cfsam.data.mix_rehearsal``); with the same
+    ``seed`` and a registry name they are drawn from the examples stage 1 trained on.
+    ``callback(record)`` is called on every rank after each update (record: step, loss, norms, lr).
+    """
+    kw = dict(optimizer=optimizer, lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
+              max_length=max_length, n_train=n_train, seed=seed, rho=rho, adaptive=adaptive,
+              rehearsal_from=rehearsal_from, rehearsal_fraction=rehearsal_fraction, warmup_ratio=warmup_ratio,
+              weight_decay=weight_decay, lr_scheduler=lr_scheduler, max_grad_norm=max_grad_norm,
+              precision=precision, checkpoint_every=checkpoint_every, log_every=log_every, max_steps=max_steps,
+              dist=dist)
+    _validate(**kw)
+    config = {k: kw[k] for k in ("optimizer", "lr", "epochs", "batch_size", "grad_accum", "max_length", "n_train",
+                                 "seed", "warmup_ratio", "weight_decay", "lr_scheduler", "max_grad_norm",
+                                 "precision", "max_steps")}
+    config["model"] = _model_ref(str(model_name_or_dir))
+    config["data"] = _data_ref(dataset)
+    if optimizer == "sam":
+        config.update(rho=float(rho), adaptive=bool(adaptive))
+    if rehearsal_fraction > 0:
+        config["rehearsal"] = {"from": _data_ref(rehearsal_from), "fraction": rehearsal_fraction}
+    sid = stage_id(config)
+    out_dir = Path(out_dir)
+    done = out_dir / "metrics.json"
+    if done.exists():
+        metrics = json.loads(done.read_text())
+        if metrics.get("stage_id") == sid:
+            log.info("stage %s already trained in %s: reusing it", sid, out_dir)
+            return metrics
+        raise ValueError(f"{out_dir} holds a finished run of another config (stage {metrics.get('stage_id')}, "
+                         f"this one is {sid}): use another out_dir or delete it")
+
+    rt = _setup_distributed(dist)
+    if precision == "fp16" and rt.mode == "fsdp":
+        raise ValueError("precision='fp16' is not supported with FSDP here (its GradScaler would need sharded "
+                         "inf checks); use precision='bf16'")
+    micro_total = grad_accum * rt.world
+    if batch_size % micro_total:
+        raise ValueError(f"batch_size={batch_size} (global) must be a multiple of grad_accum * world_size = "
+                         f"{grad_accum} * {rt.world}")
+    try:
+        return _run(model_name_or_dir, dataset, out_dir, config, sid, kw, rt, keep_checkpoints, callback)
+    finally:
+        if rt.created_group:
+            torch.distributed.destroy_process_group()
+
+
+def _load_data(dataset, tokenizer, kw) -> tuple:
+    if isinstance(dataset, str):
+        ds = cfdata.build_dataset(dataset, tokenizer, n=kw["n_train"], seed=kw["seed"], max_length=kw["max_length"])
+    else:
+        ds = dataset if kw["n_train"] is None else dataset.select(range(min(kw["n_train"], len(dataset))))
+        if kw["n_train"] is not None and len(dataset) < kw["n_train"]:
+            raise ValueError(f"n_train={kw['n_train']} but the dataset has {len(dataset)} rows")
+    info = {"dataset": dataset if isinstance(dataset, str) else "custom",
+            "label": cfdata.label(dataset) if isinstance(dataset, str) else None, "n_stage": len(ds)}
+    frac = kw["rehearsal_fraction"]
+    if frac > 0:
+        src = kw["rehearsal_from"]
+        k = round(frac * len(ds) / (1.0 - frac))
+        if isinstance(src, str):
+            replay = cfdata.build_dataset(src, tokenizer, n=max(k, 1), seed=kw["seed"], max_length=kw["max_length"])
+        else:
+            replay = src
+        ds = cfdata.mix_rehearsal(ds, replay, frac, seed=kw["seed"])
+        info.update(rehearsal_from=src if isinstance(src, str) else "custom", rehearsal_fraction=frac,
+                    rehearsal_label=cfdata.label(src) if isinstance(src, str) else None, n_rehearsal=len(ds) - info["n_stage"])
+    info["n_examples"] = len(ds)
+    return ds.select_columns(["input_ids", "labels"]), info
+
+
+def _run(model_name_or_dir, dataset, out_dir: Path, config: dict, sid: str, kw: dict, rt: Runtime,
+         keep_checkpoints: bool, callback) -> dict:
+    t_start = time.time()
+    torch.manual_seed(kw["seed"])
+    random.seed(kw["seed"])
+    np.random.seed(kw["seed"])
+    loaded = models.load_model(str(model_name_or_dir), dtype=torch.float32)
+    tokenizer = loaded.tokenizer
+    ds, data_info = _load_data(dataset, tokenizer, kw)
+
+    batch_size, grad_accum = kw["batch_size"], kw["grad_accum"]
+    steps_per_epoch = len(ds) // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(ds)} examples are fewer than one batch (batch_size={batch_size})")
+    total_steps = max(1, math.ceil(kw["epochs"] * steps_per_epoch))
+    if kw["max_steps"] is not None:
+        total_steps = min(total_steps, kw["max_steps"])
+
+    model = _wrap(loaded.model, rt)
+    model.train()
+    opt = _build_optimizer(model, kw["optimizer"], kw["lr"], kw["weight_decay"], kw["rho"], kw["adaptive"])
+    from transformers import get_scheduler
+
+    sched_opt = opt.base_optimizer if isinstance(opt, SAM) else opt  # SAM steps through its base optimizer
+    sched = get_scheduler(kw["lr_scheduler"], sched_opt, num_warmup_steps=math.ceil(kw["warmup_ratio"] * total_steps),
+                          num_training_steps=total_steps)
+    precision = kw["precision"]
+    scaler = torch.amp.GradScaler(rt.device.type) if precision == "fp16" else None
+    ctx = StepContext(world=rt.world, no_sync=model.no_sync if rt.mode == "ddp" else None,
+                      autocast_dtype={"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision],
+                      scaler=scaler, max_grad_norm=kw["max_grad_norm"], device_type=rt.device.type)
+
+    history = {"step": [], "loss": [], "grad_norm": [], "sam_grad_norm": [], "perturbation_norm": [], "lr": [],
+               "skipped": [], "tokens": 0, "train_seconds": 0.0}
+    start_step, resumed_from = 0, None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = _latest_checkpoint(out_dir)
+    if ckpt is not None:
+        state = _load_checkpoint(ckpt, model, opt, sched, scaler, sid, rt)
+        start_step, resumed_from, history = state["step"], state["step"], state["history"]
+        log.info("resuming stage %s from %s (step %d of %d)", sid, ckpt, start_step, total_steps)
+    last_ckpt = ckpt
+
+    micro = batch_size // (grad_accum * rt.world)
+    pad_id = tokenizer.pad_token_id
+    bar = tqdm(total=total_steps, initial=start_step, disable=rt.rank != 0, desc=f"train {kw['optimizer']}")
+    t_loop = time.time()
+    for step in range(start_step, total_steps):
+        # the data order is a function of (seed, epoch): a resumed run sees the same batches
+        epoch, pos = divmod(step, steps_per_epoch)
+        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(kw["seed"] + epoch))
+        mine = perm[pos * batch_size:(pos + 1) * batch_size][rt.rank * micro * grad_accum:][:micro * grad_accum]
+        micro_batches = []
+        n_tokens = torch.zeros((), dtype=torch.long)
+        for j in range(grad_accum):
+            rows = ds[mine[j * micro:(j + 1) * micro].tolist()]
+            feats = [{"input_ids": a, "labels": b} for a, b in zip(rows["input_ids"], rows["labels"])]
+            mb = cfdata.collate(feats, pad_id)
+            n_tokens += mb["attention_mask"].sum()
+            micro_batches.append({k: v.to(rt.device) for k, v in mb.items()})
+        lr_now = sched.get_last_lr()[0]
+        try:
+            rec = optimizer_step(model, opt, micro_batches, ctx)
+        except TrainingDiverged as err:
+            bar.close()
+            where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+            raise TrainingDiverged(f"stage {sid} stopped at step {step + 1}/{total_steps} (epoch {epoch}): {err}; "
+                                   f"{where}. Lower lr{' or rho' if kw['optimizer'] == 'sam' else ''}, "
+                                   f"or use precision fp32/bf16.") from err
+        sched.step()
+        if rt.world > 1:
+            n_tokens = n_tokens.to(rt.device)
+            dist.all_reduce(n_tokens)
+        history["tokens"] += int(n_tokens)
+        rec.update(step=step + 1, lr=lr_now)
+        for key in ("step", "loss", "grad_norm", "sam_grad_norm", "perturbation_norm", "lr", "skipped"):
+            history[key].append(rec[key])
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}")
+        if rt.rank == 0 and ((step + 1) % kw["log_every"] == 0 or step + 1 == total_steps):
+            extra = f" perturbation {rec['perturbation_norm']:.3f}" if rec["perturbation_norm"] is not None else ""
+            log.info("step %d/%d loss %.4f grad_norm %.3f%s lr %.3g", step + 1, total_steps, rec["loss"],
+                     rec["grad_norm"], extra, lr_now)
+        if callback is not None:
+            callback(dict(rec))
+        if kw["checkpoint_every"] and (step + 1) % kw["checkpoint_every"] == 0 and step + 1 < total_steps:
+            history["train_seconds"] += time.time() - t_loop
+            t_loop = time.time()
+            last_ckpt = _save_checkpoint(out_dir, step + 1, model, opt, sched, scaler, history, sid, rt)
+    bar.close()
+    history["train_seconds"] += time.time() - t_loop
+
+    # ---- the trained model, then metrics.json (the marker of a finished run)
+    raw = _unwrap(model)
+    if rt.mode == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        full_sd = {k: v.detach().cpu() for k, v in raw.state_dict().items()}
+    peak, peak_kind = _peak_memory(rt.device)
+    metrics = None
+    if rt.rank == 0:
+        weights = models.weights_hash(_StateDictView(full_sd))  # = weights_hash of the saved model, reloaded
+        for tied in getattr(raw, "all_tied_weights_keys", None) or {}:
+            full_sd.pop(tied, None)  # FSDP's full state dict holds a tied head as its own copy
+        raw.save_pretrained(out_dir, state_dict=full_sd)
+        tokenizer.save_pretrained(out_dir)
+        metrics = {
+            "stage_id": sid, "status": "finished", "config": config, "data": data_info,
+            "model_source": loaded.source, "out_dir": str(out_dir),
+            "weights_hash": weights,
+            "steps": history["step"], "loss": history["loss"], "grad_norm": history["grad_norm"],
+            "sam_grad_norm": history["sam_grad_norm"], "perturbation_norm": history["perturbation_norm"],
+            "lr": history["lr"], "skipped": history["skipped"], "final_loss": history["loss"][-1],
+            "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "resumed_from_step": resumed_from,
+            "tokens": history["tokens"], "train_seconds": history["train_seconds"],
+            "tokens_per_s": history["tokens"] / max(history["train_seconds"], 1e-9),
+            "wall_seconds": time.time() - t_start, "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
+            "world_size": rt.world, "dist": rt.mode, "device": str(rt.device), "torch": torch.__version__,
+        }
+        _write_json_atomic(out_dir / "metrics.json", metrics)
+        if not keep_checkpoints:
+            for old in out_dir.glob(CKPT_PREFIX + "*"):
+                shutil.rmtree(old, ignore_errors=True)
+        log.info("stage %s finished: %d steps, final loss %.4f, %s", sid, total_steps, metrics["final_loss"], out_dir)
+    _barrier(rt)
+    if metrics is None:
+        metrics = json.loads((out_dir / "metrics.json").read_text())
+    return metrics
+
+
+class _StateDictView:
+    """Lets models.weights_hash hash a state dict we already hold."""
+
+    def __init__(self, sd):
+        self._sd = sd
+
+    def state_dict(self):
+        return self._sd

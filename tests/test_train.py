@@ -1,0 +1,191 @@
+"""The trainer: one-update semantics, outputs and caching, kill/resume, NaN stop, fp16, DDP/FSDP."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cfsam import data, models
+from cfsam.optim import SAM
+from cfsam.train import StepContext, TrainingDiverged, _build_optimizer, optimizer_step, stage_id, train_stage
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = ROOT.parent / "shared" / "data"
+pytestmark = pytest.mark.skipif(not os.environ.get("CFSAM_DATA_DIR") and not DATA_DIR.exists(),
+                                reason="needs the data mirror")
+# 8 examples, global batch 4, 2 epochs: 4 SAM updates of the tiny model
+KW = dict(optimizer="sam", lr=1e-3, epochs=2, batch_size=4, grad_accum=2, max_length=64, n_train=8, log_every=1)
+
+
+@pytest.fixture(autouse=True)
+def _data_dir(monkeypatch):
+    if not os.environ.get("CFSAM_DATA_DIR"):
+        monkeypatch.setenv("CFSAM_DATA_DIR", str(DATA_DIR))
+
+
+@pytest.fixture(scope="module")
+def tiny_batch():
+    os.environ.setdefault("CFSAM_DATA_DIR", str(DATA_DIR))
+    loaded = models.load_model("tiny")
+    ds = data.build_dataset("alpaca", loaded.tokenizer, n=4, max_length=64)
+    return loaded.tokenizer, [ds[i] for i in range(4)]
+
+
+def _weights(d):
+    return load_file(str(Path(d) / "model.safetensors"))
+
+
+def test_stage_id_is_a_stable_hash_of_the_config():
+    a = stage_id({"lr": 1e-3, "model": {"preset": "tiny"}})
+    assert a == stage_id({"model": {"preset": "tiny"}, "lr": 0.001})  # key order does not matter
+    assert a != stage_id({"lr": 2e-3, "model": {"preset": "tiny"}})
+    assert len(a) == 16
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(optimizer="sgd"), "optimizer='sgd'; allowed: adamw | sam"),
+    (dict(lr=0), "lr=0"),
+    (dict(rho=0.0), "rho=0.0"),
+    (dict(rehearsal_fraction=1.5, rehearsal_from="alpaca"), "rehearsal_fraction=1.5"),
+    (dict(rehearsal_fraction=0.1), "needs rehearsal_from"),
+    (dict(batch_size=4, grad_accum=3), "multiple of grad_accum"),
+    (dict(precision="fp8"), "precision='fp8'"),
+    (dict(dist="mpi"), "dist='mpi'"),
+])
+def test_bad_hyper_parameters_fail_before_any_work(tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        train_stage("tiny", "alpaca", tmp_path, **{**KW, **bad})
+    assert not any(tmp_path.iterdir())
+
+
+def test_unknown_dataset_and_model_are_named(tmp_path):
+    with pytest.raises(ValueError, match="unknown training dataset 'mmlu'.*alpaca"):
+        train_stage("tiny", "mmlu", tmp_path, **KW)
+    with pytest.raises((KeyError, ValueError), match="unknown model preset .gpt5."):
+        train_stage("gpt5", "alpaca", tmp_path, **KW)
+
+
+def test_sam_accumulation_equals_one_big_batch(tiny_batch):
+    """Two micro-batches of 2 and one batch of 4 give the same SAM update: the perturbation uses the whole
+    batch's gradient and the loss is the token mean over the whole batch."""
+    tok, feats = tiny_batch
+    results = []
+    for groups in ([feats[:2], feats[2:]], [feats]):
+        model = models.load_model("tiny").model
+        # SGD: the update is the gradient at the perturbed point itself (Adam's first step is ~sign(g))
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=2.0, lr=1.0)
+        rec = optimizer_step(model, opt, [data.collate(g, tok.pad_token_id) for g in groups], StepContext())
+        results.append((rec, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+    (r1, w1), (r2, w2) = results
+    assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-5)
+    assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-4)
+    assert r1["perturbation_norm"] == pytest.approx(2.0, rel=1e-5)
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-6
+
+
+def test_fp16_grad_scaler_overflow_skips_then_steps(tiny_batch):
+    tok, feats = tiny_batch
+    model = models.load_model("tiny").model
+    opt = _build_optimizer(model, "sam", 1e-3, 0.0, 2.0, False)
+    batch = [data.collate(feats, tok.pad_token_id)]
+    w0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 100)  # fp16 gradients overflow at this scale
+    rec = optimizer_step(model, opt, batch, StepContext(autocast_dtype=torch.float16, scaler=scaler))
+    assert rec["skipped"] and scaler.get_scale() == 2.0 ** 99
+    assert all(torch.equal(v, w0[k]) for k, v in model.state_dict().items())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    rec = optimizer_step(model, opt, batch, StepContext(autocast_dtype=torch.float16, scaler=scaler))
+    assert not rec["skipped"] and rec["perturbation_norm"] == pytest.approx(2.0, rel=1e-5)
+    assert not torch.equal(model.model.embed_tokens.weight, w0["model.embed_tokens.weight"])
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """An uninterrupted SAM stage with KW, and the records its callback saw."""
+    os.environ.setdefault("CFSAM_DATA_DIR", str(DATA_DIR))
+    out, calls = tmp_path_factory.mktemp("full") / "stage", []
+    metrics = train_stage("tiny", "alpaca", out, callback=calls.append, **KW)
+    return out, metrics, calls
+
+
+def test_stage_outputs_metrics_and_is_idempotent(full_run):
+    out, m, calls = full_run
+    assert len(calls) == 4 and m["steps"] == [1, 2, 3, 4] and m["status"] == "finished"
+    assert m["perturbation_norm"] == pytest.approx([2.0] * 4, rel=1e-5)
+    assert all(x > 0 for x in m["grad_norm"] + m["sam_grad_norm"]) and m["tokens_per_s"] > 0
+    assert m["config"]["rho"] == 2.0 and m["data"]["dataset"] == "alpaca" and m["data"]["n_examples"] == 8
+    assert m["peak_memory_bytes"] > 0 and m["wall_seconds"] >= m["train_seconds"] > 0
+    reloaded = models.load_model(str(out))
+    assert models.weights_hash(reloaded.model) == m["weights_hash"]
+    assert not list(out.glob("checkpoint-*"))
+    # the same config again: the finished run is returned, nothing trains
+    assert train_stage("tiny", "alpaca", out, callback=calls.append, **KW) == m and len(calls) == 4
+    with pytest.raises(ValueError, match="another config"):
+        train_stage("tiny", "alpaca", out, **{**KW, "lr": 2e-3})
+
+
+def test_rehearsal_mixes_stage1_examples(tmp_path):
+    m = train_stage("tiny", "open-platypus", tmp_path / "r", **{**KW, "epochs": 1, "optimizer": "adamw"},
+                    rehearsal_from="alpaca", rehearsal_fraction=0.2)
+    # k = round(0.2 * 8 / 0.8) = 2 alpaca examples join the 8 of open-platypus
+    assert m["data"]["n_rehearsal"] == 2 and m["data"]["n_examples"] == 10
+    assert m["config"]["rehearsal"]["fraction"] == 0.2 and m["total_steps"] == 2
+
+
+def test_nan_loss_stops_with_message_and_keeps_the_last_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    # lr 1e30: after one AdamW update the weights are ~1e30: the next loss or its gradient is not finite
+    with pytest.raises(TrainingDiverged, match=r"step 2/4.*(loss is nan|non-finite gradient).*checkpoint-1"):
+        train_stage("tiny", "alpaca", out, **{**KW, "optimizer": "adamw", "lr": 1e30, "warmup_ratio": 0.0},
+                    checkpoint_every=1)
+    assert (out / "checkpoint-1" / "trainer_state.pt").exists() and not (out / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_weights(tmp_path, full_run):
+    """SIGKILL after step 3 (the last checkpoint is of step 2), resume, compare with an uninterrupted run bitwise."""
+    full_dir, full, _ = full_run
+    out = tmp_path / "killed"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from cfsam.train import train_stage
+        def kill_at_3(rec):
+            if rec["step"] == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+        train_stage("tiny", "alpaca", {str(out)!r}, checkpoint_every=2, callback=kill_at_3, **{KW!r})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (out / "checkpoint-2").is_dir() and not (out / "metrics.json").exists()
+    (out / "checkpoint-4.tmp").mkdir()  # a checkpoint that a kill interrupted mid-write is ignored
+    resumed = train_stage("tiny", "alpaca", out, checkpoint_every=2, **KW)
+    assert resumed["resumed_from_step"] == 2 and resumed["stage_id"] == full["stage_id"]
+    assert resumed["loss"] == full["loss"]
+    a, b = _weights(full_dir), _weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_ddp_and_fsdp_match_one_process_and_fsdp_resumes(tmp_path, full_run):
+    single_dir, single, _ = full_run
+    kw = {**KW, "grad_accum": 1}  # 2 ranks x 1 micro-batch of 2 = one process x 2 micro-batches of 2 (KW)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(ROOT / "tests" / "dist" / "train_dist.py"), str(tmp_path), json.dumps(kw)],
+                   check=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    ref = _weights(single_dir)
+    for name in ("ddp", "fsdp"):
+        m = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert m["world_size"] == 2 and m["dist"] == name
+        assert m["perturbation_norm"] == pytest.approx([2.0] * 4, rel=1e-5)  # global radius, not 2*sqrt(2)
+        assert m["loss"] == pytest.approx(single["loss"], rel=1e-5)
+        w = _weights(tmp_path / name)
+        assert w.keys() == ref.keys()
+        # float noise is ~1e-5 here; a perturbation of radius rho*sqrt(2) moves weights by ~4e-3
+        assert max((w[k] - ref[k]).abs().max().item() for k in ref) < 2e-4, name
+    assert json.loads((tmp_path / "fsdp_resumed_from.json").read_text()) == 2
