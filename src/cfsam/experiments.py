@@ -23,6 +23,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from filelock import FileLock
 from tqdm.auto import tqdm
 
 from . import __version__, data
@@ -259,9 +260,17 @@ def materialize(run: dict) -> tuple[str, dict | None]:
     kind = run["kind"]
     if kind == "base":
         return run["model"], None
-    from . import merge, train
 
     out = cache_dir() / "runs" / run_id(run)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Slurm jobs of several notebooks may need the same stage-1 model at once: one trains, the others wait.
+    with FileLock(str(out) + ".lock"):
+        return _materialize(run, kind, out)
+
+
+def _materialize(run: dict, kind: str, out: Path) -> tuple[str, dict | None]:
+    from . import merge, train
+
     if kind == "wise_ft":
         s1, _ = materialize(run["stage1"])
         s2, metrics = materialize(run["stage2"])
@@ -319,6 +328,8 @@ def run_one(preset: str, name: str) -> dict:
     started = time.time()
     log.info("experiment %s/%s: materialising %s run", preset, name, exp["run"]["kind"])
     model_ref, train_metrics = materialize(exp["run"])
+    if _rank() != 0:  # under torchrun/accelerate every rank trains; rank 0 alone measures and writes
+        return {}
     log.info("experiment %s/%s: measuring %s", preset, name, model_ref)
     measured, model = measure(model_ref, exp["measure"])
     entry = {"id": experiment_id(exp), "name": name, "preset": preset, "spec": exp,
@@ -327,6 +338,10 @@ def run_one(preset: str, name: str) -> dict:
     entry["provenance"] = provenance(started, time.time(), exp, model)
     write_atomic(results_dir(preset) / f"{name}.json", entry)
     return entry
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
 
 
 def run_missing(preset: str, notebooks: list[str] | None = None, only: list[str] | None = None,
