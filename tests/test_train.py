@@ -189,3 +189,42 @@ def test_ddp_and_fsdp_match_one_process_and_fsdp_resumes(tmp_path, full_run):
         # float noise is ~1e-5 here; a perturbation of radius rho*sqrt(2) moves weights by ~4e-3
         assert max((w[k] - ref[k]).abs().max().item() for k in ref) < 2e-4, name
     assert json.loads((tmp_path / "fsdp_resumed_from.json").read_text()) == 2
+
+
+def _cli(argv):
+    import argparse
+
+    from cfsam.train import add_cli
+
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_preset_sections_fill_the_stage_options():
+    from cfsam import presets
+    from cfsam.train import _preset_defaults
+
+    p = presets.load_preset("cpu")
+    s1 = _preset_defaults("cpu", 1, None)
+    assert (s1["model"], s1["dataset"], s1["lr"], s1["n_train"]) == (p["model"], p["data"]["stage1"],
+                                                                      p["stage1"]["lr"], p["data"]["n_stage1"])
+    assert _preset_defaults("cpu", 2, "sam")["epochs"] == p["stage2"]["epochs_sam"]
+    assert _preset_defaults("cpu", 2, "adamw")["epochs"] == p["stage2"]["epochs_adamw"]
+    with pytest.raises(ValueError, match="--stage"):
+        _preset_defaults("cpu", None, None)
+
+
+def test_cli_trains_a_stage_and_merges(tmp_path, capsys):
+    common = ["--n-train", "4", "--batch-size", "4", "--max-length", "64", "--max-steps", "1"]
+    assert _cli(["train", "--model", "tiny", "--dataset", "alpaca", "--out", str(tmp_path / "s1"), *common]) == 0
+    assert _cli(["train", "--model", str(tmp_path / "s1"), "--dataset", "open-platypus", "--optimizer", "sam",
+                 "--rho", "0.5", "--rehearsal", "--out", str(tmp_path / "s2"), *common]) == 0
+    m2 = json.loads((tmp_path / "s2" / "metrics.json").read_text())
+    assert m2["config"]["rho"] == 0.5 and m2["config"]["rehearsal"]["fraction"] == 0.1  # the documented default
+    assert m2["config"]["model"]["stage_id"] == json.loads((tmp_path / "s1" / "metrics.json").read_text())["stage_id"]
+    assert _cli(["merge", str(tmp_path / "s1"), str(tmp_path / "s2"), "--alpha", "0.25",
+                 "--out", str(tmp_path / "m")]) == 0
+    assert json.loads((tmp_path / "m" / "merge.json").read_text())["alpha"] == 0.25
+    assert str(tmp_path / "m") in capsys.readouterr().out

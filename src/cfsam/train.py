@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -69,6 +70,25 @@ def stage_id(config: dict) -> str:
     """A short hash of a stage's config: same config, same id (and same cached model)."""
     blob = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# what changes the trained weights; dist, checkpoint/log intervals and callbacks do not
+CONFIG_KEYS = ("optimizer", "lr", "epochs", "batch_size", "grad_accum", "max_length", "n_train", "seed",
+               "warmup_ratio", "weight_decay", "lr_scheduler", "max_grad_norm", "precision", "max_steps")
+
+
+def stage_config(model_name_or_dir, dataset, **kw) -> dict:
+    """The validated config of a stage (``train_stage``'s arguments): what ``stage_id`` hashes."""
+    kw = {**TRAIN_DEFAULTS, **kw}
+    _validate(**kw)
+    config = {k: kw[k] for k in CONFIG_KEYS}
+    config["model"] = _model_ref(str(model_name_or_dir))
+    config["data"] = _data_ref(dataset)
+    if kw["optimizer"] == "sam":
+        config.update(rho=float(kw["rho"]), adaptive=bool(kw["adaptive"]))
+    if kw["rehearsal_fraction"] > 0:
+        config["rehearsal"] = {"from": _data_ref(kw["rehearsal_from"]), "fraction": kw["rehearsal_fraction"]}
+    return config
 
 
 def _model_ref(model_name_or_dir: str) -> dict:
@@ -424,16 +444,7 @@ def train_stage(model_name_or_dir: str, dataset, out_dir, *, optimizer: str = "a
               weight_decay=weight_decay, lr_scheduler=lr_scheduler, max_grad_norm=max_grad_norm,
               precision=precision, checkpoint_every=checkpoint_every, log_every=log_every, max_steps=max_steps,
               dist=dist)
-    _validate(**kw)
-    config = {k: kw[k] for k in ("optimizer", "lr", "epochs", "batch_size", "grad_accum", "max_length", "n_train",
-                                 "seed", "warmup_ratio", "weight_decay", "lr_scheduler", "max_grad_norm",
-                                 "precision", "max_steps")}
-    config["model"] = _model_ref(str(model_name_or_dir))
-    config["data"] = _data_ref(dataset)
-    if optimizer == "sam":
-        config.update(rho=float(rho), adaptive=bool(adaptive))
-    if rehearsal_fraction > 0:
-        config["rehearsal"] = {"from": _data_ref(rehearsal_from), "fraction": rehearsal_fraction}
+    config = stage_config(model_name_or_dir, dataset, **kw)
     sid = stage_id(config)
     out_dir = Path(out_dir)
     done = out_dir / "metrics.json"
@@ -624,3 +635,111 @@ class _StateDictView:
 
     def state_dict(self):
         return self._sd
+
+
+# train_stage's keyword defaults, for stage_config and the CLI
+TRAIN_DEFAULTS = {name: p.default for name, p in inspect.signature(train_stage).parameters.items()
+                  if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("keep_checkpoints", "callback")}
+
+
+# ------------------------------------------------------------------------------ command line
+def _preset_defaults(preset_name: str, stage: int | None, optimizer: str | None) -> dict:
+    """train_stage arguments of a preset's stage 1 or stage 2 (epochs of stage 2 depend on the optimizer)."""
+    from cfsam import presets
+
+    if stage is None:
+        raise ValueError("--preset needs --stage 1 or --stage 2")
+    p = presets.load_preset(preset_name)
+    out = {"seed": p["seed"], "max_length": p["max_length"], "model": p["model"]}
+    if stage == 1:
+        s = p["stage1"]
+        out.update(dataset=p["data"]["stage1"], optimizer=s["optimizer"], lr=s["lr"], epochs=s["epochs"],
+                   batch_size=s["batch_size"], grad_accum=s["grad_accum"], n_train=p["data"]["n_stage1"])
+    else:
+        s = p["stage2"]
+        opt = optimizer or "adamw"
+        out.update(optimizer=opt, lr=s["lr"], epochs=s["epochs_sam"] if opt == "sam" else s["epochs_adamw"],
+                   batch_size=s["batch_size"], grad_accum=s["grad_accum"], rho=s["rho"], adaptive=s["adaptive"],
+                   n_train=p["data"]["n_stage2"], rehearsal_fraction_default=p["rehearsal"]["fraction"],
+                   rehearsal_from_default=p["data"]["stage1"])
+        del out["model"]  # stage 2 starts from a stage-1 directory: --model is required
+    return out
+
+
+def cmd_train(args) -> int:
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    preset = _preset_defaults(args.preset, args.stage, args.optimizer) if args.preset else {}
+    model = given.get("model", preset.pop("model", None))
+    dataset = given.get("dataset", preset.pop("dataset", None))
+    if model is None or dataset is None:
+        raise ValueError("cfsam train needs --model (a preset or a stage-1 directory) and --dataset "
+                         "(or --preset NAME --stage 1)")
+    replay_fraction = preset.pop("rehearsal_fraction_default", DEFAULT_REHEARSAL_FRACTION)
+    replay_from = preset.pop("rehearsal_from_default", None)
+    kw = {**TRAIN_DEFAULTS, **preset, **{k: given[k] for k in TRAIN_DEFAULTS if k in given}}
+    if args.rehearsal or "rehearsal_from" in given or "rehearsal_fraction" in given:
+        # replay what the starting model was trained on, when it is a stage directory that says so
+        trained_on = Path(model) / "metrics.json"
+        if replay_from is None and trained_on.exists():
+            replay_from = json.loads(trained_on.read_text())["config"]["data"].get("name")
+        kw["rehearsal_from"] = kw["rehearsal_from"] or replay_from
+        if "rehearsal_fraction" not in given:
+            kw["rehearsal_fraction"] = replay_fraction
+    out = args.out or str(models.cache_dir() / "stages" / stage_id(stage_config(model, dataset, **kw)))
+    metrics = train_stage(model, dataset, out, **kw)
+    print(f"{out}\nstage {metrics['stage_id']}: {len(metrics['steps'])} steps, final loss "
+          f"{metrics['final_loss']:.4f}, {metrics['tokens_per_s']:.0f} tokens/s")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from cfsam.merge import wise_ft
+
+    print(wise_ft(args.stage1, args.stage2, args.out, alpha=args.alpha))
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    """Register ``cfsam train`` (stage 1 / stage 2) and ``cfsam merge`` (Wise-FT)."""
+    t = subparsers.add_parser(
+        "train", help="train one stage (stage 1: instruction tuning; stage 2: continue with AdamW or SAM)",
+        description="Train one stage. Options left out come from --preset/--stage, else from train_stage's "
+                    "defaults. Multi-process: torchrun --nproc_per_node N -m cfsam train ... or "
+                    "accelerate launch --config_file configs/accelerate_fsdp.yaml -m cfsam train ...")
+    t.add_argument("--preset", help="take defaults from a preset's stage1/stage2 section (smoke, cpu, paper)")
+    t.add_argument("--stage", type=int, choices=(1, 2), help="which section of --preset")
+    t.add_argument("--model", help="a model preset, or a model directory (stage 2: the stage-1 output)")
+    t.add_argument("--dataset", help="a training set of cfsam.data (alpaca, sharegpt, open-platypus, ...)")
+    t.add_argument("--out", help="output directory (default: $CFSAM_CACHE/stages/<stage id>, i.e. cached)")
+    t.add_argument("--optimizer", choices=OPTIMIZERS)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--epochs", type=float)
+    t.add_argument("--batch-size", dest="batch_size", type=int, help="global examples per update")
+    t.add_argument("--grad-accum", dest="grad_accum", type=int, help="micro-batches per process per update")
+    t.add_argument("--max-length", dest="max_length", type=int)
+    t.add_argument("--n-train", dest="n_train", type=int, help="examples to train on (default: all)")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--rho", type=float, help="SAM radius (paper: 2)")
+    t.add_argument("--adaptive", action="store_true", default=None, help="ASAM instead of SAM")
+    t.add_argument("--rehearsal", action="store_true",
+                   help=f"mix stage-1 data into this stage (fraction: the preset's, else {DEFAULT_REHEARSAL_FRACTION})")
+    t.add_argument("--rehearsal-from", dest="rehearsal_from",
+                   help="the stage-1 dataset to replay (default: the preset's, else the one --model was trained on)")
+    t.add_argument("--rehearsal-fraction", dest="rehearsal_fraction", type=float)
+    t.add_argument("--warmup-ratio", dest="warmup_ratio", type=float)
+    t.add_argument("--weight-decay", dest="weight_decay", type=float)
+    t.add_argument("--lr-scheduler", dest="lr_scheduler", choices=SCHEDULERS)
+    t.add_argument("--max-grad-norm", dest="max_grad_norm", type=float)
+    t.add_argument("--precision", choices=PRECISIONS)
+    t.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, help="steps between checkpoints (0: none)")
+    t.add_argument("--log-every", dest="log_every", type=int)
+    t.add_argument("--max-steps", dest="max_steps", type=int)
+    t.add_argument("--dist", choices=DISTS, help="auto: from the launcher's environment")
+    t.set_defaults(func=cmd_train)
+
+    m = subparsers.add_parser("merge", help="Wise-FT: (1 - alpha) * stage 1 + alpha * stage 2")
+    m.add_argument("stage1")
+    m.add_argument("stage2")
+    m.add_argument("--alpha", type=float, default=0.5)
+    m.add_argument("--out", required=True)
+    m.set_defaults(func=cmd_merge)
