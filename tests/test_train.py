@@ -228,3 +228,21 @@ def test_cli_trains_a_stage_and_merges(tmp_path, capsys):
                  "--out", str(tmp_path / "m")]) == 0
     assert json.loads((tmp_path / "m" / "merge.json").read_text())["alpha"] == 0.25
     assert str(tmp_path / "m") in capsys.readouterr().out
+
+
+def test_accelerate_configs_parse_and_their_environment_is_honoured(tmp_path, monkeypatch):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    kinds = {c: ClusterConfig.from_yaml_file(str(ROOT / "configs" / f"accelerate_{c}.yaml")).distributed_type.value
+             for c in ("ddp", "fsdp", "deepspeed_zero3")}
+    assert kinds == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero3": "DEEPSPEED"}
+    # what `accelerate launch` exports for those configs, and the trainer's answer before any work
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="DeepSpeed.*accelerate_fsdp.yaml"):
+        train_stage("tiny", "alpaca", tmp_path / "ds", **KW)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        train_stage("tiny", "alpaca", tmp_path / "f1", **KW)
+    assert not (tmp_path / "ds").exists() and not (tmp_path / "f1").exists()

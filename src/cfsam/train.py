@@ -178,7 +178,14 @@ def _setup_distributed(mode: str) -> Runtime:
             "state as ZeRO-3 does.")
     if mode == "auto":
         use_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-        mode = "none" if world == 1 and not dist.is_initialized() else ("fsdp" if use_fsdp else "ddp")
+        mode = "fsdp" if use_fsdp else ("ddp" if world > 1 or dist.is_initialized() else "none")
+    if mode == "fsdp":  # what an accelerate FSDP config asks for, where it differs from what runs here
+        if os.environ.get("FSDP_VERSION", "2") != "2":
+            raise ValueError(f"FSDP_VERSION={os.environ['FSDP_VERSION']}: cfsam's trainer runs FSDP2 "
+                             "(fully_shard); set fsdp_version: 2 in the accelerate config")
+        for flag in ("FSDP_OFFLOAD_PARAMS", "FSDP_ACTIVATION_CHECKPOINTING"):
+            if os.environ.get(flag, "false").lower() == "true":
+                raise ValueError(f"{flag}=true is not supported by cfsam's trainer; set it to false")
     created = False
     if mode != "none" and not dist.is_initialized():
         if "RANK" not in os.environ:
@@ -205,9 +212,10 @@ def _wrap(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
         from torch.distributed.fsdp import fully_shard
 
         # one FSDP unit per decoder layer, the root holds embeddings, final norm and the (tied) head
+        reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
         for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, reshard_after_forward=reshard)
+        fully_shard(model, reshard_after_forward=reshard)
     return model
 
 
@@ -457,6 +465,10 @@ def train_stage(model_name_or_dir: str, dataset, out_dir, *, optimizer: str = "a
                          f"this one is {sid}): use another out_dir or delete it")
 
     rt = _setup_distributed(dist)
+    launcher_mp = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher_mp not in ("no", precision):
+        log.warning("accelerate's mixed_precision=%s is not used: this stage runs precision=%s "
+                    "(set cfsam's --precision instead)", launcher_mp, precision)
     if precision == "fp16" and rt.mode == "fsdp":
         raise ValueError("precision='fp16' is not supported with FSDP here (its GradScaler would need sharded "
                          "inf checks); use precision='bf16'")
