@@ -159,8 +159,9 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, full_run):
                 os.kill(os.getpid(), signal.SIGKILL)
         train_stage("tiny", "alpaca", {str(out)!r}, checkpoint_every=2, callback=kill_at_3, **{KW!r})
     """)
-    proc = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, OMP_NUM_THREADS="1"),
-                          capture_output=True, text=True, timeout=300)
+    # the same thread count as this process, whose runs it is compared with bitwise (it sets the float sum order)
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert (out / "checkpoint-2").is_dir() and not (out / "metrics.json").exists()
     (out / "checkpoint-4.tmp").mkdir()  # a checkpoint that a kill interrupted mid-write is ignored
