@@ -98,7 +98,8 @@ def main() -> None:
     med = {name: statistics.median(t) for name, t in times.items()}
     print(f"\n{'optimizer':10s} {'median step s':>14s} {'peak RSS MB':>12s} {'RSS after load MB':>18s}")
     for name in ("adamw", "sam"):
-        print(f"{name:10s} {med[name]:14.2f} {mem[name]['peak_rss'] / 2**20:12.0f} {mem[name]['rss_loaded'] / 2**20:18.0f}")
+        m = mem[name]
+        print(f"{name:10s} {med[name]:14.2f} {m['peak_rss'] / 2**20:12.0f} {m['rss_loaded'] / 2**20:18.0f}")
     extra = mem["sam"]["peak_rss"] - mem["adamw"]["peak_rss"]
     print(f"parameter bytes: {n_bytes / 2**20:.0f} MB; peak memory: process max RSS (ru_maxrss) of one fresh "
           "process per optimizer")

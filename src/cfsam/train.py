@@ -502,7 +502,8 @@ def _load_data(dataset, tokenizer, kw) -> tuple:
             replay = src
         ds = cfdata.mix_rehearsal(ds, replay, frac, seed=kw["seed"])
         info.update(rehearsal_from=src if isinstance(src, str) else "custom", rehearsal_fraction=frac,
-                    rehearsal_label=cfdata.label(src) if isinstance(src, str) else None, n_rehearsal=len(ds) - info["n_stage"])
+                    rehearsal_label=cfdata.label(src) if isinstance(src, str) else None,
+                    n_rehearsal=len(ds) - info["n_stage"])
     info["n_examples"] = len(ds)
     return ds.select_columns(["input_ids", "labels"]), info
 
