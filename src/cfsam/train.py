@@ -15,7 +15,8 @@ Batch semantics: ``batch_size`` is the global number of examples per optimizer s
 each rank runs ``grad_accum`` micro-batches of ``batch_size / (grad_accum * world_size)``. The loss is
 the mean over every response token of the global batch (``num_items_in_batch``), so one process and N
 processes make the same updates. SAM with accumulation perturbs with the whole batch's gradient, then
-re-runs the same micro-batches at the perturbed point.
+re-runs the same micro-batches at the perturbed point. Each epoch is a fresh permutation seeded by
+(seed, epoch); a last partial batch is dropped.
 
 ``out_dir`` gets the model (``save_pretrained`` + tokenizer) and ``metrics.json``, written last: its
 presence marks a finished run, and a finished run with the same config is returned, not redone.
@@ -445,6 +446,13 @@ def train_stage(model_name_or_dir: str, dataset, out_dir, *, optimizer: str = "a
     that share of stage-1 examples into this stage (``cfsam.data.mix_rehearsal``); with the same
     ``seed`` and a registry name they are drawn from the examples stage 1 trained on.
     ``callback(record)`` is called on every rank after each update (record: step, loss, norms, lr).
+
+    ``dist``: auto (from the launcher's environment: FSDP2 under accelerate's FSDP config, DDP with
+    several processes, else none) | none | ddp | fsdp. ``precision``: fp32 | bf16 (autocast) | fp16
+    (autocast + GradScaler; not with FSDP); weights and optimizer state stay fp32. ``max_grad_norm``
+    clips the applied gradient (SAM: the one at w + e) to that global norm, 1.0 as in
+    transformers.Trainer (the Alpaca recipe of stage 1); None turns clipping off. ``max_steps`` caps
+    ``epochs``. ``checkpoint_every``: steps between checkpoints (0: none).
     """
     kw = dict(optimizer=optimizer, lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
               max_length=max_length, n_train=n_train, seed=seed, rho=rho, adaptive=adaptive,
