@@ -1,0 +1,160 @@
+"""Correctness anchor and speed benchmark: cfsam.evaluate against lm-evaluation-harness, same model, same items.
+
+    CFSAM_DATA_DIR=../shared/data .venv/bin/python benchmarks/bench_eval.py [--tasks copa:100,mmlu:120] [--model smollm2-135m]
+
+lm-eval (0.4.x, offline) runs its own task definitions (``benchmarks/lm_eval_tasks/``: lm-eval's stock
+prompts and utils, fed the mirror's files) through ``HFLM`` wrapping the very model object cfsam
+scores, on the seeded subsample cfsam draws (lm-eval's ``samples=``). Printed per task: whether the
+prompts are identical (context + continuation strings), per-item agreement of the prediction (argmax of
+the summed log-likelihood: acc; per character: acc_norm), both accuracies, the largest log-likelihood
+difference, and items/second of each with the ratio (wall, and CPU time since the machine is shared).
+Targets: >= 99% agreement on every task both define the same way; cfsam >= 2x lm-eval's items/s.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cfsam import evaluate as ev
+from cfsam import tasks
+from cfsam.models import load_model
+
+HERE = Path(__file__).parent
+DEFAULT = "copa:100,arc_e:100,arc_c:100,boolq:60,hellaswag:60,mmlu:120"
+LM_EVAL_NAME = {"copa": "cfsam_copa", "boolq": "cfsam_boolq", "rte": "cfsam_rte", "arc_c": "cfsam_arc_c",
+                "arc_e": "cfsam_arc_e", "hellaswag": "cfsam_hellaswag", "siqa": "cfsam_siqa", "piqa": "cfsam_piqa",
+                "openbookqa_fact": "cfsam_openbookqa", "race_middle": "cfsam_race_middle",
+                "winogrande": "cfsam_winogrande", "truthfulqa_mc1": "cfsam_truthfulqa_mc1",
+                "truthfulqa_mc2": "cfsam_truthfulqa_mc2", "mmlu": "cfsam_mmlu"}
+
+
+class Clock:
+    """Wall and process (CPU) seconds of a block."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def run_lm_eval(loaded, name: str, ids: list[int], batch_size: int) -> tuple[dict[int, dict], Clock]:
+    """lm-eval on the given doc ids of one task: {doc_id: logged sample}, and the clock of its scoring."""
+    from lm_eval import evaluator
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size, device="cpu")
+    task_dict = get_task_dict([LM_EVAL_NAME[name]], TaskManager(include_path=str(HERE / "lm_eval_tasks")))
+    with Clock() as clock:  # data loading (above) is not timed, as for cfsam
+        out = evaluator.evaluate(lm, task_dict, samples={LM_EVAL_NAME[name]: ids}, log_samples=True,
+                                 verbosity="ERROR")
+    return {s["doc_id"]: s for s in out["samples"][LM_EVAL_NAME[name]]}, clock
+
+
+def prompt_check(name: str, manager) -> str:
+    """Are cfsam's (context, continuation) strings and gold answers lm-eval's, on every item? (no model needed)"""
+    from lm_eval.tasks import get_task_dict
+
+    task = get_task_dict([LM_EVAL_NAME[name]], manager)[LM_EVAL_NAME[name]]
+    task.build_all_requests()
+    theirs: dict[int, list] = {}
+    docs = {}
+    for inst in task.instances:
+        theirs.setdefault(inst.doc_id, []).append(tuple(inst.args))
+        docs[inst.doc_id] = inst.doc
+    items, n_total = tasks.load_items(name)
+    same = sum(theirs.get(it.idx) == list(zip(it.contexts, it.continuations)) for it in items)
+    same_gold = 0
+    for it in items:
+        doc = docs[it.idx]
+        gold = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc)
+        if isinstance(gold, str):
+            gold = task.doc_to_choice(doc).index(gold)
+        same_gold += (gold in it.gold) if isinstance(it.gold, list) else gold == it.gold
+    extra = "" if len(theirs) == n_total else f" (lm-eval has {len(theirs)} docs)"
+    return f"identical prompts {same}/{n_total}, identical gold {same_gold}/{n_total}{extra}"
+
+
+def compare(items: list[tasks.Item], ours: dict, theirs: dict[int, dict]) -> dict:
+    """Prompt identity, per-item prediction agreement and accuracies of one task."""
+    same_prompt = agree = agree_norm = 0
+    acc, acc_norm, dmax = [], [], 0.0
+    for item, rec in zip(items, ours["records"]):
+        s = theirs[rec["idx"]]
+        same_prompt += [tuple(a) for a in s["arguments"]] == list(zip(item.contexts, item.continuations))
+        ll = np.array([r[0] for r in s["filtered_resps"]], dtype=float)
+        norm = ll / np.array([len(c) for c in item.choices])
+        golds = rec["gold"] if isinstance(rec["gold"], list) else [rec["gold"]]
+        agree += int(ll.argmax()) == int(np.argmax(rec["ll"]))
+        agree_norm += int(norm.argmax()) == int(np.argmax(rec["ll_norm"]))
+        acc.append(int(ll.argmax()) in golds)
+        acc_norm.append(int(norm.argmax()) in golds)
+        dmax = max(dmax, float(np.abs(ll - np.array(rec["ll"])).max()))
+    n = len(items)
+    return {"n": n, "same prompt": f"{same_prompt}/{n}", "agree acc %": 100 * agree / n,
+            "agree acc_norm %": 100 * agree_norm / n, "acc cfsam": 100 * ours["acc"], "acc lm-eval": 100 * np.mean(acc),
+            "acc_norm cfsam": 100 * ours["acc_norm"], "acc_norm lm-eval": 100 * np.mean(acc_norm), "max |dll|": dmax}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tasks", default=DEFAULT,
+                        help=f"task:limit,... (default {DEFAULT}); tasks with an lm-eval config: {', '.join(LM_EVAL_NAME)}")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--prompts", action="store_true",
+                        help="only check that every item's prompt strings and gold equal lm-eval's (all items of "
+                             "the --tasks given, or of every task with a config)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    plan = {}
+    for part in args.tasks.split(","):
+        name, _, n = part.partition(":")
+        if name not in LM_EVAL_NAME:
+            raise SystemExit(f"task {name!r} has no lm-eval config here; allowed: {', '.join(LM_EVAL_NAME)}")
+        plan[name] = int(n) if n else 50
+    if not os.environ.get("CFSAM_DATA_DIR"):
+        raise SystemExit("set CFSAM_DATA_DIR to the data mirror")
+    if args.prompts:
+        from lm_eval.tasks import TaskManager
+
+        manager = TaskManager(include_path=str(HERE / "lm_eval_tasks"))
+        for name in [n for n in plan if n in LM_EVAL_NAME] if args.tasks != DEFAULT else LM_EVAL_NAME:
+            print(f"{name:16s} {prompt_check(name, manager)}", flush=True)
+        return
+    loaded = load_model(args.model)
+
+    import pandas as pd
+
+    rows, totals = [], np.zeros(4)
+    for name, limit in plan.items():
+        ours = ev.evaluate(loaded, [name], limit=limit, seed=args.seed, batch_size=args.batch_size,
+                           use_cache=False, progress=False)
+        t = ours["timing"]  # request building, tokenising, scoring: not data loading
+        res = ours["tasks"][name]
+        items, _ = tasks.load_items(name, limit=limit, seed=args.seed)
+        theirs, clock = run_lm_eval(loaded, name, [r["idx"] for r in res["records"]], args.batch_size)
+        row = {"task": name, **compare(items, res, theirs),
+               "items/s cfsam": res["n"] / t["seconds"], "items/s lm-eval": res["n"] / clock.wall,
+               "speedup wall": clock.wall / t["seconds"], "speedup cpu": clock.cpu / t["cpu_seconds"]}
+        rows.append(row)
+        totals += [t["seconds"], t["cpu_seconds"], clock.wall, clock.cpu]
+        print(f"{name}: done ({res['n']} items)", flush=True)
+    n = sum(r["n"] for r in rows)
+    with pd.option_context("display.width", 250, "display.max_columns", 30, "display.float_format", "{:.2f}".format):
+        print(pd.DataFrame(rows).to_string(index=False))
+    print(f"\nall {n} items: cfsam {n / totals[0]:.2f} items/s, lm-eval {n / totals[2]:.2f} items/s (wall); "
+          f"speedup {totals[2] / totals[0]:.2f}x wall, {totals[3] / totals[1]:.2f}x CPU time "
+          f"(model {args.model}, batch size {args.batch_size}, seed {args.seed})")
+
+
+if __name__ == "__main__":
+    main()

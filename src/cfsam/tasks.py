@@ -1,0 +1,242 @@
+"""Evaluation tasks as data: ``registry/tasks/<name>.yaml`` -> multiple-choice items.
+
+Each task file names a set of the data registry (``cfsam.data``: mirror files, read with ``datasets``)
+and says, like an lm-evaluation-harness task config, how one record becomes one item:
+
+* ``text``      Jinja template of the prompt (the context);  ``preamble`` goes before few-shot examples
+* ``choices``   Jinja expression -> the list of answer strings, scored as continuations of the context
+* ``gold``      Jinja expression -> the index of the right choice (or a list of indices: TruthfulQA MC2)
+* ``contexts`` + ``continuation``: the other shape (WinoGrande): one context per choice, a shared
+  continuation
+* ``target_delimiter`` (default " ") joins context and continuation; ``filter`` keeps some records;
+  ``group`` (an expression) labels records (MMLU subjects); ``fewshot`` says where examples come from
+* ``category`` (the paper's DK / Understanding / Reasoning / Exams, or ``extra``), ``paper`` and
+  ``order`` (its column name and place in the paper's tables), ``primary`` (the metric the paper's tables use), ``variant`` (how this differs from the
+  paper's set), ``lm_eval`` (the lm-eval task whose definition the prompt follows, or null)
+
+Prompts follow lm-eval's definitions wherever lm-eval has the task, so that per-item agreement with it
+is a meaningful check (``benchmarks/bench_eval.py``). A task whose data the mirror lacks raises
+``TaskMissing``: the harness reports it as missing instead of leaving it out.
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import jinja2
+import yaml
+
+from cfsam import data
+
+TASK_DIR = Path(__file__).parent / "registry" / "tasks"
+CATEGORIES = ("DK", "Understanding", "Reasoning", "Exams")
+PRIMARY_METRICS = ("acc", "acc_norm", "acc_tok", "mc2")
+FEWSHOT_DELIMITER = "\n\n"  # between few-shot examples, as lm-eval
+
+
+class TaskMissing(RuntimeError):
+    """The task is defined but its data is not available here (the message says why)."""
+
+
+@dataclass
+class Item:
+    """One multiple-choice question, ready to score: choice i is ``contexts[i] + continuations[i]``."""
+
+    idx: int                   # position in the task's (filtered) record list: lm-eval's doc id too
+    contexts: list[str]
+    continuations: list[str]
+    choices: list[str]         # the answer strings (lm-eval's acc_norm divides by their length)
+    gold: int | list[int]
+    group: str | None = None   # e.g. the MMLU subject
+
+
+# ------------------------------------------------------------------------------------ templates
+def _hellaswag_clean(text: str) -> str:
+    # lm-eval's hellaswag preprocess: brackets are artifacts of the WikiHow part of HellaSwag
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _hellaswag_ctx(line: str) -> str:
+    # llama.cpp's line is "activity_label: ctx_a ctx_b"; lm-eval capitalises ctx_b (the sentence start
+    # after ctx_a's last full stop) before cleaning. A lower-case trailing fragment can only be ctx_b.
+    head, sep, tail = line.rpartition(". ")
+    if sep and tail[:1].islower():
+        line = head + sep + tail.capitalize()
+    return _hellaswag_clean(line)
+
+
+def _true_indices(values) -> list[int]:
+    return [i for i, v in enumerate(values) if v]
+
+
+@lru_cache(maxsize=1)
+def _env() -> jinja2.Environment:
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env.filters.update(hellaswag_clean=_hellaswag_clean, hellaswag_ctx=_hellaswag_ctx,
+                       select_true_indices=_true_indices)
+    return env
+
+
+# ------------------------------------------------------------------------------------- registry
+@lru_cache(maxsize=1)
+def _registry() -> dict[str, dict]:
+    specs = {}
+    for path in sorted(TASK_DIR.glob("*.yaml")):
+        spec = yaml.safe_load(path.read_text())
+        spec["_source"] = path.read_text()
+        specs[spec["task"]] = spec
+    return specs
+
+
+def task_names(category: str | None = None) -> list[str]:
+    """All task names, or those of one paper category (DK, Understanding, Reasoning, Exams, extra)."""
+    return [n for n, s in _registry().items() if category is None or s["category"] == category]
+
+
+def paper_tasks() -> dict[str, list[str]]:
+    """The paper's four categories and their tasks, in the paper's column order."""
+    return {c: sorted(task_names(c), key=lambda n: task_spec(n).get("order", 0)) for c in CATEGORIES}
+
+
+def task_spec(name: str) -> dict:
+    reg = _registry()
+    if name not in reg:
+        raise KeyError(f"unknown task {name!r}; allowed: {', '.join(reg)}")
+    return reg[name]
+
+
+def check_names(names: list[str]) -> list[str]:
+    """Validate task names before any work; 'paper' and 'all' expand to their task lists."""
+    out: list[str] = []
+    for name in names:
+        if name == "paper":
+            out += [t for names_ in paper_tasks().values() for t in names_]
+        elif name == "all":
+            out += task_names()
+        else:
+            task_spec(name)
+            out.append(name)
+    return list(dict.fromkeys(out))  # de-duplicate, keep order
+
+
+def variant(name: str) -> str | None:
+    """How the evaluated set differs from the paper's (task and data-registry labels), or None."""
+    spec = task_spec(name)
+    labels = [spec.get("variant")]
+    try:
+        labels.append(data.label(spec["dataset"]))
+    except data.DataError:
+        pass
+    labels = [x for x in dict.fromkeys(labels) if x]
+    return "; ".join(labels) or None
+
+
+def data_hashes(name: str) -> dict[str, str]:
+    """sha256 of the data files a task reads (part of the eval cache key)."""
+    return data.file_hashes(task_spec(name)["dataset"])
+
+
+def _records(spec: dict, split: str) -> list[dict]:
+    name = spec["dataset"]
+    try:
+        dspec = data.dataset_spec(name)
+    except data.DataError as err:
+        raise TaskMissing(f"task {spec['task']!r}: {err}") from err
+    if "files" not in dspec:
+        raise TaskMissing(f"task {spec['task']!r}: " + (dspec.get("missing") or f"dataset {name!r} is not in the mirror"))
+    if not data.use_mirror():
+        raise TaskMissing(f"task {spec['task']!r}: evaluation sets are read from the mirror; set CFSAM_DATA_DIR")
+    try:
+        ds = data.load_raw(name, split)
+    except data.DataError as err:
+        raise TaskMissing(f"task {spec['task']!r}: {err}") from err
+    records = ds.to_list()
+    if spec.get("filter"):
+        keep = _env().compile_expression(spec["filter"])
+        records = [r for r in records if keep(**r)]
+    if spec.get("group"):
+        group = _env().compile_expression(spec["group"])
+        for r in records:
+            r["group"] = group(**r)
+    return records
+
+
+class _Renderer:
+    """A task's compiled templates: record -> (prompt text, choices, gold, contexts, continuation)."""
+
+    def __init__(self, spec: dict):
+        env = _env()
+        self.spec = spec
+        self.preamble = env.from_string(spec.get("preamble", ""))
+        self.delim = spec.get("target_delimiter", " ")
+        if "contexts" in spec:
+            self.contexts = env.compile_expression(spec["contexts"])
+            self.continuation = env.from_string(spec["continuation"])
+        else:
+            self.text = env.from_string(spec.get("text", ""))
+            self.choices = env.compile_expression(spec["choices"])
+        self.gold = env.compile_expression(spec["gold"])
+
+    def shot(self, r: dict) -> str:
+        """A solved example for a few-shot prompt: the prompt and its gold answer."""
+        gold = self.gold(**r)
+        gold = gold[0] if isinstance(gold, list) else gold
+        if "contexts" in self.spec:
+            return self.contexts(**r)[gold] + self.delim + self.continuation.render(**r)
+        return self.text.render(**r) + self.delim + self.choices(**r)[gold]
+
+    def item(self, idx: int, r: dict, shots: list[dict]) -> Item:
+        prefix = self.preamble.render(**r)
+        if shots:
+            prefix += FEWSHOT_DELIMITER.join(self.shot(s) for s in shots) + FEWSHOT_DELIMITER
+        gold = self.gold(**r)
+        gold = [int(g) for g in gold] if isinstance(gold, list) else int(gold)
+        if "contexts" in self.spec:
+            choices = [str(c) for c in self.contexts(**r)]
+            cont = self.delim + self.continuation.render(**r)
+            return Item(idx, [prefix + c for c in choices], [cont] * len(choices), choices, gold, r.get("group"))
+        choices = [str(c) for c in self.choices(**r)]
+        ctx = prefix + self.text.render(**r)
+        return Item(idx, [ctx] * len(choices), [self.delim + c for c in choices], choices, gold, r.get("group"))
+
+
+def subsample(n: int, limit: int | None, seed: int, name: str) -> list[int]:
+    """Deterministic seeded subsample of range(n) (sorted), or all of it."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    if limit < 1:
+        raise ValueError(f"limit must be a positive number of items, got {limit}")
+    return sorted(random.Random(f"{seed}:{name}").sample(range(n), limit))
+
+
+def load_items(name: str, *, limit: int | None = None, seed: int = 1234, num_fewshot: int = 0) -> tuple[list[Item], int]:
+    """The task's items (a seeded subsample of ``limit`` when given) and the full item count."""
+    spec = task_spec(name)
+    if num_fewshot < 0:
+        raise ValueError(f"num_fewshot must be >= 0, got {num_fewshot}")
+    records = _records(spec, spec["split"])
+    render = _Renderer(spec)
+    chosen = subsample(len(records), limit, seed, name)
+    pool, fs = records, spec.get("fewshot", {})
+    if num_fewshot and fs.get("split"):
+        pool = _records(spec, fs["split"])
+    items = []
+    for i in chosen:
+        shots = _shots(records[i], pool, num_fewshot, fs, seed, i, same_pool=pool is records) if num_fewshot else []
+        items.append(render.item(i, records[i], shots))
+    return items, len(records)
+
+
+def _shots(r: dict, pool: list[dict], k: int, fs: dict, seed: int, i: int, same_pool: bool) -> list[dict]:
+    candidates = [p for j, p in enumerate(pool) if not (same_pool and j == i)
+                  and (not fs.get("same_group") or p.get("group") == r.get("group"))]
+    if len(candidates) < k:
+        raise ValueError(f"num_fewshot={k} but only {len(candidates)} few-shot examples are available")
+    if fs.get("sampler", "random") == "first_n":
+        return candidates[:k]
+    return random.Random(f"{seed}:{i}").sample(candidates, k)
