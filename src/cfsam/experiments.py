@@ -315,7 +315,8 @@ def measure(model_ref: str, spec: dict) -> dict:
         surfaces, summary = landscape.flatness_over_seeds(loaded.model, batches, seeds=ls["seeds"], n=ls["grid"],
                                                           span=ls["span"], filter_norm=ls["filter_norm"])
         out["landscape"] = {"flatness": summary, "surfaces": [_jsonable(dataclasses.asdict(s)) for s in surfaces],
-                            "curvature": landscape.curvature(loaded.model, batches, iters=10, probes=4)}
+                            "curvature": landscape.curvature(loaded.model, batches, iters=ls["hessian_iters"],
+                                                            probes=ls["hutchinson_probes"])}
     return out, loaded.model
 
 

@@ -34,7 +34,7 @@ SCHEMA = {
     "rho_sweep": list,
     "eval": {"tasks": list, "limit": OPT_INT},
     "landscape": {"dataset": str, "grid": int, "span": NUM, "n_examples": int, "batch_size": int,
-                  "seeds": list, "filter_norm": bool},
+                  "seeds": list, "filter_norm": bool, "hessian_iters": int, "hutchinson_probes": int},
 }
 
 
