@@ -12,10 +12,10 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.mirror]
 
 
-def test_smoke_pipeline_and_book(tmp_path_factory):
+def test_smoke_pipeline_and_book():
     out = REPO / "_build" / "smoke-test"
-    env = {**os.environ, "CFSAM_RESULTS": str(out / "results"), "CFSAM_PRESET": "smoke", "MPLBACKEND": ""}
-    env.pop("MPLBACKEND")  # figures vanish from the book under a non-interactive backend override
+    env = {**os.environ, "CFSAM_RESULTS": str(out / "results"), "CFSAM_PRESET": "smoke"}
+    env.pop("MPLBACKEND", None)  # figures vanish from the book under a backend override
     run = subprocess.run([sys.executable, "-m", "cfsam", "run-missing", "--preset", "smoke"], env=env,
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
