@@ -1,0 +1,104 @@
+"""Figure helpers shared by the notebooks: each function takes plain results and returns a Figure.
+
+Nothing here imports the rest of cfsam: a loss surface is anything with ``x``, ``y`` and ``losses``
+(``losses[i, j]`` at ``(x[i], y[j])``, as ``cfsam.landscape.Surface``), a line anything with ``t``
+and ``losses``. Models that are compared share one colour scale (``shared_norm``), so equal colours
+mean equal losses across panels, as the paper's Figure 1 needs to be read.
+
+Add new helpers as further functions in their own section; keep them free of global style changes.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+
+
+# --------------------------------------------------------------------------------------- common
+def save_figure(fig: Figure, path, *, dpi: int = 150, close: bool = False) -> Path:
+    """Write a figure atomically (format from the suffix: png, pdf, svg)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight")
+    os.replace(tmp, path)
+    if close:
+        plt.close(fig)
+    return path
+
+
+def shared_norm(arrays, vmin: float | None = None, vmax: float | None = None) -> Normalize:
+    """One colour scale over several arrays (their joint min and max unless given)."""
+    finite = [np.asarray(a, dtype=float)[np.isfinite(a)] for a in arrays]
+    finite = [a for a in finite if a.size]
+    if not finite and (vmin is None or vmax is None):
+        raise ValueError("no finite values to scale colours by")
+    lo = min(float(a.min()) for a in finite) if vmin is None else vmin
+    hi = max(float(a.max()) for a in finite) if vmax is None else vmax
+    if hi <= lo:
+        hi = lo + 1e-12  # a constant surface still gets a valid scale
+    return Normalize(vmin=lo, vmax=hi)
+
+
+def _panels(n: int, *, width: float, height: float, **subplot_kw):
+    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False, subplot_kw=subplot_kw)
+    return fig, list(axes[0])
+
+
+# ------------------------------------------------------------------------------ loss landscapes
+def contour_grid(surfaces: Mapping[str, object], *, levels: int = 20, cmap: str = "viridis",
+                 vmin: float | None = None, vmax: float | None = None, labels: bool = True) -> Figure:
+    """Filled contours with contour lines, one panel per model, one shared colour scale and levels."""
+    if not surfaces:
+        raise ValueError("no surfaces to plot")
+    norm = shared_norm([s.losses for s in surfaces.values()], vmin, vmax)
+    ticks = np.linspace(norm.vmin, norm.vmax, levels)
+    fig, axes = _panels(len(surfaces), width=4.2, height=3.8)
+    for ax, (name, s) in zip(axes, surfaces.items()):
+        X, Y = np.meshgrid(s.x, s.y, indexing="ij")
+        filled = ax.contourf(X, Y, s.losses, levels=ticks, cmap=cmap, norm=norm, extend="both")
+        lines = ax.contour(X, Y, s.losses, levels=ticks, colors="k", linewidths=0.5)
+        if labels:
+            ax.clabel(lines, lines.levels[::4], fontsize=6, fmt="%.2f")
+        ax.plot([0], [0], marker="+", color="w", markersize=10)  # theta0
+        ax.set(title=name, xlabel=r"$\alpha$", ylabel=r"$\beta$", aspect="equal")
+    fig.colorbar(filled, ax=axes, label="loss", shrink=0.85, format="%.3g")
+    return fig
+
+
+def surface_grid(surfaces: Mapping[str, object], *, cmap: str = "viridis", vmin: float | None = None,
+                 vmax: float | None = None, elev: float = 30, azim: float = -60, floor_contours: int = 15) -> Figure:
+    """3-D surfaces (the paper's Fig. 1) with contours projected on the floor; shared colours and z-range."""
+    if not surfaces:
+        raise ValueError("no surfaces to plot")
+    norm = shared_norm([s.losses for s in surfaces.values()], vmin, vmax)
+    floor = norm.vmin - 0.3 * (norm.vmax - norm.vmin)  # contours drawn below the surface, not through it
+    fig, axes = _panels(len(surfaces), width=4.5, height=4.2, projection="3d")
+    for ax, (name, s) in zip(axes, surfaces.items()):
+        X, Y = np.meshgrid(s.x, s.y, indexing="ij")
+        Z = np.clip(s.losses, norm.vmin, norm.vmax)  # a shared z-range: clip what lies outside it
+        ax.plot_surface(X, Y, Z, cmap=cmap, norm=norm, rstride=1, cstride=1, linewidth=0.2, edgecolor="k",
+                        alpha=0.9)
+        ax.contour(X, Y, Z, levels=floor_contours, zdir="z", offset=floor, cmap=cmap, norm=norm)
+        ax.set(title=name, xlabel=r"$\alpha$", ylabel=r"$\beta$", zlim=(floor, norm.vmax))
+        ax.view_init(elev=elev, azim=azim)
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, label="loss", shrink=0.6, pad=0.12,
+                 format="%.3g")
+    return fig
+
+
+def line_plot(lines: Mapping[str, object], *, xlabel: str = "t (0: start model, 1: end model)") -> Figure:
+    """1-D interpolation curves, one per entry, on one axis."""
+    if not lines:
+        raise ValueError("no lines to plot")
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, line in lines.items():
+        ax.plot(line.t, line.losses, marker="o", markersize=3, label=name)
+    ax.set(xlabel=xlabel, ylabel="loss")
+    ax.legend()
+    return fig
