@@ -44,14 +44,12 @@ class Clock:
         self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
-def run_lm_eval(loaded, name: str, ids: list[int], batch_size: int) -> tuple[dict[int, dict], Clock]:
+def run_lm_eval(lm, manager, name: str, ids: list[int]) -> tuple[dict[int, dict], Clock]:
     """lm-eval on the given doc ids of one task: {doc_id: logged sample}, and the clock of its scoring."""
     from lm_eval import evaluator
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import get_task_dict
 
-    lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size, device="cpu")
-    task_dict = get_task_dict([LM_EVAL_NAME[name]], TaskManager(include_path=str(HERE / "lm_eval_tasks")))
+    task_dict = get_task_dict([LM_EVAL_NAME[name]], manager)
     with Clock() as clock:  # data loading (above) is not timed, as for cfsam
         out = evaluator.evaluate(lm, task_dict, samples={LM_EVAL_NAME[name]: ids}, log_samples=True,
                                  verbosity="ERROR")
@@ -100,7 +98,8 @@ def compare(items: list[tasks.Item], ours: dict, theirs: dict[int, dict]) -> dic
     n = len(items)
     return {"n": n, "same prompt": f"{same_prompt}/{n}", "agree acc %": 100 * agree / n,
             "agree acc_norm %": 100 * agree_norm / n, "acc cfsam": 100 * ours["acc"], "acc lm-eval": 100 * np.mean(acc),
-            "acc_norm cfsam": 100 * ours["acc_norm"], "acc_norm lm-eval": 100 * np.mean(acc_norm), "max |dll|": dmax}
+            "acc_norm cfsam": 100 * ours["acc_norm"], "acc_norm lm-eval": 100 * np.mean(acc_norm),
+            "max |dll|": f"{dmax:.1e}"}
 
 
 def main() -> None:
@@ -133,6 +132,11 @@ def main() -> None:
     loaded = load_model(args.model)
 
     import pandas as pd
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=args.batch_size, device="cpu")
+    manager = TaskManager(include_path=str(HERE / "lm_eval_tasks"))
 
     rows, totals = [], np.zeros(4)
     for name, limit in plan.items():
@@ -141,7 +145,7 @@ def main() -> None:
         t = ours["timing"]  # request building, tokenising, scoring: not data loading
         res = ours["tasks"][name]
         items, _ = tasks.load_items(name, limit=limit, seed=args.seed)
-        theirs, clock = run_lm_eval(loaded, name, [r["idx"] for r in res["records"]], args.batch_size)
+        theirs, clock = run_lm_eval(lm, manager, name, [r["idx"] for r in res["records"]])
         row = {"task": name, **compare(items, res, theirs),
                "items/s cfsam": res["n"] / t["seconds"], "items/s lm-eval": res["n"] / clock.wall,
                "speedup wall": clock.wall / t["seconds"], "speedup cpu": clock.cpu / t["cpu_seconds"]}

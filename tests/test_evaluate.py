@@ -25,10 +25,21 @@ def naive_loglikelihood(model, ctx: list[int], cont: list[int]) -> float:
 
 def test_packed_batched_scoring_matches_naive_forward(tiny):
     encoded = ev.encode_pairs(tiny.tokenizer, PAIRS)
+    tiny.model.train()
     # tiny batches and a small token budget: several batches, and long groups split across rows
     got = ev.loglikelihoods(tiny.model, tiny.tokenizer, PAIRS, batch_size=3, max_batch_tokens=40)
+    assert tiny.model.training  # the caller's mode is restored
+    tiny.model.eval()
     for (ctx, cont), (ll, n) in zip(encoded, got):
         assert n == len(cont)
+        assert ll == pytest.approx(naive_loglikelihood(tiny.model, ctx, cont), abs=1e-4)
+
+
+def test_plain_rows_take_the_causal_path_and_agree(tiny):
+    # one-token answers (MMLU-like) and single continuations: rows of different lengths, no custom mask
+    pairs = [("Q" * k + "? Answer:", c) for k in (1, 7, 30) for c in (" A", " B")] + [("Short", " and one longer end")]
+    got = ev.loglikelihoods(tiny.model, tiny.tokenizer, pairs, batch_size=4)
+    for (ctx, cont), (ll, _) in zip(ev.encode_pairs(tiny.tokenizer, pairs), got):
         assert ll == pytest.approx(naive_loglikelihood(tiny.model, ctx, cont), abs=1e-4)
 
 

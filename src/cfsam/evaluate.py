@@ -85,6 +85,8 @@ def _rank_world() -> tuple[int, int]:
         import torch.distributed as dist
 
         if not dist.is_initialized():
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -127,12 +129,17 @@ def _forward_rows(model, rows: list[tuple[list[int], list[list[int]]]], pad_id: 
             owner += [n_out] * (m + 1)
             off += m
             n_out += 1
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    allowed = causal & ((seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0))
-    dtype = next(model.parameters()).dtype
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
-    hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                     use_cache=False).last_hidden_state
+    if all(sum(len(c) > 1 for c in conts) <= 1 for _, conts in rows):
+        # Every row is one plain sequence (context, then at most one continuation with input tokens, as with
+        # one-token answers): the causal mask is enough and padding at the end is never attended to.
+        hidden = decoder(input_ids=ids.to(device), use_cache=False).last_hidden_state
+    else:
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        allowed = causal & ((seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0))
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+        hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                         use_cache=False).last_hidden_state
     picked = hidden[torch.tensor(src_b, device=device), torch.tensor(src_p, device=device)]
     tgt = torch.tensor(targets, device=device)
     logp = torch.cat([head(h).float().log_softmax(-1).gather(1, t[:, None])[:, 0]
@@ -156,12 +163,21 @@ def score_groups(model, groups: list[tuple[list[int], list[list[int]]]], *, pad_
     """
     if batch_size < 1 or max_batch_tokens < 1:
         raise ValueError(f"batch_size and max_batch_tokens must be positive, got {batch_size}, {max_batch_tokens}")
+    was_training = model.training
     model.eval()
+    try:
+        return _score_rows(model, groups, pad_id, batch_size, max_batch_tokens, progress)
+    finally:
+        model.train(was_training)
+
+
+def _score_rows(model, groups, pad_id: int, batch_size: int, max_batch_tokens: int, progress: bool) -> list[list[float]]:
     max_len = getattr(model.config, "max_position_embeddings", None) or 2048
     rows, where = [], []  # where[r] = (group, first continuation index)
     for g, (ctx, conts) in enumerate(groups):
         longest = max(len(c) for c in conts)
-        ctx = ctx[-(max_len + 1 - longest):] if len(ctx) + longest - 1 > max_len else ctx
+        if len(ctx) + longest - 1 > max_len:  # as lm-eval: keep the last max_len + 1 tokens (>= 1 of context)
+            ctx = ctx[-max(1, max_len + 1 - longest):]
         start, used = 0, len(ctx)
         for k, cont in enumerate(conts):
             if k > start and used + len(cont) - 1 > max_batch_tokens:
@@ -347,7 +363,8 @@ def evaluate(model_or_loaded, task_list: list[str] | str, *, limit: int | None =
     """Evaluate a model on tasks by name ('paper' and 'all' expand); returns a JSON-able dict.
 
     ``limit`` takes a seeded subsample of that many items per task. Results are cached per task under
-    ``cache_dir`` (default ``$CFSAM_CACHE/eval``) unless ``use_cache`` is False.
+    ``cache_dir`` (default ``$CFSAM_CACHE/eval``) unless ``use_cache`` is False. The model runs on
+    ``device`` if given, else on CUDA (this rank's) when there is one, else where it is.
     """
     names = tasks.check_names([task_list] if isinstance(task_list, str) else list(task_list))
     if limit is not None and limit < 1:
