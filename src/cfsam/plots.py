@@ -102,3 +102,24 @@ def line_plot(lines: Mapping[str, object], *, xlabel: str = "t (0: start model, 
     ax.set(xlabel=xlabel, ylabel="loss")
     ax.legend()
     return fig
+
+
+# ----------------------------------------------------------------------- learning vs forgetting
+def learning_vs_forgetting(table, *, x: str = "learned (Δ own held-out loss)",
+                           y: str = "forgot (Δ Alpaca held-out loss)") -> Figure:
+    """One point per stage-2 run: what it learned (x, negative is learning) against what it forgot (y),
+    coloured by optimizer and labelled with rho; the ideal run sits at the lower left."""
+    import seaborn as sns
+
+    df = table.reset_index()
+    df["run"] = [f"{o}" + ("" if r != r or r is None else f" ρ={r:g}" + (" (A)" if a else ""))
+                 for o, r, a in zip(df["optimizer"], df["rho"], df["adaptive"])]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    sns.scatterplot(data=df, x=x, y=y, hue="optimizer", style="method", s=70, ax=ax)
+    for _, row in df.iterrows():
+        ax.annotate(row["run"], (row[x], row[y]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.axvline(0, color="grey", lw=0.6)
+    ax.set_title("learning vs forgetting per stage-2 run")
+    fig.tight_layout()
+    return fig
