@@ -1,6 +1,4 @@
 """The dataset registry against MANIFEST.md, the Alpaca template and the response-only label mask."""
-import re
-from pathlib import Path
 
 import datasets
 import pytest

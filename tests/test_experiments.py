@@ -6,6 +6,7 @@ import pytest
 
 from cfsam import experiments as E
 from cfsam import paper, report
+from cfsam.io import write_json_atomic
 
 pytestmark = pytest.mark.mirror
 
@@ -43,9 +44,9 @@ def test_missing_ok_and_stale_entries(results):
     exp = E.experiments("smoke")["base"]
     assert E.load_results("smoke", ["base"])["base"]["status"] == "missing"
     assert "cfsam run-missing --preset smoke --only base" in E.load_results("smoke", ["base"])["base"]["command"]
-    E.write_atomic(results / "smoke" / "base.json", {"id": E.experiment_id(exp), "name": "base", "spec": exp})
+    write_json_atomic(results / "smoke" / "base.json", {"id": E.experiment_id(exp), "name": "base", "spec": exp})
     assert E.load_results("smoke", ["base"])["base"]["status"] == "ok"
-    E.write_atomic(results / "smoke" / "base.json", {"id": "0" * 16, "name": "base", "spec": exp})
+    write_json_atomic(results / "smoke" / "base.json", {"id": "0" * 16, "name": "base", "spec": exp})
     assert E.load_results("smoke", ["base"])["base"]["status"] == "stale"
     assert E.run_missing("smoke", only=["base"], dry_run=True) == ["base"]
 
@@ -63,7 +64,7 @@ def test_compare_puts_the_paper_beside_ours_and_recomputes_delta(results):
             "s2-open-platypus-sam": ("none", "open-platypus", "sam", 1)}
     for name, key in rows.items():
         values = printed.loc[key].to_dict()
-        E.write_atomic(results / "cpu" / f"{name}.json", _fake_entry("cpu", name, values))
+        write_json_atomic(results / "cpu" / f"{name}.json", _fake_entry("cpu", name, values))
     table = report.compare("cpu", "2a", E.needed("cpu", ["tab2a"]))
     got = table.loc["-> Open-Platypus (w/ SAM, 1 ep)"]
     assert got[("AVG", "ours - paper")] == pytest.approx(0, abs=1e-9)

@@ -24,6 +24,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import experiments
+from .io import write_text_atomic
 from .presets import load_preset
 
 log = logging.getLogger(__name__)
@@ -216,13 +217,6 @@ def sbatch_script(preset: str, notebook: str, cfg: dict, *, out: Path, notebooks
     ])
 
 
-def _write_atomic(path: Path, text: str, mode: int = 0o755) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.chmod(mode)
-    os.replace(tmp, path)
-
-
 def write_slurm(preset: str, notebooks: list[str] | None = None, *, out: Path | None = None,
                 notebooks_dir: Path | None = None, config: Path | None = None, overrides: dict | None = None,
                 parameters: dict | None = None, dry_run: bool = False) -> list[Path]:
@@ -249,8 +243,8 @@ def write_slurm(preset: str, notebooks: list[str] | None = None, *, out: Path | 
         return []
     out.mkdir(parents=True, exist_ok=True)
     for path, text in scripts.items():
-        _write_atomic(path, text)
-    _write_atomic(out / "submit_all.sh", submit)
+        write_text_atomic(path, text, mode=0o755)
+    write_text_atomic(out / "submit_all.sh", submit, mode=0o755)
     log.info("wrote %d sbatch scripts to %s", len(scripts), out)
     return list(scripts)
 

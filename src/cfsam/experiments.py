@@ -27,6 +27,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from . import __version__, data
+from .io import write_json_atomic
 from .models import cache_dir
 from .presets import load_preset
 
@@ -217,13 +218,6 @@ def missing_command(preset: str, name: str) -> str:
     return f"cfsam run-missing --preset {preset} --only {name}"
 
 
-def write_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False, default=float) + "\n")
-    os.replace(tmp, path)
-
-
 def provenance(started: float, ended: float, exp: dict, model=None) -> dict:
     import torch
 
@@ -337,7 +331,7 @@ def run_one(preset: str, name: str) -> dict:
              "data_labels": {d: data.label(d) for d in sorted(_datasets_of(exp))},
              "train": train_metrics, **measured}
     entry["provenance"] = provenance(started, time.time(), exp, model)
-    write_atomic(results_dir(preset) / f"{name}.json", entry)
+    write_json_atomic(results_dir(preset) / f"{name}.json", entry)
     return entry
 
 

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from cfsam import data as cfdata
 from cfsam import models
+from cfsam.io import write_json_atomic
 from cfsam.optim import SAM, global_norm
 
 log = logging.getLogger(__name__)
@@ -419,11 +420,6 @@ def _build_optimizer(model, optimizer: str, lr: float, weight_decay: float, rho:
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
-
 
 def _peak_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
@@ -637,7 +633,7 @@ def _run(model_name_or_dir, dataset, out_dir: Path, config: dict, sid: str, kw: 
             "wall_seconds": time.time() - t_start, "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
             "world_size": rt.world, "dist": rt.mode, "device": str(rt.device), "torch": torch.__version__,
         }
-        _write_json_atomic(out_dir / "metrics.json", metrics)
+        write_json_atomic(out_dir / "metrics.json", metrics)
         if not keep_checkpoints:
             for old in out_dir.glob(CKPT_PREFIX + "*"):
                 shutil.rmtree(old, ignore_errors=True)
