@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .flatness import flatness_metrics
+from .io import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -527,8 +528,6 @@ def _run_cli(args) -> int:
 
         plots.save_figure(plots.contour_grid({loaded.name: surfaces[0]}), out / "contour.png", close=True)
         plots.save_figure(plots.surface_grid({loaded.name: surfaces[0]}), out / "surface3d.png", close=True)
-    tmp = out / "landscape.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, out / "landscape.json")
+    write_json_atomic(out / "landscape.json", report)
     print(json.dumps({m: summary[m] for m in METRICS} | {"center_loss": report["center_loss"]}, indent=1))
     return 0
