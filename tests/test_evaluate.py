@@ -43,6 +43,24 @@ def test_plain_rows_take_the_causal_path_and_agree(tiny):
         assert ll == pytest.approx(naive_loglikelihood(tiny.model, ctx, cont), abs=1e-4)
 
 
+def test_shared_prefixes_runs():
+    pre = list(range(100, 140))  # 40 shared tokens
+    ctxs = [pre + [1, 2], [7, 8, 9], pre + [3], pre[:20] + [5] * 30, pre + [4, 4, 4]]
+    assert ev.shared_prefixes(ctxs, min_len=32) == [40, 0, 40, 0, 40]
+    assert ev.shared_prefixes([pre, pre], min_len=32) == [39, 39]  # each keeps a token of its own
+    assert ev.shared_prefixes(ctxs, min_len=41) == [0] * 5
+
+
+def test_shared_prefix_is_computed_once_and_agrees(tiny):
+    primer = "Q: What is human life expectancy? A: 78 years.\n\nQ: Who was president in 1955? A: Eisenhower.\n\n"
+    pairs = [(primer + f"Q: question {i}{'?' * i}\nA:", c) for i in range(4) for c in (" Yes it is", " No", " Maybe")]
+    encoded = ev.encode_pairs(tiny.tokenizer, pairs)
+    assert min(ev.shared_prefixes([c for c, _ in encoded])) >= 32
+    got = ev.loglikelihoods(tiny.model, tiny.tokenizer, pairs + [("unrelated", " x y")], batch_size=2)
+    for (ctx, cont), (ll, _) in zip(encoded, got):
+        assert ll == pytest.approx(naive_loglikelihood(tiny.model, ctx, cont), abs=1e-4)
+
+
 def test_overlong_context_is_left_truncated_like_lm_eval(tiny):
     model, tok = tiny.model, tiny.tokenizer
     ctx, cont = ev.encode_pairs(tok, [("word " * 1500, " end")])[0]

@@ -13,13 +13,16 @@ Reasoning / Exams and AVG, listing the tasks that fed each and the ones that wer
 Speed. Each context is computed once for all its choices: a context and all its continuations are
 packed into one row, with an attention mask that lets every continuation see the context and itself
 only, and position ids restarting after the context; so a 4-choice question costs one context plus
-four short continuations, and an MMLU question (one-token answers) costs its context alone. Rows are
-sorted by length and batched; the output head is applied only at the positions that predict a
-continuation token. With ``WORLD_SIZE`` > 1 (torchrun) rows are split across ranks and gathered.
+four short continuations, and an MMLU question (one-token answers) costs its context alone. A long
+prefix shared by many contexts (a few-shot preamble, TruthfulQA's QA primer) is computed once and the
+contexts continue from its KV cache. Rows are sorted by length and batched; the output head is applied
+only at the positions that predict a continuation token. With ``WORLD_SIZE`` > 1 (torchrun) rows are
+split across ranks and gathered.
 Results are cached per task by (weights hash, tokenizer, task definition, data files, settings).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -102,10 +105,14 @@ def _head_parts(model):
     return model.get_decoder(), model.get_output_embeddings()
 
 
-def _forward_rows(model, rows: list[tuple[list[int], list[list[int]]]], pad_id: int) -> list[list[float]]:
-    """One batch of packed rows (context, continuations) -> summed log-prob of each continuation."""
+def _forward_rows(model, rows: list[tuple[list[int], list[list[int]]]], pad_id: int, prefix=None) -> list[list[float]]:
+    """One batch of packed rows (context, continuations) -> summed log-prob of each continuation.
+
+    ``prefix`` = (its length, its KV cache for one sequence): the rows' contexts continue it.
+    """
     decoder, head = _head_parts(model)
     device = next(model.parameters()).device
+    n_pre = prefix[0] if prefix else 0
     # The last token of a continuation is only ever a target, never an input.
     width = max(len(ctx) + sum(len(c) - 1 for c in conts) for ctx, conts in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -115,12 +122,12 @@ def _forward_rows(model, rows: list[tuple[list[int], list[list[int]]]], pad_id: 
     n_out = 0
     for b, (ctx, conts) in enumerate(rows):
         n = len(ctx)
-        ids[b, :n], pos[b, :n], seg[b, :n] = torch.tensor(ctx), torch.arange(n), 0
+        ids[b, :n], pos[b, :n], seg[b, :n] = torch.tensor(ctx), torch.arange(n_pre, n_pre + n), 0
         off = n
         for k, cont in enumerate(conts):
             m = len(cont) - 1
             ids[b, off:off + m] = torch.tensor(cont[:-1], dtype=torch.long)
-            pos[b, off:off + m] = torch.arange(n, n + m)
+            pos[b, off:off + m] = torch.arange(n_pre + n, n_pre + n + m)  # every continuation follows the context
             seg[b, off:off + m] = k + 1
             # token j of the continuation is predicted at the position holding token j-1
             src_b += [b] * (m + 1)
@@ -129,17 +136,22 @@ def _forward_rows(model, rows: list[tuple[list[int], list[list[int]]]], pad_id: 
             owner += [n_out] * (m + 1)
             off += m
             n_out += 1
-    if all(sum(len(c) > 1 for c in conts) <= 1 for _, conts in rows):
+    if not prefix and all(sum(len(c) > 1 for c in conts) <= 1 for _, conts in rows):
         # Every row is one plain sequence (context, then at most one continuation with input tokens, as with
         # one-token answers): the causal mask is enough and padding at the end is never attended to.
         hidden = decoder(input_ids=ids.to(device), use_cache=False).last_hidden_state
     else:
         causal = torch.ones(width, width, dtype=torch.bool).tril()
         allowed = causal & ((seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0))
+        cache = None
+        if prefix:  # every token also sees the whole shared prefix, held in the (copied) cache
+            allowed = torch.cat([torch.ones(len(rows), width, n_pre, dtype=torch.bool), allowed], dim=2)
+            cache = copy.deepcopy(prefix[1])
+            cache.batch_repeat_interleave(len(rows))
         dtype = next(model.parameters()).dtype
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
         hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                         use_cache=False).last_hidden_state
+                         past_key_values=cache, use_cache=cache is not None).last_hidden_state
     picked = hidden[torch.tensor(src_b, device=device), torch.tensor(src_p, device=device)]
     tgt = torch.tensor(targets, device=device)
     logp = torch.cat([head(h).float().log_softmax(-1).gather(1, t[:, None])[:, 0]
@@ -153,13 +165,43 @@ def _forward_rows(model, rows: list[tuple[list[int], list[list[int]]]], pad_id: 
     return out
 
 
+def shared_prefixes(contexts: list[list[int]], min_len: int = 32) -> list[int]:
+    """Per context, the length of a token prefix it shares with other contexts (0: none worth sharing).
+
+    Contexts sorted by tokens are cut into runs whose common prefix is >= ``min_len`` tokens (a few-shot
+    preamble, TruthfulQA's QA primer, a subject's examples); each context keeps >= 1 token of its own.
+    """
+    order = sorted(range(len(contexts)), key=lambda i: contexts[i])
+    out = [0] * len(contexts)
+    run, common = [order[0]] if order else [], len(contexts[order[0]]) - 1 if order else 0
+
+    def close():
+        if len(run) > 1 and common >= min_len:
+            for i in run:
+                out[i] = common
+
+    for prev, i in zip(order, order[1:]):
+        a, b = contexts[prev], contexts[i]
+        lcp = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        shared = min(common, lcp, len(b) - 1)
+        if shared >= min_len:
+            run.append(i)
+            common = shared
+        else:
+            close()
+            run, common = [i], len(b) - 1
+    close()
+    return out
+
+
 @torch.inference_mode()
 def score_groups(model, groups: list[tuple[list[int], list[list[int]]]], *, pad_id: int = 0,
                  batch_size: int = 16, max_batch_tokens: int = 16384, progress: bool = False) -> list[list[float]]:
     """Summed log-prob of each continuation of each (context ids, [continuation ids]) group.
 
     Contexts are left-truncated to the model's length; groups too long for one row are split into
-    several rows (each repeating the context). Runs data parallel when ``WORLD_SIZE`` > 1.
+    several rows (each repeating the context); a long prefix shared by many contexts is computed once
+    and continued from its KV cache. Runs data parallel when ``WORLD_SIZE`` > 1.
     """
     if batch_size < 1 or max_batch_tokens < 1:
         raise ValueError(f"batch_size and max_batch_tokens must be positive, got {batch_size}, {max_batch_tokens}")
@@ -173,37 +215,52 @@ def score_groups(model, groups: list[tuple[list[int], list[list[int]]]], *, pad_
 
 def _score_rows(model, groups, pad_id: int, batch_size: int, max_batch_tokens: int, progress: bool) -> list[list[float]]:
     max_len = getattr(model.config, "max_position_embeddings", None) or 2048
-    rows, where = [], []  # where[r] = (group, first continuation index)
-    for g, (ctx, conts) in enumerate(groups):
+    contexts = []
+    for ctx, conts in groups:
         longest = max(len(c) for c in conts)
         if len(ctx) + longest - 1 > max_len:  # as lm-eval: keep the last max_len + 1 tokens (>= 1 of context)
             ctx = ctx[-max(1, max_len + 1 - longest):]
+        contexts.append(ctx)
+    n_pre = shared_prefixes(contexts)
+    rows, where, prefix_of = [], [], []  # where[r] = (group, first continuation index); prefix_of[r] = key
+    for g, (ctx, (_, conts)) in enumerate(zip(contexts, groups)):
+        key = tuple(ctx[:n_pre[g]])
+        ctx = ctx[n_pre[g]:]
         start, used = 0, len(ctx)
         for k, cont in enumerate(conts):
             if k > start and used + len(cont) - 1 > max_batch_tokens:
                 rows.append((ctx, conts[start:k]))
                 where.append((g, start))
+                prefix_of.append(key)
                 start, used = k, len(ctx)
             used += len(cont) - 1
         rows.append((ctx, conts[start:]))
         where.append((g, start))
+        prefix_of.append(key)
 
     def length(r):
         return len(rows[r][0]) + sum(len(c) - 1 for c in rows[r][1])
 
     rank, world = _rank_world()
-    order = sorted(range(len(rows)), key=length, reverse=True)[rank::world]  # longest first: OOM shows early
+    # batches never mix prefixes; longest first within each: OOM shows early
+    order = sorted(range(len(rows)), key=lambda r: (prefix_of[r], -length(r)))[rank::world]
     mine: dict[int, list[float]] = {}
+    caches: dict[tuple, tuple] = {}
     bar = tqdm(total=len(order), desc="scoring", unit="row", disable=not progress or rank != 0)
     i = 0
     while i < len(order):
-        width = length(order[i])
-        n = max(1, min(batch_size, max_batch_tokens // max(width, 1)))
-        batch = order[i:i + n]
-        for r, lls in zip(batch, _forward_rows(model, [rows[r] for r in batch], pad_id)):
+        key = prefix_of[order[i]]
+        n = max(1, min(batch_size, max_batch_tokens // max(length(order[i]) + len(key), 1)))
+        batch = [r for r in order[i:i + n] if prefix_of[r] == key]
+        if key and key not in caches:
+            caches.clear()  # prefixes come one after the other: keep only the current one
+            device = next(model.parameters()).device
+            cache = _head_parts(model)[0](input_ids=torch.tensor([key], device=device), use_cache=True).past_key_values
+            caches[key] = (len(key), cache)
+        for r, lls in zip(batch, _forward_rows(model, [rows[r] for r in batch], pad_id, caches.get(key))):
             mine[r] = lls
         bar.update(len(batch))
-        i += n
+        i += len(batch)
     bar.close()
     if world > 1:
         import torch.distributed as dist
@@ -428,6 +485,7 @@ def evaluate(model_or_loaded, task_list: list[str] | str, *, limit: int | None =
     n_items = sum(len(v[0]) for v in todo.values())
     results["timing"] = {"seconds": seconds, "cpu_seconds": cpu, "items": n_items,
                          "items_per_s": n_items / seconds if n_items else None}
+    results["tasks"] = {n: results["tasks"][n] for n in names}  # in the order asked for
     results["categories"] = categories(results)
     return results
 
@@ -446,6 +504,9 @@ def summary_tables(results: dict):
                      "score": 100 * r["score"], "±": 100 * r["score_stderr"], "acc": 100 * r["acc"],
                      "acc_norm": 100 * r["acc_norm"], "gold_logprob": r["gold_logprob"],
                      "status": "variant: " + r["variant"] if r.get("variant") else "ok"})
+    task_df = pd.DataFrame(rows)
+    if "n" in task_df:
+        task_df["n"] = task_df["n"].astype("Int64")
     cats = results.get("categories") or categories(results)
     crows = [{"category": c, "score": None if cats[c]["score"] is None else 100 * cats[c]["score"],
               "tasks": ", ".join(cats[c]["tasks"]), "missing": ", ".join(cats[c]["missing"])} for c in CATEGORY_ORDER]
@@ -453,7 +514,7 @@ def summary_tables(results: dict):
                   "tasks": ", ".join(cats["AVG"]["categories"]), "missing": ", ".join(cats["AVG"]["missing"])})
     for sub, v in cats.get("MMLU", {}).items():
         crows.append({"category": f"MMLU {sub}", "score": None if v is None else 100 * v, "tasks": "mmlu", "missing": ""})
-    return pd.DataFrame(rows), pd.DataFrame(crows)
+    return task_df, pd.DataFrame(crows)
 
 
 def cmd_eval(args) -> int:
