@@ -1,6 +1,7 @@
 """Correctness anchor and speed benchmark: cfsam.evaluate against lm-evaluation-harness, same model, same items.
 
-    CFSAM_DATA_DIR=../shared/data .venv/bin/python benchmarks/bench_eval.py [--tasks copa:100,mmlu:120] [--model smollm2-135m]
+    CFSAM_DATA_DIR=../shared/data .venv/bin/python benchmarks/bench_eval.py [--tasks copa:100,mmlu:120]
+    CFSAM_DATA_DIR=../shared/data .venv/bin/python benchmarks/bench_eval.py --prompts   # all items, no model
 
 lm-eval (0.4.x, offline) runs its own task definitions (``benchmarks/lm_eval_tasks/``: lm-eval's stock
 prompts and utils, fed the mirror's files) through ``HFLM`` wrapping the very model object cfsam
@@ -107,7 +108,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tasks", default=DEFAULT,
-                        help=f"task:limit,... (default {DEFAULT}); tasks with an lm-eval config: {', '.join(LM_EVAL_NAME)}")
+                        help=f"task:limit,... (default {DEFAULT}); tasks with an lm-eval config: "
+                             + ", ".join(LM_EVAL_NAME))
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--prompts", action="store_true",

@@ -133,7 +133,8 @@ def test_csl_dev_is_opencompass_perplexity_pair():
     items, _ = tasks.load_items("csl_dev", limit=2)
     it = items[0]
     assert it.contexts == ["", ""]  # whole texts, scored after the prefix token
-    assert it.continuations[0].startswith("摘要：") and it.continuations[1].startswith(it.continuations[0] + "\n关键词：")
+    assert it.continuations[0].startswith("摘要：")
+    assert it.continuations[1].startswith(it.continuations[0] + "\n关键词：")
     assert "，" in it.continuations[1]
     assert tasks.task_spec("csl_dev")["primary"] == "acc_tok"
 

@@ -108,7 +108,7 @@ def load_openbookqa(**kwargs):
 def load_race_middle(**kwargs):
     # one doc per question, in the shape of EleutherAI/race (article + a list of problems, the last asked)
     return _split("test", [{"article": r["article"],
-                            "problems": repr([{"question": r["question"], "answer": r["answer"], "options": r["options"]}])}
+                            "problems": repr([{k: r[k] for k in ("question", "answer", "options")}])}
                            for r in _rows("race/test/middle.jsonl")])
 
 
@@ -132,8 +132,8 @@ def winogrande_doc_to_target(doc):
 def load_truthfulqa(**kwargs):
     rows = []
     for r in _rows("truthfulqa/mc_task.json"):
-        rows.append({"question": r["question"],
-                     **{k: {"choices": list(r[k]), "labels": list(r[k].values())} for k in ("mc1_targets", "mc2_targets")}})
+        targets = {k: {"choices": list(r[k]), "labels": list(r[k].values())} for k in ("mc1_targets", "mc2_targets")}
+        rows.append({"question": r["question"], **targets})
     return _split("validation", rows)
 
 

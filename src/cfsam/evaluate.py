@@ -213,7 +213,8 @@ def score_groups(model, groups: list[tuple[list[int], list[list[int]]]], *, pad_
         model.train(was_training)
 
 
-def _score_rows(model, groups, pad_id: int, batch_size: int, max_batch_tokens: int, progress: bool) -> list[list[float]]:
+def _score_rows(model, groups, pad_id: int, batch_size: int, max_batch_tokens: int,
+                progress: bool) -> list[list[float]]:
     max_len = getattr(model.config, "max_position_embeddings", None) or 2048
     contexts = []
     for ctx, conts in groups:
@@ -292,9 +293,9 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], **kwargs) -> 
 
 
 # ---------------------------------------------------------------------------------- metrics
-def _mean_se(values) -> tuple[float, float]:
+def _mean_se(values) -> tuple[float, float | None]:
     v = np.asarray(values, dtype=float)
-    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None
 
 
 def score_item(item: tasks.Item, lls: list[float], n_tokens: list[int], primary: str) -> dict:
@@ -344,11 +345,13 @@ def task_result(name: str, records: list[dict], n_total: int) -> dict:
         by_group: dict[str, list[float]] = {}
         for r in records:
             by_group.setdefault(r["group"], []).append(r[primary])
-        groups = {g: {"n": len(v), "score": float(np.mean(v)), "stderr": _mean_se(v)[1]} for g, v in sorted(by_group.items())}
+        groups = {g: {"n": len(v), "score": float(np.mean(v)), "stderr": _mean_se(v)[1]}
+                  for g, v in sorted(by_group.items())}
         res["score"], res["subcategories"] = aggregate_groups({g: v["score"] for g, v in groups.items()},
                                                                spec.get("group_categories", {}))
-        se = [v["stderr"] for v in groups.values() if not math.isnan(v["stderr"])]
-        res["score_stderr"] = float(math.sqrt(sum(s * s for s in se)) / len(groups))
+        # the macro mean's stderr from the groups' (independent); groups of one item contribute none
+        se = [v["stderr"] for v in groups.values() if v["stderr"] is not None]
+        res["score_stderr"] = float(math.sqrt(sum(x * x for x in se)) / len(groups)) if se else None
         res["groups"] = groups
     res["records"] = records
     return res
@@ -501,7 +504,7 @@ def summary_tables(results: dict):
             rows.append({"task": name, "category": r["category"], "status": "MISSING: " + r["reason"]})
             continue
         rows.append({"task": name, "category": r["category"], "n": r["n"], "metric": r["primary"],
-                     "score": 100 * r["score"], "±": 100 * r["score_stderr"], "acc": 100 * r["acc"],
+                     "score": 100 * r["score"], "±": 100 * (r["score_stderr"] or math.nan), "acc": 100 * r["acc"],
                      "acc_norm": 100 * r["acc_norm"], "gold_logprob": r["gold_logprob"],
                      "status": "variant: " + r["variant"] if r.get("variant") else "ok"})
     task_df = pd.DataFrame(rows)
@@ -513,7 +516,8 @@ def summary_tables(results: dict):
     crows.append({"category": "AVG", "score": None if cats["AVG"]["score"] is None else 100 * cats["AVG"]["score"],
                   "tasks": ", ".join(cats["AVG"]["categories"]), "missing": ", ".join(cats["AVG"]["missing"])})
     for sub, v in cats.get("MMLU", {}).items():
-        crows.append({"category": f"MMLU {sub}", "score": None if v is None else 100 * v, "tasks": "mmlu", "missing": ""})
+        crows.append({"category": f"MMLU {sub}", "score": None if v is None else 100 * v, "tasks": "mmlu",
+                      "missing": ""})
     return task_df, pd.DataFrame(crows)
 
 

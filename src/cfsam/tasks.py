@@ -11,8 +11,9 @@ and says, like an lm-evaluation-harness task config, how one record becomes one 
 * ``target_delimiter`` (default " ") joins context and continuation; ``filter`` keeps some records;
   ``group`` (an expression) labels records (MMLU subjects); ``fewshot`` says where examples come from
 * ``category`` (the paper's DK / Understanding / Reasoning / Exams, or ``extra``), ``paper`` and
-  ``order`` (its column name and place in the paper's tables), ``primary`` (the metric the paper's tables use), ``variant`` (how this differs from the
-  paper's set), ``lm_eval`` (the lm-eval task whose definition the prompt follows, or null)
+  ``order`` (its column name and place in the paper's tables), ``primary`` (the metric its category
+  average uses: acc, acc_norm, acc_tok or mc2), ``variant`` (how this differs from the paper's set),
+  ``lm_eval`` (the lm-eval task whose definition the prompt follows, or null)
 
 Prompts follow lm-eval's definitions wherever lm-eval has the task, so that per-item agreement with it
 is a meaningful check (``benchmarks/bench_eval.py``). A task whose data the mirror lacks raises
@@ -148,7 +149,8 @@ def _records(spec: dict, split: str) -> list[dict]:
     except data.DataError as err:
         raise TaskMissing(f"task {spec['task']!r}: {err}") from err
     if "files" not in dspec:
-        raise TaskMissing(f"task {spec['task']!r}: " + (dspec.get("missing") or f"dataset {name!r} is not in the mirror"))
+        reason = dspec.get("missing") or f"dataset {name!r} is not in the mirror"
+        raise TaskMissing(f"task {spec['task']!r}: {reason}")
     if not data.use_mirror():
         raise TaskMissing(f"task {spec['task']!r}: evaluation sets are read from the mirror; set CFSAM_DATA_DIR")
     try:
@@ -214,7 +216,8 @@ def subsample(n: int, limit: int | None, seed: int, name: str) -> list[int]:
     return sorted(random.Random(f"{seed}:{name}").sample(range(n), limit))
 
 
-def load_items(name: str, *, limit: int | None = None, seed: int = 1234, num_fewshot: int = 0) -> tuple[list[Item], int]:
+def load_items(name: str, *, limit: int | None = None, seed: int = 1234,
+               num_fewshot: int = 0) -> tuple[list[Item], int]:
     """The task's items (a seeded subsample of ``limit`` when given) and the full item count."""
     spec = task_spec(name)
     if num_fewshot < 0:
