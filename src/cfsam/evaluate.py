@@ -504,7 +504,7 @@ def summary_tables(results: dict):
             rows.append({"task": name, "category": r["category"], "status": "MISSING: " + r["reason"]})
             continue
         rows.append({"task": name, "category": r["category"], "n": r["n"], "metric": r["primary"],
-                     "score": 100 * r["score"], "±": 100 * (r["score_stderr"] or math.nan), "acc": 100 * r["acc"],
+                     "score": 100 * r["score"], "±": math.nan if r["score_stderr"] is None else 100 * r["score_stderr"], "acc": 100 * r["acc"],
                      "acc_norm": 100 * r["acc_norm"], "gold_logprob": r["gold_logprob"],
                      "status": "variant: " + r["variant"] if r.get("variant") else "ok"})
     task_df = pd.DataFrame(rows)
