@@ -27,6 +27,12 @@ def test_smoke_pipeline_and_book():
     assert {e["status"] for e in status.values()} == {"ok"}
     for entry in status.values():  # every entry carries its provenance
         assert entry["provenance"]["data"] and entry["provenance"]["end"] >= entry["provenance"]["start"]
+    # the papermill path of `cfsam batch` on the same cache: nothing left to compute, one notebook executed
+    batch = subprocess.run([sys.executable, "-m", "cfsam", "batch", "--preset", "smoke", "--notebooks", "tab2a",
+                            "--out", str(out / "batch")], env=env, capture_output=True, text=True)
+    assert batch.returncode == 0, batch.stderr[-3000:]
+    executed = (out / "batch" / "tab2a.ipynb").read_text()
+    assert '"smoke"' in executed and "Open-Platypus" in executed
     book = subprocess.run([str(Path(sys.executable).parent / "jupyter-book"), "build", str(REPO), "--path-output",
                            str(out), "--warningiserror", "--keep-going"], env=env, capture_output=True, text=True)
     assert book.returncode == 0, (book.stdout + book.stderr)[-5000:]
