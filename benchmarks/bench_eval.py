@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ import numpy as np
 from cfsam import evaluate as ev
 from cfsam import tasks
 from cfsam.models import load_model
+from timing import Clock
 
 HERE = Path(__file__).parent
 DEFAULT = "copa:100,arc_e:100,arc_c:100,boolq:60,hellaswag:60,mmlu:120,truthfulqa_mc1:40"
@@ -33,17 +33,6 @@ LM_EVAL_NAME = {"copa": "cfsam_copa", "boolq": "cfsam_boolq", "rte": "cfsam_rte"
                 "openbookqa_fact": "cfsam_openbookqa", "race_middle": "cfsam_race_middle",
                 "winogrande": "cfsam_winogrande", "truthfulqa_mc1": "cfsam_truthfulqa_mc1",
                 "truthfulqa_mc2": "cfsam_truthfulqa_mc2", "mmlu": "cfsam_mmlu"}
-
-
-class Clock:
-    """Wall and process (CPU) seconds of a block."""
-
-    def __enter__(self):
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
 def run_lm_eval(lm, manager, name: str, ids: list[int]) -> tuple[dict[int, dict], Clock]:

@@ -17,17 +17,7 @@ import time
 
 from cfsam import landscape
 from cfsam.models import load_model, weights_hash
-
-
-class Clock:
-    """Wall and process (CPU) seconds of a block."""
-
-    def __enter__(self):
-        self.w, self.c = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall, self.cpu = time.perf_counter() - self.w, time.process_time() - self.c
+from timing import Clock
 
 
 class TimedLoss:
