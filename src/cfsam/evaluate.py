@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cfsam import models, tasks
+from cfsam.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -394,15 +395,6 @@ def cache_key(weights: str, tokenizer_id: str, name: str, settings: dict) -> str
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def write_json(obj, path: str | Path) -> None:
-    """Write JSON atomically: a killed run never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------------- evaluate
 def _as_loaded(model_or_loaded) -> models.Loaded:
     if isinstance(model_or_loaded, models.Loaded):
@@ -482,7 +474,7 @@ def evaluate(model_or_loaded, task_list: list[str] | str, *, limit: int | None =
             res["data"] = tasks.data_hashes(name)
             results["tasks"][name] = res
             if use_cache and rank == 0:
-                write_json(res, cache / f"{name}-{key}.json")
+                write_json_atomic(cache / f"{name}-{key}.json", res)
     # request building, tokenising and scoring (not data loading); CPU time too: the machine may be shared
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     n_items = sum(len(v[0]) for v in todo.values())
@@ -534,7 +526,7 @@ def cmd_eval(args) -> int:
     if rank != 0:
         return 0
     if args.out:
-        write_json(results, args.out)
+        write_json_atomic(args.out, results)
     task_df, cat_df = summary_tables(results)
     with pd.option_context("display.max_colwidth", 60, "display.width", 200, "display.float_format", "{:.2f}".format):
         print(task_df.to_string(index=False))
