@@ -215,7 +215,7 @@ def test_bf16_autocast_perturbation_radius_is_rho():
 
 
 @pytest.mark.slow
-def test_two_process_ddp_fsdp2_and_flat_shards(tmp_path):
+def test_two_process_ddp_fsdp1_fsdp2_and_flat_shards(tmp_path):
     """Radius rho and weights equal to one process on the global batch; per-shard norms give rho*sqrt(2)."""
     out = tmp_path / "sam.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -226,7 +226,7 @@ def test_two_process_ddp_fsdp2_and_flat_shards(tmp_path):
     assert r["sam_reference_radii"] == pytest.approx([rho] * 3, rel=1e-6)
     for tag in ("sam", "asam"):
         ref = r[f"{tag}_reference_radii"]
-        for name in ("ddp", "fsdp2", "flat_sharded"):
+        for name in ("ddp", "fsdp1", "fsdp2", "flat_sharded"):
             got = r[f"{tag}_{name}"]
             assert got["radii"] == pytest.approx(ref, rel=1e-5), (tag, name)
             assert got["max_diff"] < 1e-5, (tag, name)

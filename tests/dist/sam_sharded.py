@@ -1,4 +1,4 @@
-"""SAM under 2-process DDP, FSDP2 and flat-partition sharding (FSDP1 / DeepSpeed ZeRO layout), on gloo.
+"""SAM under 2-process DDP, FSDP1, FSDP2 and flat-partition sharding (the FSDP1 / ZeRO layout by hand), on gloo.
 
 Launched by tests/test_optim.py as
 ``python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist/sam_sharded.py OUT.json``.
@@ -11,7 +11,8 @@ import sys
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FullStateDictConfig, StateDictType, fully_shard
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -88,8 +89,18 @@ def run_wrapped(wrap, adaptive=False, sharded=None):
         reported.append(sam.last_perturbation_norm)
         loss_fn(model, xs, ys).backward()
         sam.second_step()
-    weights = {n.removeprefix("module."): full(p).detach().clone() for n, p in model.named_parameters()}
-    return radii, reported, weights
+    return radii, reported, full_weights(model)
+
+
+def full_weights(model):
+    if isinstance(model, FSDP1):  # its parameters are flat shards: gather the original ones
+        with FSDP1.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
+            return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {n.removeprefix("module."): full(p).detach().clone() for n, p in model.named_parameters()}
+
+
+def fsdp1(model):
+    return FSDP1(model, device_id=torch.device("cpu"))
 
 
 def fsdp2(model):
@@ -149,8 +160,9 @@ def main(out_path):
         ref, ref_radii = reference(adaptive)
         tag = "asam" if adaptive else "sam"
         result[f"{tag}_reference_radii"] = ref_radii
-        for name, wrap in (("ddp", DDP), ("fsdp2", fsdp2)):
-            radii, reported, weights = run_wrapped(wrap, adaptive=adaptive)
+        for name, wrap in (("ddp", DDP), ("fsdp1", fsdp1), ("fsdp2", fsdp2)):
+            # FSDP1's flat shards are plain tensors: the caller says they are sharded
+            radii, reported, weights = run_wrapped(wrap, adaptive=adaptive, sharded=True if wrap is fsdp1 else None)
             result[f"{tag}_{name}"] = {"radii": radii, "reported": reported, "max_diff": max_diff(weights, ref)}
         radii, weights = run_flat_partition(sharded=True, adaptive=adaptive)
         result[f"{tag}_flat_sharded"] = {"radii": radii, "max_diff": max_diff(weights, ref)}
