@@ -195,6 +195,9 @@ def shared_prefixes(contexts: list[list[int]], min_len: int = 32) -> list[int]:
     return out
 
 
+ROW_TOKENS = 2048  # longest packed row (context + continuations) before a new row starts
+
+
 @torch.inference_mode()
 def score_groups(model, groups: list[tuple[list[int], list[list[int]]]], *, pad_id: int = 0,
                  batch_size: int = 16, max_batch_tokens: int = 16384, progress: bool = False) -> list[list[float]]:
@@ -229,8 +232,11 @@ def _score_rows(model, groups, pad_id: int, batch_size: int, max_batch_tokens: i
         key = tuple(ctx[:n_pre[g]])
         ctx = ctx[n_pre[g]:]
         start, used = 0, len(ctx)
+        # attention is quadratic in a row: past ROW_TOKENS, repeating the context in a new row is cheaper
+        # than packing more continuations (csl_dev's 1000-token texts share one empty context)
+        row_limit = min(max_batch_tokens, max(ROW_TOKENS, len(ctx) + max(len(c) for c in conts)))
         for k, cont in enumerate(conts):
-            if k > start and used + len(cont) - 1 > max_batch_tokens:
+            if k > start and used + len(cont) - 1 > row_limit:
                 rows.append((ctx, conts[start:k]))
                 where.append((g, start))
                 prefix_of.append(key)
