@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from . import paper
-from .experiments import load_results
+from .experiments import experiments, load_results
 
 CATEGORIES = ["DK", "Understanding", "Reasoning", "Exams", "AVG"]
 MMLU_PARTS = {"mmlu_stem": "STEM", "mmlu_humanities": "Humanities", "mmlu_social_sciences": "Social Sciences",
@@ -63,10 +63,9 @@ def metrics(entry: dict) -> dict[str, float]:
 def frame(preset: str, names: list[str] | None = None) -> pd.DataFrame:
     """One row per experiment: its status, run key and every metric (NaN where missing)."""
     rows = []
+    specs = experiments(preset)
     for name, entry in load_results(preset, names).items():
-        from .experiments import experiments
-
-        spec = entry.get("spec") or experiments(preset)[name]
+        spec = entry.get("spec") or specs[name]
         row = {"experiment": name, "status": entry["status"], **run_key(spec)}
         last = spec["run"].get("stage2", spec["run"])
         row.update(rho=last.get("rho"), adaptive=last.get("adaptive"))
