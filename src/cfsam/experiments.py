@@ -13,7 +13,6 @@ Notebooks call ``load_results`` / ``frame``; ``run_missing`` computes what they 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from . import __version__, data
-from .io import write_json_atomic
+from .io import config_hash, write_json_atomic
 from .models import cache_dir
 from .presets import load_preset
 
@@ -170,7 +169,7 @@ def data_hashes(spec: dict) -> dict[str, dict]:
     def compact(files: dict) -> dict:
         if len(files) <= 4:
             return files
-        return {f"{len(files)} files": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()}
+        return {f"{len(files)} files": config_hash(files, 64)}
 
     out = {name: compact(data.file_hashes(name)) for name in sorted(_datasets_of(spec))}
     for task in spec.get("measure", {}).get("eval", {}).get("tasks", []):
@@ -178,17 +177,13 @@ def data_hashes(spec: dict) -> dict[str, dict]:
     return out
 
 
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def run_id(run: dict) -> str:
-    return _hash({"run": run, "data": {d: data.file_hashes(d) for d in sorted(_datasets_of(run))}})
+    return config_hash({"run": run, "data": {d: data.file_hashes(d) for d in sorted(_datasets_of(run))}})
 
 
 def experiment_id(exp: dict) -> str:
     """Hash of the spec, the data files it reads, and the package's major.minor version."""
-    return _hash({"spec": exp, "data": data_hashes(exp), "cfsam": __version__.rsplit(".", 1)[0]})
+    return config_hash({"spec": exp, "data": data_hashes(exp), "cfsam": __version__.rsplit(".", 1)[0]})
 
 
 # -------------------------------------------------------------------------------------- cache

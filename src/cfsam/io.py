@@ -1,6 +1,8 @@
-"""Atomic file writes: a killed run never leaves a half-written result, checkpoint record or script."""
+"""Atomic file writes (a killed run never leaves a half-written result, checkpoint record or script),
+and the one hash of a JSON-able config that names stages, merges and experiments."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -28,3 +30,9 @@ def _default(value):
         return float(value)  # numpy scalars
     except (TypeError, ValueError):
         return str(value)
+
+
+def config_hash(obj, length: int = 16) -> str:
+    """A short sha256 of a JSON-able config, independent of key order: same config, same id."""
+    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]

@@ -8,7 +8,6 @@ returned, not recomputed.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from cfsam import models
+from cfsam.io import config_hash
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,7 @@ def wise_ft(stage1_dir, stage2_dir, out_dir, alpha: float = 0.5) -> Path:
               "stage1": {"dir": str(stage1_dir.resolve()), "stage_id": _source_id(stage1_dir)},
               "stage2": {"dir": str(stage2_dir.resolve()), "stage_id": _source_id(stage2_dir)}}
     # the same kind of id as a trained stage (cfsam.train.stage_id), so a merge can start a later stage
-    blob = json.dumps(record, sort_keys=True, default=str, separators=(",", ":"))
-    record["stage_id"] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    record["stage_id"] = config_hash(record)
     if (out_dir / "merge.json").exists():
         done = json.loads((out_dir / "merge.json").read_text())
         if done.get("stage_id") == record["stage_id"]:

@@ -28,7 +28,6 @@ it. A NaN loss stops the run with ``TrainingDiverged``; the last good checkpoint
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import json
 import logging
@@ -50,7 +49,7 @@ from tqdm.auto import tqdm
 
 from cfsam import data as cfdata
 from cfsam import models
-from cfsam.io import write_json_atomic
+from cfsam.io import config_hash, write_json_atomic
 from cfsam.optim import SAM, global_norm
 
 log = logging.getLogger(__name__)
@@ -70,8 +69,7 @@ class TrainingDiverged(RuntimeError):
 # ------------------------------------------------------------------------------------ config
 def stage_id(config: dict) -> str:
     """A short hash of a stage's config: same config, same id (and same cached model)."""
-    blob = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return config_hash(config)
 
 
 # what changes the trained weights; dist, checkpoint/log intervals and callbacks do not
