@@ -43,6 +43,24 @@ def test_plain_rows_take_the_causal_path_and_agree(tiny):
         assert ll == pytest.approx(naive_loglikelihood(tiny.model, ctx, cont), abs=1e-4)
 
 
+def test_prefix_aliases_by_hand():
+    assert ev.prefix_aliases([[1, 2], [1, 2, 3], [1, 2, 3, 4], [5]]) == {1: 2, 0: 2}
+    assert ev.prefix_aliases([[1, 2], [1, 2]]) == {}  # equal continuations are each scored
+
+
+def test_continuation_that_prefixes_another_is_read_off_it_and_agrees(tiny):
+    # csl_dev's shape: an empty-ish context, "text" and "text + more" as the two choices
+    pairs = [("A", " the abstract of a paper"), ("A", " the abstract of a paper, with keywords"),
+             ("A", " the abstract"), ("B", " other")]
+    encoded = ev.encode_pairs(tiny.tokenizer, pairs)
+    assert encoded[1][1][:len(encoded[0][1])] == encoded[0][1]  # the shape under test
+    for kwargs in ({}, {"max_batch_tokens": 8}):  # also with the longer continuation split off in its own row
+        got = ev.loglikelihoods(tiny.model, tiny.tokenizer, pairs, **kwargs)
+        for (ctx, cont), (ll, n) in zip(encoded, got):
+            assert n == len(cont)
+            assert ll == pytest.approx(naive_loglikelihood(tiny.model, ctx, cont), abs=1e-4)
+
+
 def test_shared_prefixes_runs():
     pre = list(range(100, 140))  # 40 shared tokens
     ctxs = [pre + [1, 2], [7, 8, 9], pre + [3], pre[:20] + [5] * 30, pre + [4, 4, 4]]

@@ -106,8 +106,8 @@ def _head_parts(model):
     return model.get_decoder(), model.get_output_embeddings()
 
 
-def _forward_rows(model, rows: list[tuple[list[int], list[list[int]]]], pad_id: int, prefix=None) -> list[list[float]]:
-    """One batch of packed rows (context, continuations) -> summed log-prob of each continuation.
+def _forward_rows(model, rows: list[tuple[list[int], list[list[int]]]], pad_id: int, prefix=None) -> list[list]:
+    """One batch of packed rows (context, continuations) -> per-token log-probs (float64) of each continuation.
 
     ``prefix`` = (its length, its KV cache for one sequence): the rows' contexts continue it.
     """
@@ -119,8 +119,7 @@ def _forward_rows(model, rows: list[tuple[list[int], list[list[int]]]], pad_id: 
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
     seg = torch.full((len(rows), width), -1, dtype=torch.long)  # 0 context, k+1 continuation k, -1 pad
-    src_b, src_p, targets, owner = [], [], [], []
-    n_out = 0
+    src_b, src_p, targets = [], [], []
     for b, (ctx, conts) in enumerate(rows):
         n = len(ctx)
         ids[b, :n], pos[b, :n], seg[b, :n] = torch.tensor(ctx), torch.arange(n_pre, n_pre + n), 0
@@ -134,9 +133,7 @@ def _forward_rows(model, rows: list[tuple[list[int], list[list[int]]]], pad_id: 
             src_b += [b] * (m + 1)
             src_p += [n - 1] + list(range(off, off + m))
             targets += cont
-            owner += [n_out] * (m + 1)
             off += m
-            n_out += 1
     if not prefix and all(sum(len(c) > 1 for c in conts) <= 1 for _, conts in rows):
         # Every row is one plain sequence (context, then at most one continuation with input tokens, as with
         # one-token answers): the causal mask is enough and padding at the end is never attended to.
@@ -157,11 +154,10 @@ def _forward_rows(model, rows: list[tuple[list[int], list[list[int]]]], pad_id: 
     tgt = torch.tensor(targets, device=device)
     logp = torch.cat([head(h).float().log_softmax(-1).gather(1, t[:, None])[:, 0]
                       for h, t in zip(picked.split(1024), tgt.split(1024))])
-    sums = torch.zeros(n_out, dtype=torch.float64, device=device).index_add_(0, torch.tensor(owner, device=device),
-                                                                            logp.double())
+    per_token = logp.double().cpu().split([len(c) for _, conts in rows for c in conts])
     out, i = [], 0
     for _, conts in rows:
-        out.append(sums[i:i + len(conts)].tolist())
+        out.append(list(per_token[i:i + len(conts)]))
         i += len(conts)
     return out
 
@@ -227,8 +223,13 @@ def _score_rows(model, groups, pad_id: int, batch_size: int, max_batch_tokens: i
             ctx = ctx[-max(1, max_len + 1 - longest):]
         contexts.append(ctx)
     n_pre = shared_prefixes(contexts)
-    rows, where, prefix_of = [], [], []  # where[r] = (group, first continuation index); prefix_of[r] = key
-    for g, (ctx, (_, conts)) in enumerate(zip(contexts, groups)):
+    # A continuation that is a token prefix of a longer one in its group (csl_dev's "abstract" vs "abstract +
+    # keywords") is read off the longer one's per-token log-probs instead of being computed again.
+    aliases = [prefix_aliases(conts) for _, conts in groups]
+    rows, where, prefix_of = [], [], []  # where[r] = (group, its continuation indices); prefix_of[r] = key
+    for g, (ctx, (_, all_conts)) in enumerate(zip(contexts, groups)):
+        own = [k for k in range(len(all_conts)) if k not in aliases[g]]
+        conts = [all_conts[k] for k in own]
         key = tuple(ctx[:n_pre[g]])
         ctx = ctx[n_pre[g]:]
         start, used = 0, len(ctx)
@@ -238,12 +239,12 @@ def _score_rows(model, groups, pad_id: int, batch_size: int, max_batch_tokens: i
         for k, cont in enumerate(conts):
             if k > start and used + len(cont) - 1 > row_limit:
                 rows.append((ctx, conts[start:k]))
-                where.append((g, start))
+                where.append((g, own[start:k]))
                 prefix_of.append(key)
                 start, used = k, len(ctx)
             used += len(cont) - 1
         rows.append((ctx, conts[start:]))
-        where.append((g, start))
+        where.append((g, own[start:]))
         prefix_of.append(key)
 
     def length(r):
@@ -276,9 +277,25 @@ def _score_rows(model, groups, pad_id: int, batch_size: int, max_batch_tokens: i
         parts: list[dict] = [None] * world
         dist.all_gather_object(parts, mine)
         mine = {k: v for part in parts for k, v in part.items()}
-    out = [[0.0] * len(conts) for _, conts in groups]
-    for r, (g, start) in enumerate(where):
-        out[g][start:start + len(mine[r])] = mine[r]
+    per_token: list[dict] = [{} for _ in groups]
+    for r, (g, ks) in enumerate(where):
+        per_token[g].update(zip(ks, mine[r]))
+    out = []
+    for g, (_, conts) in enumerate(groups):
+        longer = {**{k: k for k in per_token[g]}, **aliases[g]}
+        out.append([float(per_token[g][longer[k]][:len(conts[k])].sum()) for k in range(len(conts))])
+    return out
+
+
+def prefix_aliases(conts: list[list[int]]) -> dict[int, int]:
+    """{k: j} for each continuation k that is a strict token prefix of a continuation j not itself aliased."""
+    order = sorted(range(len(conts)), key=lambda k: -len(conts[k]))
+    out: dict[int, int] = {}
+    for pos, k in enumerate(order):
+        j = next((j for j in order[:pos] if j not in out and len(conts[j]) > len(conts[k])
+                  and conts[j][:len(conts[k])] == conts[k]), None)
+        if j is not None:
+            out[k] = j
     return out
 
 
