@@ -28,7 +28,7 @@ def test_every_notebook_reads_known_experiments_and_stage2_runs_share_stage1():
     assert exps["rehearsal-open-platypus-adamw"]["run"]["rehearsal"] == 0.1
     # paper's Table 1: landscapes of Alpaca, ->Open-Platypus, ->Auto-Wiki
     assert all("landscape" in exps[n]["measure"] for n in E.needed("cpu", ["fig1"]))
-    with pytest.raises(ValueError, match="unknown notebook.*allowed: fig1"):
+    with pytest.raises(ValueError, match="unknown notebook.*allowed: results, fig1"):
         E.needed("cpu", ["fig9"])
 
 

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 # Notebooks, in book order, and the experiments each reads (names produced by `experiments(preset)`).
-NOTEBOOKS = ["fig1", "tab1", "tab2a", "tab2b", "tab2c", "tab3", "tab4", "tab5", "tab6", "tab7", "tab8",
+NOTEBOOKS = ["results", "fig1", "tab1", "tab2a", "tab2b", "tab2c", "tab3", "tab4", "tab5", "tab6", "tab7", "tab8",
              "rho_sweep", "flatness_vs_forgetting", "sam_cost"]
 
 
@@ -142,6 +142,7 @@ def notebook_experiments(notebook: str, names: list[str]) -> list[str]:
         "rho_sweep": core | s2("open-platypus", "adamw", "sam") | {n for n in names if "-rho" in n},
         "flatness_vs_forgetting": set(names) - {n for n in names if "/" in n},
         "sam_cost": {n for n in names if n.startswith("s2-")},
+        "results": set(names),
     }
     table["tab1"] = table["fig1"]
     table.update(tab5=table["tab3"], tab6=table["tab2b"], tab7=table["tab2c"], tab8=table["tab2c"])

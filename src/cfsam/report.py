@@ -266,3 +266,26 @@ def flatness_table(preset: str, names: list[str]) -> pd.DataFrame:
     them, and the held-out Alpaca loss of each run with a landscape."""
     cols = ["SC", "SC:std", "AG", "AG:std", "MAG", "MAG:std", *FLATNESS[3:], "loss:alpaca"]
     return frame(preset, names).reindex(columns=["status", *cols])
+
+
+def cost(preset: str, names: list[str]) -> pd.DataFrame:
+    """What each experiment cost on its machine: wall time of the whole experiment (training what was not
+    cached yet, merging, measuring), of training its model and of its eval scoring; a last row sums them.
+    The total wall time is what the preset took, run in the order of ``run-missing``."""
+    rows = []
+    for name, entry in load_results(preset, names).items():
+        if entry["status"] != "ok":
+            continue
+        prov, t = entry.get("provenance", {}), entry.get("train") or {}
+        rows.append({"experiment": name, "wall_s": prov.get("wall_s"),
+                     # the training of this experiment's own model (Wise-FT merges models trained before)
+                     "train_s": t.get("train_seconds", np.nan),
+                     "eval_s": ((entry.get("eval") or {}).get("timing") or {}).get("seconds"),
+                     "device": prov.get("machine", {}).get("device"), "cpu": prov.get("machine", {}).get("cpu")})
+    if not rows:
+        return pd.DataFrame()
+    df = pd.DataFrame(rows).set_index("experiment")
+    total = df[["wall_s", "train_s", "eval_s"]].sum(min_count=1)
+    df.loc["total"] = {**total.to_dict(), "device": "", "cpu": ""}
+    df[["wall_min", "train_min", "eval_min"]] = df[["wall_s", "train_s", "eval_s"]].astype(float) / 60
+    return df

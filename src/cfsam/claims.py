@@ -1,0 +1,189 @@
+"""The paper's claims, checked on our cached runs with paired bootstrap intervals.
+
+Two runs of a preset are scored on the same seeded eval items, so their difference is paired: each
+bootstrap replicate resamples the items of every task (the same draw for every run) and recomputes the
+paper's arithmetic (task score, category mean of its tasks, AVG of the categories; MMLU the mean over
+its subjects), so the point estimate is exactly the Delta the tables print. Two measures:
+
+- ``score``: the tasks' primary metric (accuracy; MC2 probability for TruthfulQA MC2), in points;
+- ``gold_choice_logprob``: the log-probability of the gold answer among the choices (nats), which
+  moves when a model at chance stops or starts preferring the gold without the argmax changing.
+
+The held-out losses (stage-1 data, and the stage-2 set's own) are means over a fixed held-out slice and
+are reported beside them, without an interval (the cache stores means, not per-example losses).
+
+The claims themselves are data (``registry/claims.yaml``): which runs each compares and which way the
+paper says the difference goes. A verdict is ``reproduced`` when the 95% interval lies on the paper's
+side of zero, ``opposite`` when it lies on the other, ``inconclusive`` when it covers zero.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from . import tasks
+from .experiments import experiments, load_results
+
+MEASURES = {"score": ("Δ AVG (points)", 100.0), "gold_choice_logprob": ("Δ gold log-prob among choices (nats)", 1.0)}
+VERDICTS = ("reproduced", "opposite", "inconclusive", "not run")
+
+
+@lru_cache(maxsize=1)
+def registry() -> list[dict]:
+    return yaml.safe_load((Path(__file__).parent / "registry" / "claims.yaml").read_text())
+
+
+# ------------------------------------------------------------------------------ the arithmetic
+def _task_arrays(entries: list[dict], measure: str) -> dict[str, dict]:
+    """Per task present (status ok) in every entry: the per-item values of each entry, and the groups."""
+    out = {}
+    for cat, names in tasks.paper_tasks().items():
+        for name in names:
+            res = [e["eval"]["tasks"].get(name, {}) for e in entries]
+            if not all(r.get("status") == "ok" for r in res):
+                continue
+            idx = [[rec["idx"] for rec in r["records"]] for r in res]
+            if any(i != idx[0] for i in idx):
+                raise ValueError(f"task {name!r}: the runs were scored on different items; compare runs of one preset")
+            key = res[0]["primary"] if measure == "score" else measure
+            values = np.array([[rec[key] for rec in r["records"]] for r in res], dtype=float)
+            macro = tasks.task_spec(name).get("aggregate") == "macro"
+            groups = np.unique([rec["group"] for rec in res[0]["records"]], return_inverse=True)[1] if macro else None
+            out[name] = {"category": cat, "values": values, "groups": groups}
+    return out
+
+
+def _task_score(values: np.ndarray, groups: np.ndarray | None, draw: np.ndarray) -> np.ndarray:
+    """Score of every run on the items ``draw`` (indices, repeats allowed): mean, or mean of group means."""
+    v = values[:, draw]
+    if groups is None:
+        return v.mean(axis=1)
+    g = groups[draw]
+    counts = np.bincount(g, minlength=groups.max() + 1)
+    sums = np.stack([np.bincount(g, weights=row, minlength=len(counts)) for row in v])
+    present = counts > 0
+    return (sums[:, present] / counts[present]).mean(axis=1)
+
+
+def _avg(per_task: dict[str, np.ndarray], category_of: dict[str, str]) -> np.ndarray:
+    cats: dict[str, list] = {}
+    for name, s in per_task.items():
+        cats.setdefault(category_of[name], []).append(s)
+    return np.mean([np.mean(v, axis=0) for v in cats.values()], axis=0)
+
+
+def avg_with_bootstrap(entries: list[dict], measure: str = "score", *, n_boot: int = 2000,
+                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The paper's AVG of each entry (shape [runs]) and its bootstrap replicates (shape [n_boot, runs]),
+    items resampled within each task, the same draw for every entry."""
+    arrays = _task_arrays(entries, measure)
+    if not arrays:
+        raise ValueError("no task was scored in every run")
+    category_of = {n: a["category"] for n, a in arrays.items()}
+    point = _avg({n: _task_score(a["values"], a["groups"], np.arange(a["values"].shape[1]))
+                  for n, a in arrays.items()}, category_of)
+    rng = np.random.default_rng(seed)
+    draws = {n: rng.integers(0, a["values"].shape[1], size=(n_boot, a["values"].shape[1])) for n, a in arrays.items()}
+    boots = np.stack([_avg({n: _task_score(a["values"], a["groups"], draws[n][b]) for n, a in arrays.items()},
+                           category_of) for b in range(n_boot)])
+    return point, boots
+
+
+def verdict(low: float, high: float, expect: str) -> str:
+    """``expect`` is the paper's sign of (b - a): 'up' or 'down'."""
+    if np.isnan(low) or np.isnan(high):
+        return "not run"
+    if low <= 0 <= high:
+        return "inconclusive"
+    return "reproduced" if (low > 0) == (expect == "up") else "opposite"
+
+
+# ------------------------------------------------------------------------------------ claims
+def pairs_of(claim: dict, preset: str) -> list[tuple[str, str]]:
+    """The claim's (a, b) experiment names in this preset, ``{stage2}`` and ``{size}`` expanded."""
+    from .presets import load_preset
+
+    p = load_preset(preset)
+    sizes = [m for m in p["sizes"] if m != p["model"]]
+    out = []
+    for a, b in claim["pairs"]:
+        for ds in p["data"]["stage2"] if "{stage2}" in a + b else [None]:
+            for size in sizes if "{size}" in a + b else [None]:
+                out.append(tuple(x.format(stage2=ds, size=size) for x in (a, b)))
+    return out
+
+
+def compare_pairs(preset: str, pairs: list[tuple[str, str]], *, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Per pair (a -> b): Δ AVG and Δ gold-choice log-prob with 95% intervals, Δ held-out losses, and the
+    pooled mean over all pairs (one bootstrap draw shared by every run, so the pooled interval is paired too)."""
+    names = sorted({n for pair in pairs for n in pair} & set(experiments(preset)))
+    entries = {n: e for n, e in load_results(preset, names).items() if e["status"] == "ok"}
+    ready = [(a, b) for a, b in pairs if a in entries and b in entries]
+    rows = {f"{a} → {b}": {"a": a, "b": b} for a, b in pairs}
+    order = sorted({n for pair in ready for n in pair})
+    for measure, (label, scale) in MEASURES.items():
+        if not ready:
+            break
+        point, boots = avg_with_bootstrap([entries[n] for n in order], measure, n_boot=n_boot, seed=seed)
+        col = {n: i for i, n in enumerate(order)}
+        diffs, boot_diffs = [], []
+        for a, b in ready:
+            d, bd = scale * (point[col[b]] - point[col[a]]), scale * (boots[:, col[b]] - boots[:, col[a]])
+            lo, hi = np.percentile(bd, [2.5, 97.5])
+            rows[f"{a} → {b}"].update({label: d, f"{label} low": lo, f"{label} high": hi})
+            diffs.append(d)
+            boot_diffs.append(bd)
+        if len(ready) > 1:
+            lo, hi = np.percentile(np.mean(boot_diffs, axis=0), [2.5, 97.5])
+            rows.setdefault("pooled (mean of pairs)", {"a": "", "b": ""}).update(
+                {label: float(np.mean(diffs)), f"{label} low": lo, f"{label} high": hi})
+    for key, row in rows.items():
+        if row["a"] in entries and row["b"] in entries:
+            la, lb = entries[row["a"]]["heldout_loss"], entries[row["b"]]["heldout_loss"]
+            stage1 = entries[row["a"]]["spec"]["measure"]["heldout"]["datasets"][0]  # stage 1's set comes first
+            row["Δ held-out stage-1 loss"] = lb[stage1]["loss"] - la[stage1]["loss"]
+            own = experiments(preset)[row["b"]]["run"]
+            own = own.get("stage2", own).get("dataset")
+            if own and own in la and own in lb and own != stage1:
+                row["Δ held-out loss on b's stage-2 set"] = lb[own]["loss"] - la[own]["loss"]
+    return pd.DataFrame(list(rows.values()), index=pd.Index(list(rows), name="a → b"))
+
+
+def check(preset: str, claim_ids: list[str] | None = None, *, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """One row per claim: the paper's statement and table, the pairs compared, the pooled Δ AVG and
+    Δ gold-choice log-prob with intervals, and the verdict for each measure."""
+    claims = registry()
+    known = [c["id"] for c in claims]
+    bad = [c for c in claim_ids or [] if c not in known]
+    if bad:
+        raise ValueError(f"unknown claim(s) {', '.join(bad)}; allowed: {', '.join(known)}")
+    rows = []
+    for claim in claims:
+        if claim_ids and claim["id"] not in claim_ids:
+            continue
+        pairs = pairs_of(claim, preset)
+        table = compare_pairs(preset, pairs, n_boot=n_boot, seed=seed) if pairs else pd.DataFrame()
+        summary = table.loc["pooled (mean of pairs)"] if "pooled (mean of pairs)" in table.index else (
+            table.iloc[0] if len(table) == 1 else pd.Series(dtype=float))
+        row = {"claim": claim["id"], "paper says": claim["claim"], "where": claim["where"], "pairs": len(pairs)}
+        for label, _ in MEASURES.values():
+            d, lo, hi = (float(summary.get(k, np.nan)) for k in (label, f"{label} low", f"{label} high"))
+            row[label] = d
+            row[f"{label} 95% CI"] = f"[{lo:+.2f}, {hi:+.2f}]" if not np.isnan(lo) else "–"
+            row[f"verdict ({label.split(' (')[0]})"] = verdict(lo, hi, claim["expect"])
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("claim")
+
+
+def summary(table: pd.DataFrame) -> str:
+    """One sentence counting the verdicts of ``check``'s table, per measure."""
+    parts = []
+    for label, _ in MEASURES.values():
+        col = f"verdict ({label.split(' (')[0]})"
+        counts = table[col].value_counts() if col in table else pd.Series(dtype=int)
+        parts.append(f"by {label.split(' (')[0]}: " + ", ".join(f"{int(counts.get(v, 0))} {v}" for v in VERDICTS))
+    return f"Of the paper's {len(table)} claims, " + "; ".join(parts) + "."

@@ -1,0 +1,116 @@
+"""Paired bootstrap comparisons of runs and the claims registry, on synthetic per-item records."""
+import numpy as np
+import pytest
+
+from cfsam import claims, evaluate, tasks
+from cfsam import experiments as E
+from cfsam.io import write_json_atomic
+
+pytestmark = pytest.mark.mirror
+
+
+def _records(name: str, rng, n: int, p_correct: float, shift: float = 0.0) -> list[dict]:
+    spec = tasks.task_spec(name)
+    groups = ["abstract_algebra", "anatomy", "virology", "sociology", "marketing"] if spec.get("aggregate") else [None]
+    out = []
+    for i in range(n):
+        ok = float(rng.random() < p_correct)
+        rec = {"idx": i, "acc": ok, "acc_norm": ok, "acc_tok": ok, "gold_logprob": -3.0 + shift,
+               "gold_choice_logprob": float(np.log(0.25 + 0.5 * rng.random())) + shift, "group": groups[i % len(groups)]}
+        if spec.get("primary") == "mc2":
+            rec["mc2"] = float(rng.random())
+        out.append(rec)
+    return out
+
+
+def _entry(task_records: dict[str, list[dict]]) -> dict:
+    res = {"tasks": {n: evaluate.task_result(n, recs, len(recs)) for n, recs in task_records.items()}}
+    res["categories"] = evaluate.categories(res)
+    return {"eval": res, "heldout_loss": {}}
+
+
+PAPER_TASKS = [n for names in tasks.paper_tasks().values() for n in names if n != "race_high"]
+
+
+def test_point_estimate_is_the_papers_avg_arithmetic():
+    rng = np.random.default_rng(0)
+    entries = [_entry({n: _records(n, rng, 20, p) for n in PAPER_TASKS}) for p in (0.3, 0.6)]
+    point, boots = claims.avg_with_bootstrap(entries, n_boot=50)
+    # the same AVG evaluate.categories computed (MMLU as the mean of its subjects, race_high missing)
+    assert point == pytest.approx([e["eval"]["categories"]["AVG"]["score"] for e in entries], abs=1e-12)
+    assert boots.shape == (50, 2)
+
+
+def test_identical_runs_differ_by_zero_and_a_constant_shift_exactly_by_it():
+    rng = np.random.default_rng(1)
+    recs = {n: _records(n, rng, 15, 0.5) for n in PAPER_TASKS}
+    shifted = {n: [{**r, "gold_choice_logprob": r["gold_choice_logprob"] - 0.5} for r in v] for n, v in recs.items()}
+    point, boots = claims.avg_with_bootstrap([_entry(recs), _entry(recs), _entry(shifted)], "gold_choice_logprob",
+                                             n_boot=200)
+    assert point[1] - point[0] == 0 and np.all(boots[:, 1] == boots[:, 0])
+    assert point[2] - point[0] == pytest.approx(-0.5) and np.allclose(boots[:, 2] - boots[:, 0], -0.5)
+
+
+def test_paired_interval_matches_the_normal_formula_for_one_task():
+    # One task present: AVG is its mean, and the paired interval's half-width is ~1.96 sd(d) / sqrt(n).
+    rng = np.random.default_rng(2)
+    n = 400
+    a = _records("copa", rng, n, 0.5)
+    b = [{**r, "gold_choice_logprob": r["gold_choice_logprob"] + rng.normal(0.1, 0.3)} for r in a]
+    _, boots = claims.avg_with_bootstrap([_entry({"copa": a}), _entry({"copa": b})], "gold_choice_logprob",
+                                         n_boot=4000, seed=3)
+    d = np.array([y["gold_choice_logprob"] - x["gold_choice_logprob"] for x, y in zip(a, b)])
+    lo, hi = np.percentile(boots[:, 1] - boots[:, 0], [2.5, 97.5])
+    assert (hi - lo) / 2 == pytest.approx(1.96 * d.std(ddof=1) / np.sqrt(n), rel=0.1)
+    assert lo < d.mean() < hi
+
+
+def test_runs_scored_on_different_items_are_refused():
+    rng = np.random.default_rng(3)
+    a = _records("copa", rng, 10, 0.5)
+    b = [{**r, "idx": r["idx"] + 100} for r in a]
+    with pytest.raises(ValueError, match="different items"):
+        claims.avg_with_bootstrap([_entry({"copa": a}), _entry({"copa": b})])
+
+
+def test_verdicts_by_hand():
+    assert claims.verdict(0.2, 1.0, "up") == "reproduced"
+    assert claims.verdict(-1.0, -0.2, "up") == "opposite"
+    assert claims.verdict(-1.0, -0.2, "down") == "reproduced"
+    assert claims.verdict(-0.1, 0.3, "down") == "inconclusive"
+    assert claims.verdict(np.nan, np.nan, "up") == "not run"
+
+
+def test_claims_expand_over_the_presets_datasets_and_sizes():
+    by_id = {c["id"]: c for c in claims.registry()}
+    assert claims.pairs_of(by_id["forgetting"], "cpu") == [("stage1", "s2-sharegpt-adamw"),
+                                                           ("stage1", "s2-open-platypus-adamw"),
+                                                           ("stage1", "s2-metamathqa-adamw"),
+                                                           ("stage1", "s2-auto-wiki-adamw")]
+    assert claims.pairs_of(by_id["sam-across-sizes"], "cpu") == []  # one size in the cpu preset
+    assert len(claims.pairs_of(by_id["sam-across-sizes"], "paper")) == 2
+    for claim in claims.registry():  # every name a claim compares is an experiment of the presets
+        for preset in ("cpu", "paper"):
+            assert {n for p in claims.pairs_of(claim, preset) for n in p} <= set(E.experiments(preset)), claim["id"]
+    with pytest.raises(ValueError, match="unknown claim.*allowed: forgetting"):
+        claims.check("cpu", ["sam-is-magic"])
+
+
+def test_check_reads_the_cache_and_reports_missing_runs_as_not_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path))
+    rng = np.random.default_rng(4)
+    recs = {n: _records(n, rng, 30, 0.5) for n in PAPER_TASKS}
+    worse = {n: [{**r, "gold_choice_logprob": r["gold_choice_logprob"] - 1.0} for r in v] for n, v in recs.items()}
+    for name, r, loss in (("s2-open-platypus-adamw", recs, 2.0), ("s2-auto-wiki-adamw", worse, 2.5)):
+        exp = E.experiments("cpu")[name]
+        entry = {**_entry(r), "id": E.experiment_id(exp), "name": name, "spec": exp,
+                 "heldout_loss": {"alpaca": {"loss": loss}, "auto-wiki": {"loss": 1.0}}}
+        write_json_atomic(tmp_path / "cpu" / f"{name}.json", entry)
+    table = claims.check("cpu", ["task-gap", "sam-mitigates"], n_boot=200)
+    gap = table.loc["task-gap"]
+    assert gap["Δ gold log-prob among choices (nats) 95% CI"] == "[-1.00, -1.00]"
+    assert gap["verdict (Δ gold log-prob among choices)"] == "reproduced"
+    assert gap["verdict (Δ AVG)"] == "inconclusive"  # same accuracies: Δ AVG exactly 0
+    assert table.loc["sam-mitigates", "verdict (Δ AVG)"] == "not run"
+    pairs = claims.compare_pairs("cpu", [("s2-open-platypus-adamw", "s2-auto-wiki-adamw")], n_boot=50)
+    assert pairs.iloc[0]["Δ held-out stage-1 loss"] == pytest.approx(0.5)
