@@ -127,3 +127,28 @@ def test_bad_names_and_malformed_files(tmp_path, monkeypatch):
     (tmp_path / "hellaswag" / "hellaswag_val_full.txt.bz2").write_bytes(__import__("bz2").compress(b"a\n1\nb\n"))
     with pytest.raises(data.DataError, match="multiple of 6"):
         data.load_raw("hellaswag", "validation")
+
+
+def test_llamacpp_clean_follows_the_extractor_rules_by_hand():
+    # extract_hellaswag.cpp: "[header]", "[step]", "[substeps]" dropped, " [title]" -> ". ", then ONE pass of
+    # "  " -> " " (three spaces leave two), then one leading and one trailing space dropped
+    raw = "[header] How to paint a wall [title] Buy paint. [step] Pick a colour  [substeps] it dries. "
+    assert data.llamacpp_clean(raw) == "How to paint a wall. Buy paint. Pick a colour  it dries."
+    assert data.llamacpp_clean("Roof shingle removal") == "Roof shingle removal"
+
+
+def test_hub_sources_are_named_by_id_config_split_and_revision(monkeypatch):
+    monkeypatch.setenv("CFSAM_DATA_SOURCE", "hub")
+    assert data.file_hashes("mmlu", ["test", "dev"]) == {"hub:cais/mmlu/all:test": "unpinned",
+                                                        "hub:cais/mmlu/all:dev": "unpinned"}
+    assert data.file_hashes("alpaca") == {"hub:tatsu-lab/alpaca": "unpinned"}
+    assert data.file_hashes("csl_fewclue") == {"missing": data.dataset_spec("csl_fewclue")["hub"]["missing"]}
+    assert data.availability("race_high") == "hub (ehovy/race/high)"
+    assert "fact" in data.label("openbookqa") and data.label("copa") is None
+    monkeypatch.setitem(data.dataset_spec("copa")["hub"], "revision", "0123abc")  # a pinned commit: read, recorded
+    assert data.file_hashes("copa", ["validation"]) == {"hub:aps/super_glue/copa:validation": "0123abc"}
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: asked.append((a, kw)) or datasets.Dataset.from_list(
+        [{"premise": "p", "choice1": "a", "choice2": "b", "question": "cause", "idx": 0, "label": 1}]))
+    assert data.load_eval("copa", "validation")[0]["label"] == 1
+    assert asked == [(("aps/super_glue", "copa"), {"split": "validation", "revision": "0123abc"})]

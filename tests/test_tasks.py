@@ -1,11 +1,15 @@
-"""Task loading: registry YAML -> items, checked against the MANIFEST counts and lm-eval's own prompt code."""
+"""Task loading: registry YAML -> items, checked against the MANIFEST counts and lm-eval's own prompt code;
+the Hub path against the mirror path, on mirror records rewritten by hand into the Hub's schemas."""
+import ast
 import json
 import os
 from pathlib import Path
 
+import datasets
 import pytest
+import yaml
 
-from cfsam import tasks
+from cfsam import data, tasks
 
 # MANIFEST.md record counts of the files each task reads (arc_c: see test_arc_c_is_the_papers_295)
 MANIFEST_COUNTS = {"mmlu": 14042, "race_middle": 1436, "openbookqa_fact": 500, "csl_dev": 160, "boolq": 3270,
@@ -154,3 +158,225 @@ def test_mmlu_subjects_fewshot_and_variant_labels():
     assert ctx[len(head):].startswith(first_dev_question)  # first_n from the subject's dev split
     assert tasks.variant("openbookqa_fact") and "fact" in tasks.variant("openbookqa_fact")
     assert tasks.variant("copa") is None
+
+
+# ----------------------------------------------------------------------------------- the Hub fallback
+# No download is possible here: each mirror record is rewritten BY HAND into its Hub set's schema (as on the
+# dataset card and in lm-eval's task config for that Hub id), served by a stand-in for datasets.load_dataset,
+# and the Hub path (the registry's `hub.fields`) must give back the mirror path's items.
+def _winogrande_doc(r: dict) -> dict:
+    c0, c1 = r["context_options"]  # sentence up to the blank + option
+    cut = len(os.path.commonprefix([c0, c1]))
+    cut = c0.rfind(" ", 0, cut) + 1  # the blank starts a word ("Sam" / "Sarah" share "Sa")
+    return {"sentence": c0[:cut] + "_ " + r["continuation"], "option1": c0[cut:], "option2": c1[cut:],
+            "answer": str(r["gold"] + 1)}
+
+
+def _hellaswag_doc(i: int, r: dict) -> dict:
+    # the mirror line is "activity_label: ctx" after llama.cpp's cleaning, which leaves a double space only
+    # where three were: put the third back so the cleaning is undone
+    label, ctx = r["ctx"].split(": ", 1)
+    raw = lambda t: t.replace("  ", "   ")  # noqa: E731
+    return {"ind": i, "activity_label": label, "ctx_a": raw(ctx), "ctx_b": "", "ctx": raw(ctx),
+            "endings": [raw(e) for e in r["endings"]], "source_id": "", "split": "val", "split_type": "indomain",
+            "label": str(r["label"])}
+
+
+def _arc_doc(r: dict) -> dict:
+    choices = r["question"]["choices"]
+    return {"id": r["id"], "question": r["question"]["stem"], "answerKey": r["answerKey"],
+            "choices": {"text": [c["text"] for c in choices], "label": [c["label"] for c in choices]}}
+
+
+def _targets(t: dict) -> dict:
+    return {"choices": list(t), "labels": list(t.values())}
+
+
+NLI = ["entailment", "not_entailment"]  # aps/super_glue's ClassLabel order for rte, axb, axg
+HUB_DOCS = {  # dataset -> (mirror record, its index) -> Hub record
+    "mmlu": lambda r, i: {"question": r["question"], "subject": r["source_file"].rsplit("_", 1)[0],
+                          "choices": [r["A"], r["B"], r["C"], r["D"]], "answer": "ABCD".index(r["answer"].strip())},
+    "race_middle": lambda r, i: {k: r[k] for k in ("example_id", "article", "question", "options", "answer")},
+    "openbookqa": lambda r, i: {"id": str(i), "question_stem": r["query"], "answerKey": "ABCD"[r["gold"]],
+                                "choices": {"text": r["choices"], "label": ["A", "B", "C", "D"]}},
+    "boolq": lambda r, i: {"question": r["question"], "passage": r["passage"], "idx": r["idx"],
+                           "label": ["false", "true"].index(r["label"])},
+    "axb": lambda r, i: {"sentence1": r["sentence1"], "sentence2": r["sentence2"], "idx": int(r["idx"]),
+                         "label": NLI.index(r["label"])},
+    "axg": lambda r, i: {"premise": r["premise"], "hypothesis": r["hypothesis"], "idx": r["idx"],
+                         "label": NLI.index(r["label"])},
+    "rte": lambda r, i: {"premise": r["premise"], "hypothesis": r["hypothesis"], "idx": r["idx"],
+                         "label": NLI.index(r["label"])},
+    "copa": lambda r, i: {k: r[k] for k in ("premise", "choice1", "choice2", "question", "idx", "label")},
+    "hellaswag": lambda r, i: _hellaswag_doc(i, r),
+    "siqa": lambda r, i: {**{k: r[k] for k in ("context", "question", "answerA", "answerB", "answerC")},
+                          "label": str(r["label"])},  # lighteval/siqa: "1".."3"
+    "piqa": lambda r, i: {k: r[k] for k in ("goal", "sol1", "sol2", "label")},
+    "arc_c": lambda r, i: _arc_doc(r),
+    "arc_e": lambda r, i: _arc_doc(r),
+    "truthfulqa": lambda r, i: {"question": r["question"], "mc1_targets": _targets(r["mc1_targets"]),
+                                "mc2_targets": _targets(r["mc2_targets"])},
+    "winogrande": lambda r, i: _winogrande_doc(r),
+}
+HUB_TASKS = sorted(n for n in MANIFEST_COUNTS if n != "csl_dev")  # csl_fewclue has no Hub copy
+FEWSHOT = {"mmlu": 2}  # MMLU's few-shot examples come from its dev split: read from the Hub too
+
+
+def _splits(name: str) -> list[str]:
+    spec = tasks.task_spec(name)
+    return [spec["split"]] + ([spec["fewshot"]["split"]] if "fewshot" in spec else [])
+
+
+def mirror_records(dataset: str, splits: list[str]) -> dict[str, list[dict]]:
+    return {s: data.load_raw(dataset, s).to_list() for s in splits}
+
+
+def hub_docs(dataset: str, splits: list[str]) -> dict[str, list[dict]]:
+    return {s: [HUB_DOCS[dataset](r, i) for i, r in enumerate(recs)]
+            for s, recs in mirror_records(dataset, splits).items()}
+
+
+def serve_hub(monkeypatch, docs: dict[str, list[dict]]) -> list[tuple]:
+    """Read from the Hub from now on, with datasets.load_dataset answering from `docs` (split -> records)."""
+    asked = []
+
+    def load_dataset(path, name=None, *, split, **kwargs):
+        asked.append((path, name, split))
+        return datasets.Dataset.from_list(docs[split])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setenv("CFSAM_DATA_SOURCE", "hub")
+    return asked
+
+
+@pytest.mark.mirror
+@pytest.mark.parametrize("name", HUB_TASKS)
+def test_hub_path_gives_the_mirror_items(name, monkeypatch):
+    dataset, k = tasks.task_spec(name)["dataset"], FEWSHOT.get(name, 0)
+    want, n_want = tasks.load_items(name, limit=300, num_fewshot=k)
+    mirror = mirror_records(dataset, _splits(name))
+    asked = serve_hub(monkeypatch, {s: [HUB_DOCS[dataset](r, i) for i, r in enumerate(recs)]
+                                    for s, recs in mirror.items()})
+    got, n_got = tasks.load_items(name, limit=300, num_fewshot=k)
+    assert n_got == n_want and got == want
+    for split, recs in mirror.items():  # every record, not only the sampled items: the mirror's fields and values
+        from_hub = data.load_eval(dataset, split)
+        assert from_hub == [{key: m[key] for key in h} for m, h in zip(recs, from_hub)]
+    hub = data.dataset_spec(dataset)["hub"]
+    assert {a[:2] for a in asked} == {(hub["id"], hub.get("config"))}
+    assert {a[2] for a in asked} == set(_splits(name))
+    assert tasks.data_hashes(name) == {f"hub:{data.hub_ref(dataset, s)}": "unpinned" for s in _splits(name)}
+
+
+def lm_eval_config(rel: str) -> dict:
+    from lm_eval import tasks as lm_tasks
+
+    return yaml.safe_load((Path(lm_tasks.__file__).parent / rel).read_text())
+
+
+def lm_eval_item(cfg: dict, doc: dict) -> tuple[str, list[str], int]:
+    """lm-eval's context, choices and gold for a Hub record (its ConfigurableTask rules for Jinja configs)."""
+    from lm_eval.utils import apply_template
+
+    text = doc[cfg["doc_to_text"]] if cfg["doc_to_text"] in doc else apply_template(cfg["doc_to_text"], doc)
+    choice = cfg["doc_to_choice"]
+    choices = choice if isinstance(choice, list) else (
+        doc[choice] if choice in doc else ast.literal_eval(apply_template(choice, doc)))
+    target = cfg["doc_to_target"]
+    gold = target if isinstance(target, int) else (
+        doc[target] if target in doc else int(apply_template(target, doc)))
+    return cfg.get("description", "") + text, choices, gold
+
+
+LM_EVAL_CONFIGS = {"arc_c": "arc/arc_easy.yaml", "arc_e": "arc/arc_easy.yaml", "openbookqa_fact": "openbookqa/openbookqa.yaml",
+                   "boolq": "super_glue/boolq/default.yaml", "rte": "super_glue/rte/default.yaml",
+                   "piqa": "piqa/piqa.yaml", "siqa": "siqa/siqa.yaml", "truthfulqa_mc1": "truthfulqa/truthfulqa_mc1.yaml",
+                   "mmlu": "mmlu/default/_default_template_yaml"}
+
+
+@pytest.mark.mirror
+@pytest.mark.parametrize("name", sorted(LM_EVAL_CONFIGS))
+def test_hub_items_are_lm_evals_definitions_of_the_hub_records(name, monkeypatch):
+    # lm-eval's task configs are written against these Hub ids: applied to the hand-made Hub records they must
+    # give our items, which ties each hand conversion (label encodings above all) to lm-eval's reading of it
+    spec = tasks.task_spec(name)
+    docs = hub_docs(spec["dataset"], [spec["split"]])
+    serve_hub(monkeypatch, docs)
+    items, _ = tasks.load_items(name, limit=200)
+    keep = [d for d in docs[spec["split"]] if name != "arc_c" or len(d["choices"]["text"]) == 4]  # arc_c's filter
+    cfg = lm_eval_config(LM_EVAL_CONFIGS[name])
+    for it in items:
+        doc = keep[it.idx]
+        if name == "mmlu":  # the per-subject config adds this description
+            cfg["description"] = lm_eval_config(f"mmlu/default/mmlu_{doc['subject']}.yaml")["description"]
+        context, choices, gold = lm_eval_item(cfg, doc)
+        assert it.contexts == [context] * len(choices)
+        assert it.continuations == [" " + c for c in choices]  # lm-eval's default target delimiter
+        assert it.gold == gold
+
+
+def test_hub_errors_name_the_task_the_hub_id_and_the_fix(monkeypatch):
+    def offline(path, name=None, **kwargs):
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.delenv("CFSAM_DATA_DIR", raising=False)  # no mirror: the Hub is the only source
+    monkeypatch.delenv("CFSAM_DATA_SOURCE", raising=False)
+    with pytest.raises(tasks.TaskMissing, match=r"task 'copa': .*aps/super_glue/copa:validation.*Hugging Face Hub"
+                                                r".*OfflineModeIsEnabled.*set CFSAM_DATA_DIR.*allow Hub access"):
+        tasks.load_items("copa")
+    with pytest.raises(tasks.TaskMissing, match="task 'csl_dev': dataset 'csl_fewclue' has no Hugging Face Hub copy"
+                                                ".*set CFSAM_DATA_DIR"):
+        tasks.load_items("csl_dev")
+
+
+def test_a_hub_record_that_does_not_fit_names_the_field(monkeypatch):
+    serve_hub(monkeypatch, {"validation": [{"question": "q", "passage": "p", "idx": 0}]})  # no label
+    with pytest.raises(tasks.TaskMissing, match="task 'boolq': .*Hub record 0 of aps/super_glue/boolq:validation "
+                                                "does not fit label: .*its fields: question, passage, idx$"):
+        tasks.load_items("boolq")
+
+
+@pytest.mark.mirror
+def test_race_high_comes_from_the_hub_only(monkeypatch):
+    with pytest.raises(tasks.TaskMissing, match="RACE-high is not in the mirror.*CFSAM_DATA_SOURCE=hub.*ehovy/race/high"):
+        tasks.load_items("race_high")
+    doc = {"example_id": "high1.txt", "article": "A text.", "question": "Which?", "options": ["a", "b", "c", "d"],
+           "answer": "C"}
+    asked = serve_hub(monkeypatch, {"test": [doc]})
+    items, n = tasks.load_items("race_high")
+    assert asked == [("ehovy/race", "high", "test")] and n == 1
+    assert items[0].contexts[0] == "Article: A text.\n\nWhich?" and items[0].gold == 2
+
+
+@pytest.mark.mirror
+def test_hellaswag_hub_record_is_cleaned_as_the_llamacpp_export(monkeypatch):
+    # mirror item 3505 is a WikiHow item: its raw Hub text (built by hand from the mirror line and the
+    # extractor's rules: "[header]" dropped, " [title]" -> ". ") must come out as the mirror's line
+    mirror = data.load_raw("hellaswag", "validation")[3505]
+    assert mirror["ctx"].startswith("Family Life: How to entertain a toddler. Ask the toddler")
+    raw = {**HUB_DOCS["hellaswag"](mirror, 3505),
+           "ctx": "[header] How to entertain a toddler [title] Ask the toddler what he or she would like to do "
+                  "instead of doing what you would like to do. [title] Visit a site like [www.kiddio.org] to find "
+                  "loads of creative activities for toddlers and preschoolers. [title] Choose small, simple games "
+                  "like candy land or chutes and ladders."}
+    raw["endings"][1] = raw["endings"][1].replace("paper.. Watch", "paper. [title] Watch")
+    serve_hub(monkeypatch, {"validation": [raw]})
+    assert data.load_eval("hellaswag", "validation") == [{k: mirror[k] for k in ("ctx", "label", "endings")}]
+    from_raw, _ = tasks.load_items("hellaswag")
+    serve_hub(monkeypatch, {"validation": [HUB_DOCS["hellaswag"](mirror, 3505)]})
+    assert from_raw == tasks.load_items("hellaswag")[0]
+
+
+@pytest.mark.mirror
+def test_winogrande_hub_items_are_lm_evals_preprocessing(monkeypatch):
+    from lm_eval.tasks.winogrande import preprocess_winogrande as wino
+
+    docs = hub_docs("winogrande", ["validation"])
+    serve_hub(monkeypatch, docs)
+    items, _ = tasks.load_items("winogrande", limit=200)
+    for it in items:
+        doc = docs["validation"][it.idx]
+        assert it.contexts == wino.doc_to_choice(doc)  # the options fill the blank
+        assert it.continuations == [" " + wino.doc_to_target(doc)] * 2
+        assert it.gold == wino.doc_to_text(doc)  # lm-eval's doc_to_text of winogrande is the gold index

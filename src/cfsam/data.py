@@ -5,6 +5,10 @@ Every set of the paper resolves by name (``registry/datasets.yaml``) either to t
 lacks resolve to a documented substitute, and ``label(name)`` says so; every result made with one
 carries that label. Files are read with ``datasets``' own json/csv/text loaders.
 
+Evaluation sets come as records in the mirror's schema from either source (``load_eval``): a Hub copy
+is rewritten by its registry entry's ``hub.fields`` (Jinja expressions over one Hub record), so the
+task templates of ``cfsam.tasks`` see the same records wherever the data came from.
+
 Training records are normalised to ``{"id", "turns": [{"prompt", "response"}, ...]}`` and rendered
 with the Alpaca template (Taori et al. 2023); later ShareGPT turns continue in the same template.
 The loss sees response tokens only: prompt tokens get label -100, as in the paper.
@@ -21,6 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import datasets
+import jinja2
 import torch
 import yaml
 
@@ -82,7 +87,7 @@ def label(name: str) -> str | None:
     """What stands in for the paper's set here (substitute or variant), or None if it is the set itself."""
     spec = dataset_spec(name)
     if not use_mirror():
-        return None
+        return spec.get("hub", {}).get("variant")
     if "substitute" in spec:
         return spec["substitute"]["label"]
     return spec.get("variant")
@@ -126,11 +131,17 @@ def _sha256_cached(path: str, mtime: float, size: int) -> str:
     return sha256(Path(path))
 
 
-def file_hashes(name: str) -> dict[str, str]:
-    """sha256 of every mirror file a set reads (substitutes: of their sources); the hub id otherwise."""
+def file_hashes(name: str, splits: list[str] | None = None) -> dict[str, str]:
+    """sha256 of every mirror file a set reads (substitutes: of their sources), all splits.
+
+    From the Hub: ``hub:<id>[/<config>][:<split>]`` (one per split given) -> the pinned revision, or
+    "unpinned" when the registry pins none (the Hub's latest was read)."""
     spec = dataset_spec(name)
     if not use_mirror():
-        return {f"hub:{spec['hub']['id']}": "hub"}
+        hub = spec.get("hub", {})
+        if "id" not in hub:
+            return {"missing": hub.get("missing", "no Hub copy registered")}
+        return {"hub:" + hub_ref(name, s): hub.get("revision", "unpinned") for s in (splits or [None])}
     if "substitute" in spec:
         return {k: v for s in spec["substitute"]["sets"] for k, v in file_hashes(s).items()}
     if "missing" in spec:
@@ -186,6 +197,18 @@ def _load_table(files: list[str], columns: list[str], sep: str) -> datasets.Data
     return datasets.concatenate_datasets(parts)
 
 
+def llamacpp_clean(text: str) -> str:
+    """llama.cpp's HellaSwag export cleaning (klosax/hellaswag_text_data, extract_hellaswag.cpp).
+
+    Its replacements, in its order, each one left-to-right pass as str.replace; then one leading and one
+    trailing space go (the C++ trailing erase is erase(end()), undefined: its evident intent is kept)."""
+    for old, new in (("[header]", ""), ("[step]", ""), ("[substeps]", ""), (" [title]", ". "), ("[title] ", ""),
+                     ("[title].", ""), ("  ", " ")):
+        text = text.replace(old, new)
+    text = text[1:] if text.startswith(" ") else text
+    return text[:-1] if text.endswith(" ") else text
+
+
 def _load_hellaswag6(files: list[str]) -> datasets.Dataset:
     # llama.cpp's format: context line, gold label line, 4 ending lines
     rows = []
@@ -196,6 +219,90 @@ def _load_hellaswag6(files: list[str]) -> datasets.Dataset:
         for i in range(0, len(lines), 6):
             rows.append({"ctx": lines[i], "label": int(lines[i + 1]), "endings": lines[i + 2:i + 6]})
     return datasets.Dataset.from_list(rows)
+
+
+# ----------------------------------------------------------------------------- evaluation records
+def load_eval(name: str, split: str) -> list[dict]:
+    """One split of an evaluation set as records in the mirror's schema: from the mirror, else the Hub."""
+    spec = dataset_spec(name)
+    if spec["kind"] != "eval":
+        raise DataError(f"dataset {name!r} is a training set; evaluation sets: {', '.join(dataset_names('eval'))}")
+    if not use_mirror():
+        return _hub_records(name, split)
+    if "files" not in spec:
+        reason = spec.get("missing") or f"dataset {name!r} is not in the mirror"
+        if "id" in spec.get("hub", {}):
+            reason += f"; CFSAM_DATA_SOURCE=hub reads it from the Hugging Face Hub ({hub_ref(name)})"
+        raise DataError(reason)
+    return load_raw(name, split).to_list()
+
+
+def hub_spec(name: str) -> dict:
+    hub = dataset_spec(name).get("hub", {})
+    if "id" not in hub:
+        raise DataError(f"dataset {name!r} has no Hugging Face Hub copy ({hub.get('missing', 'none registered')}); "
+                        "set CFSAM_DATA_DIR to a data mirror that holds it")
+    return hub
+
+
+def hub_ref(name: str, split: str | None = None) -> str:
+    """``<id>[/<config>][:<split>]``: where a set (one split of it) comes from on the Hub."""
+    hub = hub_spec(name)
+    return hub["id"] + (f"/{hub['config']}" if hub.get("config") else "") + (f":{split}" if split else "")
+
+
+def _load_hub(hub: dict, split: str) -> datasets.Dataset:
+    kwargs = {"revision": hub["revision"]} if "revision" in hub else {}
+    if "file" in hub:
+        kwargs["data_files"] = hub["file"]
+    return datasets.load_dataset(hub["id"], hub.get("config"), split=split, **kwargs)
+
+
+def _hub_records(name: str, split: str) -> list[dict]:
+    hub = hub_spec(name)
+    try:
+        raw = _load_hub(hub, split)
+    except Exception as err:  # offline, unknown id or split, a loading script datasets no longer runs, ...
+        msg = (str(err).strip().splitlines() or [""])[0][:300]
+        raise DataError(f"dataset {name!r}: cannot read {hub_ref(name, split)} from the Hugging Face Hub "
+                        f"({type(err).__name__}: {msg}); set CFSAM_DATA_DIR to a local data mirror (laid out as "
+                        "its MANIFEST.md says) or allow Hub access (network; HF_HUB_OFFLINE and HF_DATASETS_OFFLINE "
+                        "unset)") from err
+    return _hub_to_mirror(name, raw.to_list(), split)
+
+
+def _rows(columns: dict) -> list[dict]:
+    # {"text": [...], "label": [...]} -> [{"text", "label"}, ...] (ARC's choices)
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+@lru_cache(maxsize=1)
+def _record_env() -> jinja2.Environment:
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    env.filters.update(rows=_rows, zip_dict=lambda keys, values: dict(zip(keys, values)),
+                       llamacpp_clean=llamacpp_clean)
+    return env
+
+
+def _hub_to_mirror(name: str, rows: list[dict], split: str) -> list[dict]:
+    """Hub records -> the mirror's schema by the set's ``hub.fields`` (none: the Hub's fields are the mirror's)."""
+    fields = hub_spec(name).get("fields")
+    if not fields:
+        return rows
+    exprs = {k: (src, _record_env().compile_expression(src, undefined_to_none=False)) for k, src in fields.items()}
+    out = []
+    for i, row in enumerate(rows):
+        rec = {}
+        for key, (src, expr) in exprs.items():
+            try:
+                rec[key] = expr(**row, _split=split)
+                if isinstance(rec[key], jinja2.Undefined):
+                    str(rec[key])  # StrictUndefined raises here, naming the missing field
+            except Exception as err:
+                raise DataError(f"dataset {name!r}: Hub record {i} of {hub_ref(name, split)} does not fit "
+                                f"{key}: {src!r} ({type(err).__name__}: {err}); its fields: {', '.join(row)}") from err
+        out.append(rec)
+    return out
 
 
 # ------------------------------------------------------------------------------ training records
@@ -242,10 +349,7 @@ def _load_records(name: str, split: str, _data_dir: str, _mirror: bool) -> datas
     elif use_mirror():
         ds = _records_from(spec, load_raw(name, "train"), name)
     else:
-        hub = spec["hub"]
-        raw = datasets.load_dataset(hub["id"], hub.get("config"), split="train",
-                                    **({"data_files": hub["file"]} if "file" in hub else {}))
-        ds = _records_from(spec, raw, name)
+        ds = _records_from(spec, _load_hub(hub_spec(name), "train"), name)
     if split == "all":
         return ds
     n_held = min(HELDOUT_MAX, max(1, int(HELDOUT_FRACTION * len(ds))))
@@ -360,4 +464,7 @@ def availability(name: str) -> str:
                 f" [{spec['variant']}]" if spec.get("variant") else "")
         except DataError as err:
             return f"unavailable: {err}"
-    return f"hub ({spec['hub']['id']})"
+    try:
+        return f"hub ({hub_ref(name)})"
+    except DataError as err:
+        return f"unavailable: {err}"

@@ -1,7 +1,8 @@
 """Evaluation tasks as data: ``registry/tasks/<name>.yaml`` -> multiple-choice items.
 
-Each task file names a set of the data registry (``cfsam.data``: mirror files, read with ``datasets``)
-and says, like an lm-evaluation-harness task config, how one record becomes one item:
+Each task file names a set of the data registry (``cfsam.data``: mirror files, or the set's Hugging Face
+Hub copy rewritten into the mirror's record schema; read with ``datasets``) and says, like an
+lm-evaluation-harness task config, how one record becomes one item:
 
 * ``text``      Jinja template of the prompt (the context);  ``preamble`` goes before few-shot examples
 * ``choices``   Jinja expression -> the list of answer strings, scored as continuations of the context
@@ -16,8 +17,9 @@ and says, like an lm-evaluation-harness task config, how one record becomes one 
   ``lm_eval`` (the lm-eval task whose definition the prompt follows, or null)
 
 Prompts follow lm-eval's definitions wherever lm-eval has the task, so that per-item agreement with it
-is a meaningful check (``benchmarks/bench_eval.py``). A task whose data the mirror lacks raises
-``TaskMissing``: the harness reports it as missing instead of leaving it out.
+is a meaningful check (``benchmarks/bench_eval.py``). A task whose data cannot be read here (the mirror
+lacks it, or the Hub cannot be reached) raises ``TaskMissing``: the harness reports it as missing instead
+of leaving it out.
 """
 from __future__ import annotations
 
@@ -138,26 +140,20 @@ def variant(name: str) -> str | None:
 
 
 def data_hashes(name: str) -> dict[str, str]:
-    """sha256 of the data files a task reads (part of the eval cache key)."""
-    return data.file_hashes(task_spec(name)["dataset"])
+    """What a task reads (part of the eval cache key): sha256 of its mirror files, or its Hub id, config,
+    splits and revision."""
+    spec = task_spec(name)
+    splits = [spec["split"]]
+    if spec.get("fewshot", {}).get("split") not in (None, spec["split"]):
+        splits.append(spec["fewshot"]["split"])
+    return data.file_hashes(spec["dataset"], splits)
 
 
 def _records(spec: dict, split: str) -> list[dict]:
-    name = spec["dataset"]
     try:
-        dspec = data.dataset_spec(name)
+        records = data.load_eval(spec["dataset"], split)
     except data.DataError as err:
         raise TaskMissing(f"task {spec['task']!r}: {err}") from err
-    if "files" not in dspec:
-        reason = dspec.get("missing") or f"dataset {name!r} is not in the mirror"
-        raise TaskMissing(f"task {spec['task']!r}: {reason}")
-    if not data.use_mirror():
-        raise TaskMissing(f"task {spec['task']!r}: evaluation sets are read from the mirror; set CFSAM_DATA_DIR")
-    try:
-        ds = data.load_raw(name, split)
-    except data.DataError as err:
-        raise TaskMissing(f"task {spec['task']!r}: {err}") from err
-    records = ds.to_list()
     if spec.get("filter"):
         keep = _env().compile_expression(spec["filter"])
         records = [r for r in records if keep(**r)]
