@@ -52,3 +52,14 @@ def test_converted_model_equals_the_gguf_dequantization():
     ref_sd = ref.state_dict()
     for k, v in ours.state_dict().items():
         assert torch.equal(v, ref_sd[k]), k
+
+
+def test_converted_model_saves_like_any_model(tmp_path):
+    """A model loaded from the conversion is a plain model: training it ends in save_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    loaded = models.load_model("smollm2-135m")
+    assert getattr(loaded.model.config, "quantization_config", None) is None
+    loaded.model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert models.weights_hash(again) == models.weights_hash(loaded.model)

@@ -12,8 +12,10 @@ Presets live as data in ``registry/models.yaml``. Three sources:
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -76,7 +78,7 @@ def prepare(name: str) -> Path:
     if spec["source"] != "gguf_wheel":
         raise ValueError(f"model {name!r} has source {spec['source']!r}; only gguf_wheel presets are prepared")
     out = converted_dir(name)
-    if (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists():
+    if _prepared(out):
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
@@ -84,8 +86,12 @@ def prepare(name: str) -> Path:
     log.info("converting %s to safetensors in %s (one-off, ~30 s)", gguf.name, out)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    # A plain model built from the config: save_pretrained works on it, unlike on the GGUF-loaded one.
-    plain = LlamaForCausalLM(loaded.config)
+    # A plain model built from the config: save_pretrained works on it, unlike on the GGUF-loaded one; the
+    # config must lose its quantization_config too, or every model loaded from it refuses save_pretrained.
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = LlamaForCausalLM(config)
     missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
     if missing or unexpected:
@@ -102,6 +108,16 @@ def prepare(name: str) -> Path:
         shutil.rmtree(out)
     tmp.rename(out)  # atomic: a killed conversion leaves no half-written model behind
     return out
+
+
+def _prepared(out: Path) -> bool:
+    """A finished conversion, made by a version that left no quantization_config behind."""
+    try:
+        config = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists() \
+        and "quantization_config" not in config
 
 
 @dataclass
