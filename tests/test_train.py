@@ -1,4 +1,4 @@
-"""The trainer: one-update semantics, outputs and caching, kill/resume, NaN stop, fp16, DDP/FSDP."""
+"""The trainer: one-update semantics, outputs and caching, kill/resume, NaN stop, fp16, DDP/FSDP/ZeRO."""
 import json
 import os
 import subprocess
@@ -192,6 +192,33 @@ def test_ddp_and_fsdp_match_one_process_and_fsdp_resumes(tmp_path, full_run):
     assert json.loads((tmp_path / "fsdp_resumed_from.json").read_text()) == 2
 
 
+@pytest.mark.slow
+def test_deepspeed_zero2_and_zero3_match_one_process_and_zero3_resumes(tmp_path, full_run):
+    """SAM around a DeepSpeed engine: the global radius rho over the ZeRO partitions, the same losses
+    and (to fp32 noise) the same weights as one process on the same global batches."""
+    pytest.importorskip("deepspeed")
+    single_dir, single, _ = full_run
+    # zero2: 2 ranks x 1 micro-batch of 2, zero3: 2 ranks x 2 micro-batches of 1 = one process x 2 of 2 (KW)
+    kw = {k: v for k, v in KW.items() if k != "grad_accum"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(ROOT / "tests" / "dist" / "train_deepspeed.py"), str(tmp_path), json.dumps(kw)],
+                   check=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    ref = _weights(single_dir)
+    for name in ("zero2", "zero3"):
+        m = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert m["world_size"] == 2 and m["dist"] == name
+        assert m["perturbation_norm"] == pytest.approx([2.0] * 4, rel=1e-5)  # global radius, not 2*sqrt(2)
+        assert m["loss"] == pytest.approx(single["loss"], rel=1e-5)
+        assert m["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-4)
+        assert m["sam_grad_norm"] == pytest.approx(single["sam_grad_norm"], rel=1e-4)
+        w = _weights(tmp_path / name)
+        assert w.keys() == ref.keys()
+        # float noise is ~1e-5 here (fp32 norms of whole vs halved tensors); stale, unperturbed ZeRO-3
+        # weights in pass 2 (a missing engine.empty_partition_cache) move them by ~3e-3
+        assert max((w[k] - ref[k]).abs().max().item() for k in ref) < 2e-4, name
+    assert json.loads((tmp_path / "zero3_resumed_from.json").read_text()) == 2
+
+
 def _cli(argv):
     import argparse
 
@@ -239,7 +266,17 @@ def test_accelerate_configs_parse_and_their_environment_is_honoured(tmp_path, mo
     assert kinds == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero3": "DEEPSPEED"}
     # what `accelerate launch` exports for those configs, and the trainer's answer before any work
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(ValueError, match="DeepSpeed.*accelerate_fsdp.yaml"):
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none")
+    # the zero3 config is taken (here it stops at the missing launcher, or at a missing deepspeed)
+    with pytest.raises(ValueError, match=r"dist='zero3' needs (a launcher|DeepSpeed)"):
+        train_stage("tiny", "alpaca", tmp_path / "ds", **KW)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")
+    with pytest.raises(ValueError, match="OFFLOAD_OPTIMIZER_DEVICE=cpu is not supported.*none"):
+        train_stage("tiny", "alpaca", tmp_path / "ds", **KW)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0")
+    with pytest.raises(ValueError, match="ZERO_STAGE=0.*accelerate_ddp.yaml"):
         train_stage("tiny", "alpaca", tmp_path / "ds", **KW)
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")

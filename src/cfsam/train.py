@@ -11,6 +11,15 @@ micro-batch) or FSDP2 ``fully_shard`` per decoder layer, whose DTensor gradients
 reduces exactly. ``torchrun`` / ``accelerate launch`` only launch it: rank and world size come from
 the environment (accelerate's FSDP plugin needs an accelerator, this runs on CPU as well).
 
+DeepSpeed ZeRO-1/2/3 (``dist='zero1'|'zero2'|'zero3'``, or ``auto`` under an accelerate DeepSpeed
+config): the engine owns the backward (gradients are reduced into per-rank partitions), the fp32
+master weights, clipping and the step, so the same loop drives it through ``engine.backward`` /
+``engine.step()`` and SAM moves the weights around the engine (``cfsam.zero.ZeroSAM``: global norm
+over the partitions, the perturbation applied to what the forward gathers, restored by copy). cfsam
+builds the engine's config itself from its own options (batch split, ``max_grad_norm`` as DeepSpeed's
+clipping, fp32 weights with bf16 as autocast); checkpoints are the engine's own
+(``save_checkpoint``), resumed with the same number of processes.
+
 Batch semantics: ``batch_size`` is the global number of examples per optimizer step (the paper's 128);
 each rank runs ``grad_accum`` micro-batches of ``batch_size / (grad_accum * world_size)``. The loss is
 the mean over every response token of the global batch (``num_items_in_batch``), so one process and N
@@ -28,6 +37,7 @@ it. A NaN loss stops the run with ``TrainingDiverged``; the last good checkpoint
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import inspect
 import json
 import logging
@@ -48,14 +58,14 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from cfsam import data as cfdata
-from cfsam import models
+from cfsam import models, zero
 from cfsam.io import config_hash, write_json_atomic
 from cfsam.optim import SAM, global_norm
 
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "sam")
-DISTS = ("auto", "none", "ddp", "fsdp")
+DISTS = ("auto", "none", "ddp", "fsdp", "zero1", "zero2", "zero3")  # zeroN: DeepSpeed ZeRO stage N
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 DEFAULT_REHEARSAL_FRACTION = 0.1  # share of stage-1 examples in the stage-2 mix when rehearsal is asked for
@@ -161,24 +171,43 @@ def _validate(**kw) -> None:
 # ------------------------------------------------------------------------------ distribution
 @dataclass
 class Runtime:
-    mode: str  # none | ddp | fsdp
+    mode: str  # none | ddp | fsdp | zero1 | zero2 | zero3
     rank: int
     world: int
     device: torch.device
     created_group: bool
 
 
+def _is_zero(mode: str) -> bool:
+    return mode.startswith("zero")
+
+
+def _deepspeed_mode() -> str:
+    """The dist mode an accelerate DeepSpeed config asks for; refuses what cfsam's engine setup ignores."""
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    if stage not in ("1", "2", "3"):
+        raise ValueError(f"ACCELERATE_DEEPSPEED_ZERO_STAGE={stage}: cfsam's trainer runs ZeRO stage 1, 2 or 3 "
+                         "(stage 0 is plain data parallelism: use configs/accelerate_ddp.yaml)")
+    if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none").lower() not in ("", "none"):
+        raise ValueError(f"deepspeed_config_file={os.environ['ACCELERATE_DEEPSPEED_CONFIG_FILE']} is not read: "
+                         "cfsam builds the engine's config from its own options; set zero_stage in the "
+                         "accelerate config instead")
+    for flag in ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"):
+        if os.environ.get(flag, "none").lower() not in ("", "none"):
+            raise ValueError(f"{flag}={os.environ[flag]} is not supported by cfsam's trainer; set it to none")
+    return f"zero{stage}"
+
+
 def _setup_distributed(mode: str) -> Runtime:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        raise ValueError(
-            "launched with a DeepSpeed config: cfsam's trainer runs DDP or FSDP2 itself (DeepSpeed's engine "
-            "owns the backward and the step, so SAM's perturb/restore cannot sit between its passes). "
-            "Use configs/accelerate_fsdp.yaml: FSDP2 FULL_SHARD shards parameters, gradients and optimizer "
-            "state as ZeRO-3 does.")
     if mode == "auto":
         use_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-        mode = "fsdp" if use_fsdp else ("ddp" if world > 1 or dist.is_initialized() else "none")
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            mode = _deepspeed_mode()
+        else:
+            mode = "fsdp" if use_fsdp else ("ddp" if world > 1 or dist.is_initialized() else "none")
+    if _is_zero(mode) and importlib.util.find_spec("deepspeed") is None:
+        raise ValueError(f"dist={mode!r} needs DeepSpeed: pip install deepspeed (the `cluster` extra)")
     if mode == "fsdp":  # what an accelerate FSDP config asks for, where it differs from what runs here
         if os.environ.get("FSDP_VERSION", "2") != "2":
             raise ValueError(f"FSDP_VERSION={os.environ['FSDP_VERSION']}: cfsam's trainer runs FSDP2 "
@@ -203,6 +232,8 @@ def _setup_distributed(mode: str) -> Runtime:
 
 
 def _wrap(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
+    if _is_zero(rt.mode):
+        return model  # deepspeed.initialize moves (and under ZeRO-3 partitions) it, with the optimizer
     model.to(rt.device)
     if rt.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -237,6 +268,17 @@ class StepContext:
     scaler: torch.amp.GradScaler | None = None
     max_grad_norm: float | None = None
     device_type: str = "cpu"
+    engine: object | None = None  # a DeepSpeed engine (the model): backward and step go through it
+
+
+def _backward(loss: torch.Tensor, is_last: bool, ctx: StepContext) -> None:
+    if ctx.engine is None:
+        (ctx.scaler.scale(loss) if ctx.scaler is not None else loss).backward()
+        return
+    # the loss is already this micro-batch's share of the global mean: no division by the
+    # accumulation steps; the boundary flag makes the last backward of each pass complete the reduction
+    ctx.engine.set_gradient_accumulation_boundary(is_last)
+    ctx.engine.backward(loss, scale_wrt_gas=False)
 
 
 def _passes(model, micro_batches, n_items, ctx: StepContext) -> torch.Tensor:
@@ -244,13 +286,12 @@ def _passes(model, micro_batches, n_items, ctx: StepContext) -> torch.Tensor:
     rank's share of that loss."""
     total = torch.zeros((), device=n_items.device)
     for i, mb in enumerate(micro_batches):
-        sync = ctx.no_sync is None or i == len(micro_batches) - 1
-        with contextlib.nullcontext() if sync else ctx.no_sync():
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if ctx.no_sync is None or last else ctx.no_sync():
             with torch.autocast(ctx.device_type, dtype=ctx.autocast_dtype, enabled=ctx.autocast_dtype is not None):
                 loss = model(**mb, num_items_in_batch=n_items).loss
-            # DDP and FSDP average gradients over ranks; the loss is already a share of the global mean
-            scaled = loss * ctx.world
-            (ctx.scaler.scale(scaled) if ctx.scaler is not None else scaled).backward()
+            # DDP, FSDP and DeepSpeed average gradients over ranks; the loss is already a share of the global mean
+            _backward(loss * ctx.world, last, ctx)
         total += loss.detach().float()
     return total
 
@@ -269,7 +310,10 @@ def optimizer_step(model, opt, micro_batches: list[dict], ctx: StepContext) -> d
     Returns {"loss", "grad_norm", "perturbation_norm", "sam_grad_norm", "skipped"} (global values).
     With an fp16 GradScaler each SAM pass is unscaled before its norm is taken; the scaler is updated
     after each pass (so its growth counter counts passes), and an overflow in either pass skips the
-    update with the weights restored. Raises TrainingDiverged on a non-finite loss."""
+    update with the weights restored. Raises TrainingDiverged on a non-finite loss.
+    Under DeepSpeed (``ctx.engine``) ``opt`` is a ``cfsam.zero.ZeroSAM`` or None (AdamW)."""
+    if ctx.engine is not None:
+        return _engine_step(model, opt, micro_batches, ctx)
     params = [p for g in opt.param_groups for p in g["params"]]
     n_items = sum((mb["labels"][:, 1:] != -100).sum() for mb in micro_batches)
     if ctx.world > 1:
@@ -323,6 +367,36 @@ def optimizer_step(model, opt, micro_batches: list[dict], ctx: StepContext) -> d
     return out
 
 
+def _engine_step(engine, zsam, micro_batches: list[dict], ctx: StepContext) -> dict:
+    """``optimizer_step`` on a DeepSpeed engine: the gradients live in the engine's partitions, the
+    engine clips (at ``max_grad_norm``, with the same global norm) and steps. No GradScaler here
+    (fp16 is refused), so a non-finite value always stops the run."""
+    n_items = sum((mb["labels"][:, 1:] != -100).sum() for mb in micro_batches)
+    dist.all_reduce(n_items)
+    n_items = n_items.clamp(min=1)
+    loss = _passes(engine, micro_batches, n_items, ctx)
+    dist.all_reduce(loss)
+    out = {"loss": float(loss), "grad_norm": None, "perturbation_norm": None, "sam_grad_norm": None, "skipped": False}
+    if not math.isfinite(out["loss"]):
+        raise TrainingDiverged(f"loss is {out['loss']}")
+    if zsam is None:
+        out["grad_norm"] = float(zero.grad_norm(engine))
+    else:
+        out["grad_norm"] = float(zsam.first_step())
+        out["perturbation_norm"] = zsam.last_perturbation_norm
+        if math.isfinite(out["grad_norm"]):
+            _passes(engine, micro_batches, n_items, ctx)
+            out["sam_grad_norm"] = float(zsam.grad_norm())
+            zsam.restore()
+            if not math.isfinite(out["sam_grad_norm"]):
+                raise TrainingDiverged("non-finite gradient at the SAM-perturbed point (is rho too large?)")
+    if not math.isfinite(out["grad_norm"]):
+        raise TrainingDiverged("non-finite gradient")
+    engine.set_gradient_accumulation_boundary(True)
+    engine.step()  # clips, steps the fp32 masters, copies them into the module, zeroes the gradients
+    return out
+
+
 def _skip_or_raise(out: dict, ctx: StepContext, what: str) -> dict:
     if ctx.scaler is None:  # no loss scale to lower: a real divergence
         raise TrainingDiverged(f"non-finite {what}")
@@ -368,9 +442,12 @@ def _save_checkpoint(out_dir: Path, step: int, model, opt, sched, scaler, histor
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier(rt)
-    model_sd, optim_sd = get_state_dict(model, opt)  # sharded under FSDP2, full otherwise
-    with _quiet_dcp():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / "dcp", no_dist=rt.mode == "none")
+    if _is_zero(rt.mode):  # the engine's own format: per-rank partitions of weights and optimizer state
+        model.save_checkpoint(str(tmp / "zero"), tag="state", save_latest=False)
+    else:
+        model_sd, optim_sd = get_state_dict(model, opt)  # sharded under FSDP2, full otherwise
+        with _quiet_dcp():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / "dcp", no_dist=rt.mode == "none")
     # trusted files written by this code: torch.save keeps RNG tuples and numpy states as they are
     torch.save(_rng_state(), tmp / f"rng-{rt.rank}.pt")
     if rt.rank == 0:
@@ -394,10 +471,20 @@ def _load_checkpoint(ckpt: Path, model, opt, sched, scaler, sid: str, rt: Runtim
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
     if state["stage_id"] != sid:
         raise ValueError(f"{ckpt} belongs to stage {state['stage_id']}, not {sid}: use another out_dir or delete it")
-    model_sd, optim_sd = get_state_dict(model, opt)
-    with _quiet_dcp():
-        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt / "dcp", no_dist=rt.mode == "none")
-    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    if _is_zero(rt.mode):
+        if not (ckpt / "zero").is_dir() or state["world"] != rt.world:
+            raise ValueError(f"{ckpt} was not written by DeepSpeed with {rt.world} processes (it has "
+                             f"{'a DeepSpeed' if (ckpt / 'zero').is_dir() else 'no DeepSpeed'} checkpoint of "
+                             f"{state['world']}): resume with the same dist and process count, or delete it")
+        model.load_checkpoint(str(ckpt / "zero"), tag="state", load_optimizer_states=True,
+                              load_lr_scheduler_states=False)
+    else:
+        if not (ckpt / "dcp").is_dir():
+            raise ValueError(f"{ckpt} was written under DeepSpeed: resume with the same dist, or delete it")
+        model_sd, optim_sd = get_state_dict(model, opt)
+        with _quiet_dcp():
+            dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt / "dcp", no_dist=rt.mode == "none")
+        set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
     sched.load_state_dict(state["scheduler"])
     if scaler is not None and state["scaler"]:
         scaler.load_state_dict(state["scaler"])
@@ -441,9 +528,11 @@ def train_stage(model_name_or_dir: str, dataset, out_dir, *, optimizer: str = "a
     ``seed`` and a registry name they are drawn from the examples stage 1 trained on.
     ``callback(record)`` is called on every rank after each update (record: step, loss, norms, lr).
 
-    ``dist``: auto (from the launcher's environment: FSDP2 under accelerate's FSDP config, DDP with
-    several processes, else none) | none | ddp | fsdp. ``precision``: fp32 | bf16 (autocast) | fp16
-    (autocast + GradScaler; not with FSDP); weights and optimizer state stay fp32. ``max_grad_norm``
+    ``dist``: auto (from the launcher's environment: FSDP2 under accelerate's FSDP config, DeepSpeed
+    ZeRO of the configured stage under accelerate's DeepSpeed config, DDP with several processes, else
+    none) | none | ddp | fsdp | zero1 | zero2 | zero3 (DeepSpeed ZeRO stage 1-3). ``precision``: fp32 |
+    bf16 (autocast) | fp16 (autocast + GradScaler; not with FSDP or ZeRO); weights and optimizer state
+    stay fp32. ``max_grad_norm``
     clips the applied gradient (SAM: the one at w + e) to that global norm, 1.0 as in
     transformers.Trainer (the Alpaca recipe of stage 1); None turns clipping off. ``max_steps`` caps
     ``epochs``. ``checkpoint_every``: steps between checkpoints (0: none).
@@ -471,9 +560,14 @@ def train_stage(model_name_or_dir: str, dataset, out_dir, *, optimizer: str = "a
     if launcher_mp not in ("no", precision):
         log.warning("accelerate's mixed_precision=%s is not used: this stage runs precision=%s "
                     "(set cfsam's --precision instead)", launcher_mp, precision)
-    if precision == "fp16" and rt.mode == "fsdp":
-        raise ValueError("precision='fp16' is not supported with FSDP here (its GradScaler would need sharded "
-                         "inf checks); use precision='bf16'")
+    if _is_zero(rt.mode):  # the accelerate DeepSpeed config's own values; cfsam's options drive the engine
+        for env, ours, flag in (("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", grad_accum, "--grad-accum"),
+                                ("ACCELERATE_GRADIENT_CLIPPING", max_grad_norm, "--max-grad-norm")):
+            if env in os.environ and os.environ[env] != str(ours).lower():
+                log.warning("accelerate's %s=%s is not used: this stage runs %s %s", env, os.environ[env], flag, ours)
+    if precision == "fp16" and (rt.mode == "fsdp" or _is_zero(rt.mode)):
+        raise ValueError(f"precision='fp16' is not supported with dist={rt.mode!r} here (its GradScaler would need "
+                         "sharded inf checks); use precision='bf16'")
     micro_total = grad_accum * rt.world
     if batch_size % micro_total:
         raise ValueError(f"batch_size={batch_size} (global) must be a multiple of grad_accum * world_size = "
@@ -528,19 +622,28 @@ def _run(model_name_or_dir, dataset, out_dir: Path, config: dict, sid: str, kw: 
     if kw["max_steps"] is not None:
         total_steps = min(total_steps, kw["max_steps"])
 
+    micro = batch_size // (grad_accum * rt.world)
     model = _wrap(loaded.model, rt)
     model.train()
-    opt = _build_optimizer(model, kw["optimizer"], kw["lr"], kw["weight_decay"], kw["rho"], kw["adaptive"])
+    if _is_zero(rt.mode):
+        # the engine steps a plain AdamW (the client optimizer); SAM's two passes sit around the engine
+        sched_opt = _build_optimizer(model, "adamw", kw["lr"], kw["weight_decay"], kw["rho"], kw["adaptive"])
+        model = zero.initialize(model, sched_opt, zero.engine_config(int(rt.mode[-1]), micro, grad_accum, rt.world,
+                                                                     kw["max_grad_norm"]))
+        opt = zero.ZeroSAM(model, rho=kw["rho"], adaptive=kw["adaptive"]) if kw["optimizer"] == "sam" else None
+    else:
+        opt = _build_optimizer(model, kw["optimizer"], kw["lr"], kw["weight_decay"], kw["rho"], kw["adaptive"])
+        sched_opt = opt.base_optimizer if isinstance(opt, SAM) else opt  # SAM steps through its base optimizer
     from transformers import get_scheduler
 
-    sched_opt = opt.base_optimizer if isinstance(opt, SAM) else opt  # SAM steps through its base optimizer
     sched = get_scheduler(kw["lr_scheduler"], sched_opt, num_warmup_steps=math.ceil(kw["warmup_ratio"] * total_steps),
                           num_training_steps=total_steps)
     precision = kw["precision"]
     scaler = torch.amp.GradScaler(rt.device.type) if precision == "fp16" else None
     ctx = StepContext(world=rt.world, no_sync=model.no_sync if rt.mode == "ddp" else None,
                       autocast_dtype={"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision],
-                      scaler=scaler, max_grad_norm=kw["max_grad_norm"], device_type=rt.device.type)
+                      scaler=scaler, max_grad_norm=kw["max_grad_norm"], device_type=rt.device.type,
+                      engine=model if _is_zero(rt.mode) else None)
 
     history = {"step": [], "loss": [], "grad_norm": [], "sam_grad_norm": [], "perturbation_norm": [], "lr": [],
                "skipped": [], "tokens": 0, "train_seconds": 0.0}
@@ -553,7 +656,6 @@ def _run(model_name_or_dir, dataset, out_dir: Path, config: dict, sid: str, kw: 
         log.info("resuming stage %s from %s (step %d of %d)", sid, ckpt, start_step, total_steps)
     last_ckpt = ckpt
 
-    micro = batch_size // (grad_accum * rt.world)
     pad_id = tokenizer.pad_token_id
     bar = tqdm(total=total_steps, initial=start_step, disable=rt.rank != 0, desc=f"train {kw['optimizer']}")
     t_loop = time.time()
@@ -608,6 +710,8 @@ def _run(model_name_or_dir, dataset, out_dir: Path, config: dict, sid: str, kw: 
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    elif _is_zero(rt.mode):
+        full_sd = zero.full_state_dict(model)
     else:
         full_sd = {k: v.detach().cpu() for k, v in raw.state_dict().items()}
     peak, peak_kind = _peak_memory(rt.device)
@@ -720,7 +824,8 @@ def add_cli(subparsers) -> None:
         "train", help="train one stage (stage 1: instruction tuning; stage 2: continue with AdamW or SAM)",
         description="Train one stage. Options left out come from --preset/--stage, else from train_stage's "
                     "defaults. Multi-process: torchrun --nproc_per_node N -m cfsam train ... or "
-                    "accelerate launch --config_file configs/accelerate_fsdp.yaml -m cfsam train ...")
+                    "accelerate launch --config_file configs/accelerate_fsdp.yaml -m cfsam train ... "
+                    "(or accelerate_deepspeed_zero3.yaml)")
     t.add_argument("--preset", help="take defaults from a preset's stage1/stage2 section (smoke, cpu, paper)")
     t.add_argument("--stage", type=int, choices=(1, 2), help="which section of --preset")
     t.add_argument("--model", help="a model preset, or a model directory (stage 2: the stage-1 output)")
