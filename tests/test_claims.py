@@ -9,18 +9,25 @@ from cfsam.io import write_json_atomic
 pytestmark = pytest.mark.mirror
 
 
-def _records(name: str, rng, n: int, p_correct: float, shift: float = 0.0) -> list[dict]:
+def _records(name: str, rng, n: int, p_correct: float) -> list[dict]:
+    """Two-choice items (gold 0) of equal length: acc follows p_correct, the log-likelihoods are random."""
     spec = tasks.task_spec(name)
     groups = ["abstract_algebra", "anatomy", "virology", "sociology", "marketing"] if spec.get("aggregate") else [None]
     out = []
     for i in range(n):
         ok = float(rng.random() < p_correct)
-        rec = {"idx": i, "acc": ok, "acc_norm": ok, "acc_tok": ok, "gold_logprob": -3.0 + shift,
-               "gold_choice_logprob": float(np.log(0.25 + 0.5 * rng.random())) + shift, "group": groups[i % len(groups)]}
+        ll = [-5.0 - rng.random(), -5.0 - rng.random()]
+        rec = {"idx": i, "acc": ok, "acc_norm": ok, "acc_tok": ok, "gold": 0, "ll": ll,
+               "ll_norm": [x / 10 for x in ll], "n_tokens": [3, 3], "group": groups[i % len(groups)]}
         if spec.get("primary") == "mc2":
             rec["mc2"] = float(rng.random())
         out.append(rec)
     return out
+
+
+def _lower_gold(recs: dict, by: float) -> dict:
+    return {n: [{**r, "ll": [r["ll"][0] - by, *r["ll"][1:]],
+                 "ll_norm": [(r["ll"][0] - by) / 10, *r["ll_norm"][1:]]} for r in v] for n, v in recs.items()}
 
 
 def _entry(task_records: dict[str, list[dict]]) -> dict:
@@ -41,14 +48,21 @@ def test_point_estimate_is_the_papers_avg_arithmetic():
     assert boots.shape == (50, 2)
 
 
-def test_identical_runs_differ_by_zero_and_a_constant_shift_exactly_by_it():
+def test_identical_runs_differ_by_zero():
     rng = np.random.default_rng(1)
     recs = {n: _records(n, rng, 15, 0.5) for n in PAPER_TASKS}
-    shifted = {n: [{**r, "gold_choice_logprob": r["gold_choice_logprob"] - 0.5} for r in v] for n, v in recs.items()}
-    point, boots = claims.avg_with_bootstrap([_entry(recs), _entry(recs), _entry(shifted)], "gold_choice_logprob",
-                                             n_boot=200)
+    point, boots = claims.avg_with_bootstrap([_entry(recs), _entry(recs)], "gold_choice_logprob", n_boot=200)
     assert point[1] - point[0] == 0 and np.all(boots[:, 1] == boots[:, 0])
-    assert point[2] - point[0] == pytest.approx(-0.5) and np.allclose(boots[:, 2] - boots[:, 0], -0.5)
+
+
+def test_gold_log_prob_among_choices_by_hand():
+    rec = {"ll": [-10.0, -20.0], "ll_norm": [-1.0, -1.0], "n_tokens": [2, 4], "gold": 0}
+    assert claims.choice_logprob(rec, "acc") == pytest.approx(-np.log1p(np.exp(-10)))  # by sums
+    assert claims.choice_logprob(rec, "acc_tok") == pytest.approx(np.log(0.5))  # -5 a token each: a tie
+    assert claims.choice_logprob(rec, "acc_norm") == pytest.approx(np.log(0.5))  # -1 a character each
+    # per character -1 and -2 over 10 characters each: scores -10 and -20 at the mean length
+    rec2 = {"ll": [-10.0, -20.0], "ll_norm": [-1.0, -2.0], "n_tokens": [1, 1], "gold": [0, 1]}
+    assert claims.choice_logprob(rec2, "acc_norm") == pytest.approx(0.0)  # both choices are gold
 
 
 def test_paired_interval_matches_the_normal_formula_for_one_task():
@@ -56,10 +70,10 @@ def test_paired_interval_matches_the_normal_formula_for_one_task():
     rng = np.random.default_rng(2)
     n = 400
     a = _records("copa", rng, n, 0.5)
-    b = [{**r, "gold_choice_logprob": r["gold_choice_logprob"] + rng.normal(0.1, 0.3)} for r in a]
+    b = [{**r, "ll": [r["ll"][0] + rng.normal(0.1, 0.5), r["ll"][1]]} for r in a]
     _, boots = claims.avg_with_bootstrap([_entry({"copa": a}), _entry({"copa": b})], "gold_choice_logprob",
                                          n_boot=4000, seed=3)
-    d = np.array([y["gold_choice_logprob"] - x["gold_choice_logprob"] for x, y in zip(a, b)])
+    d = np.array([claims.choice_logprob(y, "acc") - claims.choice_logprob(x, "acc") for x, y in zip(a, b)])
     lo, hi = np.percentile(boots[:, 1] - boots[:, 0], [2.5, 97.5])
     assert (hi - lo) / 2 == pytest.approx(1.96 * d.std(ddof=1) / np.sqrt(n), rel=0.1)
     assert lo < d.mean() < hi
@@ -100,7 +114,7 @@ def test_check_reads_the_cache_and_reports_missing_runs_as_not_run(tmp_path, mon
     monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path))
     rng = np.random.default_rng(4)
     recs = {n: _records(n, rng, 30, 0.5) for n in PAPER_TASKS}
-    worse = {n: [{**r, "gold_choice_logprob": r["gold_choice_logprob"] - 1.0} for r in v] for n, v in recs.items()}
+    worse = _lower_gold(recs, 3.0)
     for name, r, loss in (("s2-open-platypus-adamw", recs, 2.0), ("s2-auto-wiki-adamw", worse, 2.5)):
         exp = E.experiments("cpu")[name]
         entry = {**_entry(r), "id": E.experiment_id(exp), "name": name, "spec": exp,
@@ -108,7 +122,7 @@ def test_check_reads_the_cache_and_reports_missing_runs_as_not_run(tmp_path, mon
         write_json_atomic(tmp_path / "cpu" / f"{name}.json", entry)
     table = claims.check("cpu", ["task-gap", "sam-mitigates"], n_boot=200)
     gap = table.loc["task-gap"]
-    assert gap["Δ gold log-prob among choices (nats) 95% CI"] == "[-1.00, -1.00]"
+    assert gap["Δ gold log-prob among choices (nats)"] < -1.0
     assert gap["verdict (Δ gold log-prob among choices)"] == "reproduced"
     assert gap["verdict (Δ AVG)"] == "inconclusive"  # same accuracies: Δ AVG exactly 0
     assert table.loc["sam-mitigates", "verdict (Δ AVG)"] == "not run"

@@ -6,8 +6,12 @@ paper's arithmetic (task score, category mean of its tasks, AVG of the categorie
 its subjects), so the point estimate is exactly the Delta the tables print. Two measures:
 
 - ``score``: the tasks' primary metric (accuracy; MC2 probability for TruthfulQA MC2), in points;
-- ``gold_choice_logprob``: the log-probability of the gold answer among the choices (nats), which
-  moves when a model at chance stops or starts preferring the gold without the argmax changing.
+- ``gold_choice_logprob``: the log-probability of the gold answer(s) among the choices (nats), which
+  moves when a model at chance stops or starts preferring the gold without the argmax changing. The
+  choices are compared as the task's metric compares them: by summed log-likelihood, or, where it
+  normalises by length (acc_norm per character, acc_tok per token), by the per-unit log-likelihood
+  times the choices' mean length, so that a long choice is not improbable merely for being long
+  (csl_dev's two texts differ by a whole keyword line, HellaSwag's endings by many tokens).
 
 The held-out losses (stage-1 data, and the stage-2 set's own) are means over a fixed held-out slice and
 are reported beside them, without an interval (the cache stores means, not per-example losses).
@@ -49,12 +53,29 @@ def _task_arrays(entries: list[dict], measure: str) -> dict[str, dict]:
             idx = [[rec["idx"] for rec in r["records"]] for r in res]
             if any(i != idx[0] for i in idx):
                 raise ValueError(f"task {name!r}: the runs were scored on different items; compare runs of one preset")
-            key = res[0]["primary"] if measure == "score" else measure
-            values = np.array([[rec[key] for rec in r["records"]] for r in res], dtype=float)
+            primary = res[0]["primary"]
+            value = (lambda rec: rec[primary]) if measure == "score" else (lambda rec: choice_logprob(rec, primary))
+            values = np.array([[value(rec) for rec in r["records"]] for r in res], dtype=float)
             macro = tasks.task_spec(name).get("aggregate") == "macro"
             groups = np.unique([rec["group"] for rec in res[0]["records"]], return_inverse=True)[1] if macro else None
             out[name] = {"category": cat, "values": values, "groups": groups}
     return out
+
+
+def choice_logprob(rec: dict, primary: str) -> float:
+    """Log-probability of the gold choice(s) among the choices, scored at equal length where the task's
+    metric normalises by length (see the module docstring)."""
+    ll = np.asarray(rec["ll"], dtype=float)
+    if primary == "acc_norm":
+        norm = np.asarray(rec["ll_norm"], dtype=float)
+        length = np.divide(ll, norm, out=np.ones_like(ll), where=norm != 0)  # characters of each choice
+    elif primary == "acc_tok":
+        length = np.asarray(rec["n_tokens"], dtype=float)
+    else:
+        length = np.ones_like(ll)
+    s = ll / length * length.mean()
+    golds = rec["gold"] if isinstance(rec["gold"], list) else [rec["gold"]]
+    return float(np.logaddexp.reduce(s[golds]) - np.logaddexp.reduce(s))
 
 
 def _task_score(values: np.ndarray, groups: np.ndarray | None, draw: np.ndarray) -> np.ndarray:
