@@ -126,5 +126,7 @@ def test_check_reads_the_cache_and_reports_missing_runs_as_not_run(tmp_path, mon
     assert gap["verdict (Δ gold log-prob among choices)"] == "reproduced"
     assert gap["verdict (Δ AVG)"] == "inconclusive"  # same accuracies: Δ AVG exactly 0
     assert table.loc["sam-mitigates", "verdict (Δ AVG)"] == "not run"
+    assert gap["held-out stage-1 loss: pairs the paper's way"] == "1 of 1"  # 2.0 -> 2.5: more forgotten
+    assert table.loc["sam-mitigates", "held-out stage-1 loss: pairs the paper's way"] == "–"
     pairs = claims.compare_pairs("cpu", [("s2-open-platypus-adamw", "s2-auto-wiki-adamw")], n_boot=50)
     assert pairs.iloc[0]["Δ held-out stage-1 loss"] == pytest.approx(0.5)

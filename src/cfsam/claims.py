@@ -14,7 +14,8 @@ its subjects), so the point estimate is exactly the Delta the tables print. Two 
   (csl_dev's two texts differ by a whole keyword line, HellaSwag's endings by many tokens).
 
 The held-out losses (stage-1 data, and the stage-2 set's own) are means over a fixed held-out slice and
-are reported beside them, without an interval (the cache stores means, not per-example losses).
+are reported beside them without an interval (the cache stores means, not per-example losses); per
+claim, the number of its pairs whose stage-1 loss moves the paper's way (down for "b keeps more").
 
 The claims themselves are data (``registry/claims.yaml``): which runs each compares and which way the
 paper says the difference goes. A verdict is ``reproduced`` when the 95% interval lies on the paper's
@@ -196,6 +197,11 @@ def check(preset: str, claim_ids: list[str] | None = None, *, n_boot: int = 2000
             row[label] = d
             row[f"{label} 95% CI"] = f"[{lo:+.2f}, {hi:+.2f}]" if not np.isnan(lo) else "–"
             row[f"verdict ({label.split(' (')[0]})"] = verdict(lo, hi, claim["expect"])
+        # the held-out loss has no interval (means only are cached): count the pairs that move its way
+        pair_rows = table.drop(index="pooled (mean of pairs)", errors="ignore")
+        loss = pair_rows.get("Δ held-out stage-1 loss", pd.Series(dtype=float)).dropna()
+        agree = int(((loss < 0) if claim["expect"] == "up" else (loss > 0)).sum())
+        row["held-out stage-1 loss: pairs the paper's way"] = f"{agree} of {len(loss)}" if len(loss) else "–"
         rows.append(row)
     return pd.DataFrame(rows).set_index("claim")
 
