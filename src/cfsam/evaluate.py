@@ -280,11 +280,8 @@ def _score_rows(model, groups, pad_id: int, batch_size: int, max_batch_tokens: i
     per_token: list[dict] = [{} for _ in groups]
     for r, (g, ks) in enumerate(where):
         per_token[g].update(zip(ks, mine[r]))
-    out = []
-    for g, (_, conts) in enumerate(groups):
-        longer = {**{k: k for k in per_token[g]}, **aliases[g]}
-        out.append([float(per_token[g][longer[k]][:len(conts[k])].sum()) for k in range(len(conts))])
-    return out
+    return [[float(per_token[g][aliases[g].get(k, k)][:len(cont)].sum()) for k, cont in enumerate(conts)]
+            for g, (_, conts) in enumerate(groups)]
 
 
 def prefix_aliases(conts: list[list[int]]) -> dict[int, int]:
