@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cfsam import evaluate as ev
-from cfsam import tasks
-from cfsam.models import load_model
+from cfsam.evaluation import harness
+from cfsam.evaluation import tasks
+from cfsam.data.models import load_model
 from timing import Clock
 
 HERE = Path(__file__).parent
@@ -131,7 +131,7 @@ def main() -> None:
     manager = TaskManager(include_path=str(HERE / "lm_eval_tasks"))
 
     def ours_run(name, limit):
-        out = ev.evaluate(loaded, [name], limit=limit, seed=args.seed, batch_size=args.batch_size,
+        out = harness.evaluate(loaded, [name], limit=limit, seed=args.seed, batch_size=args.batch_size,
                           use_cache=False, progress=False)
         t = out["timing"]  # request building, tokenising, scoring: not data loading
         return out["tasks"][name], np.array([t["seconds"], t["cpu_seconds"]])

@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from cfsam import landscape
-from cfsam.models import load_model, weights_hash
+from cfsam.measurement import heldout
+from cfsam.measurement import landscape
+from cfsam.data.models import load_model, weights_hash
 from timing import Clock
 
 
@@ -28,7 +29,7 @@ class TimedLoss:
 
     def __call__(self, model, batch):
         t = time.perf_counter()
-        s, n = landscape.response_token_loss(model, batch)
+        s, n = heldout.response_token_loss(model, batch)
         float(s)  # wait for the value (asynchronous devices)
         self.seconds += time.perf_counter() - t
         self.calls += 1
@@ -48,16 +49,16 @@ def main() -> None:
 
     loaded = load_model(args.model)
     model = loaded.model
-    batches = landscape.heldout_batches(args.data, loaded.tokenizer, n_examples=args.examples,
+    batches = heldout.heldout_batches(args.data, loaded.tokenizer, n_examples=args.examples,
                                         batch_size=args.batch_size, max_length=args.max_length)
     n2 = args.grid ** 2
     before_hash = weights_hash(model)
-    landscape.mean_loss(model, batches)  # warm-up: allocator, kernels
+    heldout.mean_loss(model, batches)  # warm-up: allocator, kernels
 
     def block():
         with Clock() as c:
             for _ in range(n2):
-                landscape.mean_loss(model, batches)
+                heldout.mean_loss(model, batches)
         return c
 
     a1 = block()
@@ -70,7 +71,7 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     shapes = [tuple(x["input_ids"].shape) for x in batches]
     print(f"model {args.model} ({n_params / 1e6:.1f}M params), batches {shapes}, "
-          f"{landscape.count_items(batches)} response tokens, grid {args.grid}x{args.grid} over +-{args.span}")
+          f"{heldout.count_items(batches)} response tokens, grid {args.grid}x{args.grid} over +-{args.span}")
     print(f"{n2} loss evaluations before: {a1.wall:.1f} s wall, {a1.cpu:.1f} s CPU; "
           f"after: {a2.wall:.1f} s wall, {a2.cpu:.1f} s CPU")
     print(f"surface: {b.wall:.1f} s wall, {b.cpu:.1f} s CPU; centre loss {surf.center_loss:.4f}, "

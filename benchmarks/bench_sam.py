@@ -27,8 +27,8 @@ import time
 
 import torch
 
-from cfsam import models
-from cfsam.train import StepContext, _build_optimizer, optimizer_step
+from cfsam.data import models
+from cfsam.training.step import StepContext, build_optimizer, optimizer_step
 
 LR, RHO = 1e-5, 2.0
 
@@ -45,7 +45,7 @@ def worker(args) -> None:
     batch = make_batch(model.config.vocab_size, args.batch, args.seq)
     with open("/proc/self/statm") as f:
         rss_loaded = int(f.read().split()[1]) * resource.getpagesize()
-    opt = _build_optimizer(model, args.worker, LR, 0.0, RHO, False)
+    opt = build_optimizer(model, args.worker, LR, 0.0, RHO, False)
     for _ in range(args.mem_steps):
         optimizer_step(model, opt, [batch], StepContext(max_grad_norm=1.0))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -65,7 +65,7 @@ def step_times(args) -> tuple[dict, int]:
     runs = {}
     for name in ("adamw", "sam"):
         model = copy.deepcopy(base)
-        runs[name] = (model, _build_optimizer(model, name, LR, 0.0, RHO, False), [])
+        runs[name] = (model, build_optimizer(model, name, LR, 0.0, RHO, False), [])
     del base
     batch = make_batch(runs["adamw"][0].config.vocab_size, args.batch, args.seq)
     for i in range(args.steps + 1):  # step 0 of each is a warm-up (allocates AdamW's state)

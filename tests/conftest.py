@@ -23,13 +23,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny():
-    from cfsam.models import load_model
+    from cfsam.data.models import load_model
 
     return load_model("tiny")
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from cfsam.models import load_tokenizer
+    from cfsam.data.models import load_tokenizer
 
     return load_tokenizer("smollm2-135m")

@@ -12,7 +12,9 @@ import nbformat
 import pytest
 import yaml
 
-from cfsam import batch, cli, experiments
+from cfsam import cli
+from cfsam.pipeline import batch
+from cfsam.pipeline.specs import experiments
 
 PAPERMILL = str(Path(sys.executable).parent / "papermill")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cfsam import experiments
+from cfsam.pipeline import cache
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.mirror]
@@ -21,7 +21,7 @@ def test_smoke_pipeline_and_book():
     assert run.returncode == 0, run.stderr[-3000:]
     os.environ["CFSAM_RESULTS"] = env["CFSAM_RESULTS"]
     try:
-        status = experiments.load_results("smoke")
+        status = cache.load_results("smoke")
     finally:
         del os.environ["CFSAM_RESULTS"]
     assert {e["status"] for e in status.values()} == {"ok"}

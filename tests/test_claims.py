@@ -2,9 +2,12 @@
 import numpy as np
 import pytest
 
-from cfsam import claims, evaluate, tasks
-from cfsam import experiments as E
-from cfsam.io import write_json_atomic
+from cfsam.analysis import claims
+from cfsam.evaluation import metrics
+from cfsam.evaluation import tasks
+from cfsam.pipeline import cache
+from cfsam.pipeline import specs
+from cfsam.core.io import write_json_atomic
 
 pytestmark = pytest.mark.mirror
 
@@ -31,8 +34,8 @@ def _lower_gold(recs: dict, by: float) -> dict:
 
 
 def _entry(task_records: dict[str, list[dict]]) -> dict:
-    res = {"tasks": {n: evaluate.task_result(n, recs, len(recs)) for n, recs in task_records.items()}}
-    res["categories"] = evaluate.categories(res)
+    res = {"tasks": {n: metrics.task_result(n, recs, len(recs)) for n, recs in task_records.items()}}
+    res["categories"] = metrics.categories(res)
     return {"eval": res, "heldout_loss": {}}
 
 
@@ -105,7 +108,7 @@ def test_claims_expand_over_the_presets_datasets_and_sizes():
     assert len(claims.pairs_of(by_id["sam-across-sizes"], "paper")) == 2
     for claim in claims.registry():  # every name a claim compares is an experiment of the presets
         for preset in ("cpu", "paper"):
-            assert {n for p in claims.pairs_of(claim, preset) for n in p} <= set(E.experiments(preset)), claim["id"]
+            assert {n for p in claims.pairs_of(claim, preset) for n in p} <= set(specs.experiments(preset)), claim["id"]
     with pytest.raises(ValueError, match="unknown claim.*allowed: forgetting"):
         claims.check("cpu", ["sam-is-magic"])
 
@@ -116,8 +119,8 @@ def test_check_reads_the_cache_and_reports_missing_runs_as_not_run(tmp_path, mon
     recs = {n: _records(n, rng, 30, 0.5) for n in PAPER_TASKS}
     worse = _lower_gold(recs, 3.0)
     for name, r, loss in (("s2-open-platypus-adamw", recs, 2.0), ("s2-auto-wiki-adamw", worse, 2.5)):
-        exp = E.experiments("cpu")[name]
-        entry = {**_entry(r), "id": E.experiment_id(exp), "name": name, "spec": exp,
+        exp = specs.experiments("cpu")[name]
+        entry = {**_entry(r), "id": cache.experiment_id(exp), "name": name, "spec": exp,
                  "heldout_loss": {"alpaca": {"loss": loss}, "auto-wiki": {"loss": 1.0}}}
         write_json_atomic(tmp_path / "cpu" / f"{name}.json", entry)
     table = claims.check("cpu", ["task-gap", "sam-mitigates"], n_boot=200)

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from cfsam import evaluate as ev
-from cfsam import tasks
+from cfsam.evaluation import harness
+from cfsam.evaluation import metrics
+from cfsam.evaluation import scoring
+from cfsam.evaluation import tasks
 
 PAIRS = [("The cat sat on the", " mat"), ("The cat sat on the", " dog, and then it slept"), ("Hello there ", "friend"),
          ("", "An unconditional text"), ("Question: what?\nAnswer:", " A"), ("Question: what?\nAnswer:", " B"),
@@ -24,10 +26,10 @@ def naive_loglikelihood(model, ctx: list[int], cont: list[int]) -> float:
 
 
 def test_packed_batched_scoring_matches_naive_forward(tiny):
-    encoded = ev.encode_pairs(tiny.tokenizer, PAIRS)
+    encoded = scoring.encode_pairs(tiny.tokenizer, PAIRS)
     tiny.model.train()
     # tiny batches and a small token budget: several batches, and long groups split across rows
-    got = ev.loglikelihoods(tiny.model, tiny.tokenizer, PAIRS, batch_size=3, max_batch_tokens=40)
+    got = scoring.loglikelihoods(tiny.model, tiny.tokenizer, PAIRS, batch_size=3, max_batch_tokens=40)
     assert tiny.model.training  # the caller's mode is restored
     tiny.model.eval()
     for (ctx, cont), (ll, n) in zip(encoded, got):
@@ -38,24 +40,24 @@ def test_packed_batched_scoring_matches_naive_forward(tiny):
 def test_plain_rows_take_the_causal_path_and_agree(tiny):
     # one-token answers (MMLU-like) and single continuations: rows of different lengths, no custom mask
     pairs = [("Q" * k + "? Answer:", c) for k in (1, 7, 30) for c in (" A", " B")] + [("Short", " and one longer end")]
-    got = ev.loglikelihoods(tiny.model, tiny.tokenizer, pairs, batch_size=4)
-    for (ctx, cont), (ll, _) in zip(ev.encode_pairs(tiny.tokenizer, pairs), got):
+    got = scoring.loglikelihoods(tiny.model, tiny.tokenizer, pairs, batch_size=4)
+    for (ctx, cont), (ll, _) in zip(scoring.encode_pairs(tiny.tokenizer, pairs), got):
         assert ll == pytest.approx(naive_loglikelihood(tiny.model, ctx, cont), abs=1e-4)
 
 
 def test_prefix_aliases_by_hand():
-    assert ev.prefix_aliases([[1, 2], [1, 2, 3], [1, 2, 3, 4], [5]]) == {1: 2, 0: 2}
-    assert ev.prefix_aliases([[1, 2], [1, 2]]) == {}  # equal continuations are each scored
+    assert scoring.prefix_aliases([[1, 2], [1, 2, 3], [1, 2, 3, 4], [5]]) == {1: 2, 0: 2}
+    assert scoring.prefix_aliases([[1, 2], [1, 2]]) == {}  # equal continuations are each scored
 
 
 def test_continuation_that_prefixes_another_is_read_off_it_and_agrees(tiny):
     # csl_dev's shape: an empty-ish context, "text" and "text + more" as the two choices
     pairs = [("A", " the abstract of a paper"), ("A", " the abstract of a paper, with keywords"),
              ("A", " the abstract"), ("B", " other")]
-    encoded = ev.encode_pairs(tiny.tokenizer, pairs)
+    encoded = scoring.encode_pairs(tiny.tokenizer, pairs)
     assert encoded[1][1][:len(encoded[0][1])] == encoded[0][1]  # the shape under test
     for kwargs in ({}, {"max_batch_tokens": 8}):  # also with the longer continuation split off in its own row
-        got = ev.loglikelihoods(tiny.model, tiny.tokenizer, pairs, **kwargs)
+        got = scoring.loglikelihoods(tiny.model, tiny.tokenizer, pairs, **kwargs)
         for (ctx, cont), (ll, n) in zip(encoded, got):
             assert n == len(cont)
             assert ll == pytest.approx(naive_loglikelihood(tiny.model, ctx, cont), abs=1e-4)
@@ -64,27 +66,27 @@ def test_continuation_that_prefixes_another_is_read_off_it_and_agrees(tiny):
 def test_shared_prefixes_runs():
     pre = list(range(100, 140))  # 40 shared tokens
     ctxs = [pre + [1, 2], [7, 8, 9], pre + [3], pre[:20] + [5] * 30, pre + [4, 4, 4]]
-    assert ev.shared_prefixes(ctxs, min_len=32) == [40, 0, 40, 0, 40]
-    assert ev.shared_prefixes([pre, pre], min_len=32) == [39, 39]  # each keeps a token of its own
-    assert ev.shared_prefixes(ctxs, min_len=41) == [0] * 5
+    assert scoring.shared_prefixes(ctxs, min_len=32) == [40, 0, 40, 0, 40]
+    assert scoring.shared_prefixes([pre, pre], min_len=32) == [39, 39]  # each keeps a token of its own
+    assert scoring.shared_prefixes(ctxs, min_len=41) == [0] * 5
 
 
 def test_shared_prefix_is_computed_once_and_agrees(tiny):
     primer = "Q: What is human life expectancy? A: 78 years.\n\nQ: Who was president in 1955? A: Eisenhower.\n\n"
     pairs = [(primer + f"Q: question {i}{'?' * i}\nA:", c) for i in range(4) for c in (" Yes it is", " No", " Maybe")]
-    encoded = ev.encode_pairs(tiny.tokenizer, pairs)
-    assert min(ev.shared_prefixes([c for c, _ in encoded])) >= 32
-    got = ev.loglikelihoods(tiny.model, tiny.tokenizer, pairs + [("unrelated", " x y")], batch_size=2)
+    encoded = scoring.encode_pairs(tiny.tokenizer, pairs)
+    assert min(scoring.shared_prefixes([c for c, _ in encoded])) >= 32
+    got = scoring.loglikelihoods(tiny.model, tiny.tokenizer, pairs + [("unrelated", " x y")], batch_size=2)
     for (ctx, cont), (ll, _) in zip(encoded, got):
         assert ll == pytest.approx(naive_loglikelihood(tiny.model, ctx, cont), abs=1e-4)
 
 
 def test_overlong_context_is_left_truncated_like_lm_eval(tiny):
     model, tok = tiny.model, tiny.tokenizer
-    ctx, cont = ev.encode_pairs(tok, [("word " * 1500, " end")])[0]
+    ctx, cont = scoring.encode_pairs(tok, [("word " * 1500, " end")])[0]
     max_len = model.config.max_position_embeddings
     assert len(ctx) + len(cont) > max_len + 1
-    (ll, _), = ev.loglikelihoods(model, tok, [("word " * 1500, " end")])
+    (ll, _), = scoring.loglikelihoods(model, tok, [("word " * 1500, " end")])
     full = (ctx + cont)[-(max_len + 1):]  # lm-eval: keep the last max_length + 1 tokens
     assert ll == pytest.approx(naive_loglikelihood(model, full[:-len(cont)], cont), abs=1e-4)
 
@@ -94,28 +96,28 @@ def test_encode_and_scores_match_lm_eval_hflm(tiny):
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=tiny.model, tokenizer=tiny.tokenizer, batch_size=4, device="cpu")
-    for (ctx, cont), ours in zip(PAIRS, ev.encode_pairs(tiny.tokenizer, PAIRS)):
+    for (ctx, cont), ours in zip(PAIRS, scoring.encode_pairs(tiny.tokenizer, PAIRS)):
         if ctx:
             assert tuple(map(list, lm._encode_pair(ctx, cont))) == ours
     reqs = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(PAIRS)]
     theirs = [r[0] for r in lm.loglikelihood(reqs, disable_tqdm=True)]
-    ours = [ll for ll, _ in ev.loglikelihoods(tiny.model, tiny.tokenizer, PAIRS)]
+    ours = [ll for ll, _ in scoring.loglikelihoods(tiny.model, tiny.tokenizer, PAIRS)]
     assert ours == pytest.approx(theirs, abs=1e-4)
 
 
 def test_score_item_by_hand():
     item = tasks.Item(0, ["q"] * 3, [" aa", " b", " ccccc"], ["aa", "b", "ccccc"], 2)
     ll, n_tok = [-1.0, -0.8, -2.0], [4, 1, 2]
-    rec = ev.score_item(item, ll, n_tok, "acc")
+    rec = metrics.score_item(item, ll, n_tok, "acc")
     assert rec["pred"] == 1 and rec["acc"] == 0.0                    # argmax of the sums
     assert rec["ll_norm"] == pytest.approx([-0.5, -0.8, -0.4])       # per character of the choice (lm-eval)
     assert rec["acc_norm"] == 1.0
     assert rec["acc_tok"] == 0.0                                     # per token: -0.25, -0.8, -1.0
-    assert ev.score_item(item, ll, n_tok, "acc_norm")["pred"] == 2
+    assert metrics.score_item(item, ll, n_tok, "acc_norm")["pred"] == 2
     assert rec["gold_logprob"] == -2.0
     z = math.log(math.exp(-1) + math.exp(-0.8) + math.exp(-2))
     assert rec["gold_choice_logprob"] == pytest.approx(-2.0 - z)
-    mc2 = ev.score_item(tasks.Item(0, ["q"] * 3, ["a", "b", "c"], ["a", "b", "c"], [0, 2]), ll, n_tok, "mc2")
+    mc2 = metrics.score_item(tasks.Item(0, ["q"] * 3, ["a", "b", "c"], ["a", "b", "c"], [0, 2]), ll, n_tok, "mc2")
     p = np.exp(ll)
     assert mc2["mc2"] == pytest.approx((p[0] + p[2]) / p.sum()) and mc2["acc"] == 0.0
 
@@ -123,7 +125,7 @@ def test_score_item_by_hand():
 def test_task_metrics_and_stderr_by_hand():
     recs = [{"idx": i, "acc": a, "acc_norm": 1.0, "acc_tok": 0.0, "gold_logprob": g, "gold_choice_logprob": 0.0,
              "group": None} for i, (a, g) in enumerate([(1.0, -1.0), (0.0, -3.0), (1.0, -2.0), (1.0, -2.0)])]
-    res = ev.task_result("copa", recs, 100)
+    res = metrics.task_result("copa", recs, 100)
     assert res["acc"] == 0.75 and res["score"] == 0.75 and res["n"] == 4 and res["n_total"] == 100
     assert res["acc_stderr"] == pytest.approx(np.std([1, 0, 1, 1], ddof=1) / 2)
     assert res["gold_logprob"] == -2.0
@@ -151,7 +153,7 @@ def paper_results(row: dict) -> dict:
         if name == "mmlu":
             # each subject at its category's value: the macro mean over subjects is then the paper's DK
             subjects = {s: v[i] for i, members in enumerate(groups.values()) for s in members}
-            score, subcats = ev.aggregate_groups(subjects, groups)
+            score, subcats = metrics.aggregate_groups(subjects, groups)
             out[name] = {"status": "ok", "score": score, "subcategories": subcats}
         else:
             out[name] = {"status": "ok", "score": v}
@@ -161,7 +163,7 @@ def paper_results(row: dict) -> dict:
 @pytest.mark.parametrize("row,expected", [(TABLE5_ALPACA, TABLE2_ALPACA), (TABLE6_TINYLLAMA, TABLE2_TINYLLAMA),
                                           (TABLE5_SHAREGPT_WO_EP2, TABLE2_SHAREGPT_WO)])
 def test_categories_reproduce_the_papers_arithmetic(row, expected):
-    cats = ev.categories(paper_results(row))
+    cats = metrics.categories(paper_results(row))
     for cat, value in expected.items():
         assert cats[cat]["score"] == pytest.approx(value, abs=0.006), cat
         assert cats[cat]["complete"]
@@ -173,24 +175,24 @@ def test_missing_tasks_are_listed_never_dropped_silently():
     res = paper_results(TABLE5_ALPACA)
     res["tasks"]["race_high"] = {"status": "missing", "reason": "RACE-high is not in the mirror"}
     del res["tasks"]["siqa"]
-    cats = ev.categories(res)
+    cats = metrics.categories(res)
     u = cats["Understanding"]
     assert u["missing"] == {"race_high": "RACE-high is not in the mirror"} and not u["complete"]
     assert u["score"] == pytest.approx(np.mean([55.22, 66.4, 58.13]))
     assert cats["Reasoning"]["missing"] == {"siqa": "not evaluated"}
     assert not cats["AVG"]["complete"] and cats["AVG"]["missing"] == []
     del res["tasks"]["arc_c"]
-    assert ev.categories(res)["AVG"]["missing"] == ["Exams"]
+    assert metrics.categories(res)["AVG"]["missing"] == ["Exams"]
 
 
 def test_unknown_task_fails_before_any_model_is_loaded():
     with pytest.raises(KeyError, match="unknown task 'hellaswagg'"):
-        ev.evaluate("no-such-model-is-loaded", ["copa", "hellaswagg"])
+        harness.evaluate("no-such-model-is-loaded", ["copa", "hellaswagg"])
 
 
 @pytest.mark.mirror
 def test_evaluate_tiny_end_to_end_with_cache(tiny, tmp_path):
-    res = ev.evaluate(tiny, ["copa", "race_high", "arc_c"], limit=6, cache_dir=tmp_path, progress=False)
+    res = harness.evaluate(tiny, ["copa", "race_high", "arc_c"], limit=6, cache_dir=tmp_path, progress=False)
     assert res["tasks"]["race_high"]["status"] == "missing"
     copa = res["tasks"]["copa"]
     assert copa["n"] == 6 and copa["n_total"] == 100 and len(copa["records"]) == 6
@@ -202,16 +204,16 @@ def test_evaluate_tiny_end_to_end_with_cache(tiny, tmp_path):
     assert "race_high" in res["categories"]["Understanding"]["missing"]
     json.dumps(res)  # JSON-able
     assert len(list(tmp_path.glob("*.json"))) == 2
-    again = ev.evaluate(tiny, ["copa", "arc_c"], limit=6, cache_dir=tmp_path, progress=False)
+    again = harness.evaluate(tiny, ["copa", "arc_c"], limit=6, cache_dir=tmp_path, progress=False)
     assert again["timing"]["items"] == 0 and again["tasks"]["copa"]["records"] == copa["records"]
-    other = ev.evaluate(tiny, ["copa"], limit=5, cache_dir=tmp_path, progress=False)  # other settings: new key
+    other = harness.evaluate(tiny, ["copa"], limit=5, cache_dir=tmp_path, progress=False)  # other settings: new key
     assert other["timing"]["items"] == 5 and len(list(tmp_path.glob("*.json"))) == 3
 
 
 @pytest.mark.mirror
 def test_cli_prints_tables_and_writes_json(tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    ev.add_cli(parser.add_subparsers())
+    scoring.add_cli(parser.add_subparsers())
     out = tmp_path / "r.json"
     args = parser.parse_args(["eval", "--model", "tiny", "--tasks", "copa,race_high", "--limit", "4", "--out", str(out),
                               "--cache-dir", str(tmp_path / "cache")])
@@ -225,9 +227,9 @@ def test_cli_prints_tables_and_writes_json(tmp_path, capsys):
 @pytest.mark.mirror
 def test_smollm2_copa_matches_lm_eval():
     # lm-eval 0.4.13 (benchmarks/lm_eval_tasks/cfsam_copa.yaml, HFLM on this model) scores 64/100 here
-    from cfsam.models import load_model
+    from cfsam.data.models import load_model
 
-    res = ev.evaluate(load_model("smollm2-135m"), ["copa"], use_cache=False, progress=False)
+    res = harness.evaluate(load_model("smollm2-135m"), ["copa"], use_cache=False, progress=False)
     assert res["tasks"]["copa"]["n"] == 100
     assert res["tasks"]["copa"]["acc"] == pytest.approx(0.64)
 
@@ -235,10 +237,10 @@ def test_smollm2_copa_matches_lm_eval():
 def _dp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from cfsam.models import load_model
+    from cfsam.data.models import load_model
 
     tiny = load_model("tiny")
-    lls = ev.loglikelihoods(tiny.model, tiny.tokenizer, PAIRS, batch_size=2)
+    lls = scoring.loglikelihoods(tiny.model, tiny.tokenizer, PAIRS, batch_size=2)
     with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
         json.dump(lls, f)
     torch.distributed.destroy_process_group()
@@ -252,7 +254,7 @@ def test_data_parallel_ranks_agree_with_one_process(tiny, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(_dp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    single = ev.loglikelihoods(tiny.model, tiny.tokenizer, PAIRS)
+    single = scoring.loglikelihoods(tiny.model, tiny.tokenizer, PAIRS)
     for rank in range(2):
         got = json.loads((tmp_path / f"{rank}.json").read_text())
         assert [g[0] for g in got] == pytest.approx([s[0] for s in single], abs=1e-4)

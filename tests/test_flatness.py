@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from cfsam.flatness import flatness_metrics
+from cfsam.core.flatness import flatness_metrics
 
 
 def grid(n=9, span=1.0):

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from cfsam import landscape, plots
-from cfsam.landscape import Line, Surface
+from cfsam.analysis import plots
+from cfsam.measurement import curvature
+from cfsam.measurement import heldout
+from cfsam.measurement import landscape
+from cfsam.measurement.landscape import Line, Surface
 
 
 def make_batches(n_batches=2, size=2, length=12, vocab=1000, seed=0):
@@ -40,17 +43,17 @@ def test_loss_matches_transformers(tiny):
     model, batches = tiny.model, make_batches()
     with torch.no_grad():
         hf = [model(**b).loss.item() for b in batches]  # transformers' own shifted, -100-masked mean
-    counts = [landscape.count_items([b]) for b in batches]
-    assert landscape.mean_loss(model, batches[:1]) == pytest.approx(hf[0], rel=1e-5)
+    counts = [heldout.count_items([b]) for b in batches]
+    assert heldout.mean_loss(model, batches[:1]) == pytest.approx(hf[0], rel=1e-5)
     # all batches together: token-weighted, not a mean of batch means
-    assert landscape.mean_loss(model, batches) == pytest.approx(np.dot(hf, counts) / sum(counts), rel=1e-5)
+    assert heldout.mean_loss(model, batches) == pytest.approx(np.dot(hf, counts) / sum(counts), rel=1e-5)
 
 
 def test_loss_needs_labelled_tokens(tiny):
     b = make_batches(1)[0]
     b["labels"][:] = -100
     with pytest.raises(ValueError, match="no labelled items"):
-        landscape.mean_loss(tiny.model, [b])
+        heldout.mean_loss(tiny.model, [b])
 
 
 # ------------------------------------------------------------------------------------ directions
@@ -97,7 +100,7 @@ def test_surface_restores_weights_after_an_error(tiny):
         calls.append(1)
         if len(calls) > 3:
             raise RuntimeError("boom")
-        return landscape.response_token_loss(m, batch)
+        return heldout.response_token_loss(m, batch)
 
     with pytest.raises(RuntimeError, match="boom"):
         landscape.surface(model, make_batches(), n=3, span=0.5, loss_fn=failing, progress=False)
@@ -107,7 +110,7 @@ def test_surface_restores_weights_after_an_error(tiny):
 def test_surface_points_are_the_perturbed_losses(tiny):
     model, batches = tiny.model, make_batches()
     s = landscape.surface(model, batches, n=3, span=0.3, seed=5, progress=False)
-    assert s.center_loss == landscape.mean_loss(model, batches)  # theta0 itself is the centre point
+    assert s.center_loss == heldout.mean_loss(model, batches)  # theta0 itself is the centre point
     # an off-centre, off-diagonal point, set by hand on a copy: losses[i, j] is at x[i] d1 + y[j] d2
     d1 = landscape.random_direction(model, 5, which=0)
     d2 = landscape.random_direction(model, 5, which=1)
@@ -115,7 +118,7 @@ def test_surface_points_are_the_perturbed_losses(tiny):
     with torch.no_grad():
         for p, a, b in zip(moved.parameters(), d1, d2):
             p.add_(s.x[0] * a + s.y[2] * b)
-    assert s.losses[0, 2] == pytest.approx(landscape.mean_loss(moved, batches), rel=1e-5)
+    assert s.losses[0, 2] == pytest.approx(heldout.mean_loss(moved, batches), rel=1e-5)
     assert s.losses[0, 2] != pytest.approx(s.losses[2, 0], rel=1e-5)
     # same seed, same surface; another seed, another one
     again = landscape.surface(model, batches, n=3, span=0.3, seed=5, progress=False)
@@ -142,7 +145,7 @@ def test_surface_save_load_roundtrip(tiny, tmp_path):
             np.testing.assert_array_equal(getattr(back, f), getattr(s, f))
         assert (back.seed, back.settings, back.model, back.data) == (s.seed, s.settings, s.model, s.data)
         assert back.flatness() == s.flatness()
-    assert s.data["dataset"] == "hand-made" and s.data["items"] == landscape.count_items(make_batches())
+    assert s.data["dataset"] == "hand-made" and s.data["items"] == heldout.count_items(make_batches())
     with pytest.raises(ValueError, match="Line"):
         Line.load(stem)
 
@@ -161,7 +164,7 @@ def test_flatness_over_seeds(tiny):
 
 # ---------------------------------------------------------------------------------- interpolation
 def test_interpolation_endpoints_are_the_models_losses(tiny):
-    from cfsam.models import load_model
+    from cfsam.data.models import load_model
 
     a, batches = tiny.model, make_batches()
     b = load_model("tiny").model
@@ -173,13 +176,13 @@ def test_interpolation_endpoints_are_the_models_losses(tiny):
     line = landscape.interpolate(a, b, batches, t=3, progress=False)
     assert_bit_identical(a, state)
     np.testing.assert_array_equal(line.t, [0.0, 0.5, 1.0])
-    assert line.losses[0] == pytest.approx(landscape.mean_loss(a, batches), rel=1e-6)
-    assert line.losses[-1] == pytest.approx(landscape.mean_loss(b, batches), rel=1e-6)
+    assert line.losses[0] == pytest.approx(heldout.mean_loss(a, batches), rel=1e-6)
+    assert line.losses[-1] == pytest.approx(heldout.mean_loss(b, batches), rel=1e-6)
     mid = copy.deepcopy(a)
     with torch.no_grad():
         for p, q in zip(mid.parameters(), b.parameters()):
             p.copy_((p + q) / 2)
-    assert line.losses[1] == pytest.approx(landscape.mean_loss(mid, batches), rel=1e-5)
+    assert line.losses[1] == pytest.approx(heldout.mean_loss(mid, batches), rel=1e-5)
 
 
 def test_interpolation_needs_one_architecture(tiny):
@@ -209,19 +212,19 @@ def quadratic():
 def test_hvp_is_the_hessian_times_v(quadratic):
     model, batches, H, _ = quadratic
     v = np.arange(1.0, 7.0)
-    hv = landscape.hvp(model, batches, [torch.tensor(v[:5]).view(1, 5), torch.tensor(v[5:])], loss_fn=mse)
+    hv = curvature.hvp(model, batches, [torch.tensor(v[:5]).view(1, 5), torch.tensor(v[5:])], loss_fn=mse)
     np.testing.assert_allclose(torch.cat([t.flatten() for t in hv]).numpy(), H @ v, rtol=1e-10)
 
 
 def test_hessian_top_eigenvalue_of_quadratic(quadratic):
     model, batches, H, _ = quadratic
-    top = landscape.hessian_top_eigenvalue(model, batches, iters=500, tol=1e-12, loss_fn=mse)
+    top = curvature.hessian_top_eigenvalue(model, batches, iters=500, tol=1e-12, loss_fn=mse)
     assert top == pytest.approx(np.linalg.eigvalsh(H)[-1], rel=1e-6)
 
 
 def test_hutchinson_trace_of_quadratic(quadratic):
     model, batches, H, _ = quadratic
-    est, se = landscape.hessian_trace(model, batches, probes=1000, seed=1, loss_fn=mse)
+    est, se = curvature.hessian_trace(model, batches, probes=1000, seed=1, loss_fn=mse)
     assert se < 0.05 * np.trace(H)
     assert abs(est - np.trace(H)) < 4 * se
 
@@ -230,19 +233,19 @@ def test_sam_sharpness_of_quadratic(quadratic):
     model, batches, H, grad = quadratic
     state = snapshot(model)
     rho = 0.3
-    out = landscape.sam_sharpness(model, batches, rho=rho, loss_fn=mse)
+    out = curvature.sam_sharpness(model, batches, rho=rho, loss_fn=mse)
     assert_bit_identical(model, state)
     u = grad / np.linalg.norm(grad)
     # exact for a quadratic: L(theta + rho u) - L(theta) = rho |g| + rho^2 u^T H u / 2
     assert out["grad_norm"] == pytest.approx(np.linalg.norm(grad), rel=1e-10)
     assert out["sharpness"] == pytest.approx(rho * np.linalg.norm(grad) + rho**2 * u @ H @ u / 2, rel=1e-9)
     with pytest.raises(ValueError, match="rho"):
-        landscape.sam_sharpness(model, batches, rho=-1.0, loss_fn=mse)
+        curvature.sam_sharpness(model, batches, rho=-1.0, loss_fn=mse)
 
 
 def test_curvature_summary_keys(quadratic):
     model, batches, H, _ = quadratic
-    c = landscape.curvature(model, batches, iters=200, probes=4, loss_fn=mse)
+    c = curvature.curvature(model, batches, iters=200, probes=4, loss_fn=mse)
     assert {"loss", "grad_norm", "sam_sharpness", "hessian_top_eigenvalue", "hessian_trace",
             "hessian_trace_stderr"} <= set(c)
     assert c["hessian_top_eigenvalue"] == pytest.approx(np.linalg.eigvalsh(H)[-1], rel=1e-3)
@@ -250,19 +253,19 @@ def test_curvature_summary_keys(quadratic):
 
 def test_hvp_through_the_language_model_matches_finite_differences():
     """Double backward through attention (math kernel), batch weighting: H v ~ central difference of gradients."""
-    from cfsam.models import load_model
+    from cfsam.data.models import load_model
 
     model = load_model("tiny", dtype=torch.float64).model
     batches = make_batches(length=8)
     params = list(model.parameters())
     g = torch.Generator().manual_seed(0)
     v = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
-    hv = landscape.hvp(model, batches, v)
+    hv = curvature.hvp(model, batches, v)
     eps, grads = 1e-5, []  # truncation error ~eps^2; below ~1e-5 the model's float32 parts (RoPE) dominate
     for sign in (1, -1):
         with torch.no_grad():
             torch._foreach_add_(params, v, alpha=sign * eps)
-        grads.append(landscape.gradient(model, batches)[1])
+        grads.append(curvature.gradient(model, batches)[1])
         with torch.no_grad():
             torch._foreach_add_(params, v, alpha=-sign * eps)
     fd = torch.cat([(a - b).flatten() / (2 * eps) for a, b in zip(*grads)])
@@ -290,7 +293,7 @@ def test_plots_share_one_colour_scale(tmp_path):
 # -------------------------------------------------------------------------------------------- CLI
 def _parser():
     parser = argparse.ArgumentParser()
-    landscape.add_cli(parser.add_subparsers())
+    heldout.add_cli(parser.add_subparsers())
     return parser
 
 

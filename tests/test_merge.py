@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from cfsam import models
-from cfsam.merge import interpolate, wise_ft
+from cfsam.data import models
+from cfsam.training.merge import interpolate, wise_ft
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cfsam import models
+from cfsam.data import models
 
 
 def test_tiny_is_a_small_llama_with_the_smollm2_tokenizer(tiny):

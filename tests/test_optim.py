@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cfsam.optim import SAM
+from cfsam.core.sam import SAM
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -238,7 +238,7 @@ def test_two_process_ddp_fsdp1_fsdp2_and_flat_shards(tmp_path):
 
 
 def test_zero_engine_config_and_bad_arguments_are_named():
-    from cfsam import zero
+    from cfsam.training import zero
 
     cfg = zero.engine_config(3, micro_batch=2, grad_accum=4, world=8, max_grad_norm=None)
     # DeepSpeed checks train_batch_size = micro x accumulation x world; no clipping is 0 for it

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from cfsam.paper import KEY, TABLES, delta, paper_numbers, paper_table
+from cfsam.analysis.paper import KEY, TABLES, delta, paper_numbers, paper_table
 
 REGISTRY = Path(__file__).parents[1] / "src" / "cfsam" / "registry"
 # a mean of numbers rounded to 2 decimals is within 0.005 of the true mean, and the printed category

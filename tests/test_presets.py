@@ -1,6 +1,6 @@
 import pytest
 
-from cfsam.presets import PresetError, load_preset, preset_names
+from cfsam.pipeline.presets import PresetError, load_preset, preset_names
 
 
 def test_all_presets_load_and_validate():
@@ -12,20 +12,31 @@ def test_all_presets_load_and_validate():
 def test_paper_preset_holds_the_papers_hyper_parameters():
     p = load_preset("paper")  # Appendix A.2
     assert (p["stage1"]["epochs"], p["stage1"]["lr"], p["stage1"]["batch_size"]) == (3, 2e-5, 128)
-    assert (p["stage2"]["lr"], p["stage2"]["batch_size"], p["stage2"]["rho"]) == (5e-6, 128, 2.0)
-    assert (p["stage2"]["epochs_adamw"], p["stage2"]["epochs_sam"], p["seed"]) == (2, 1, 1234)
+    assert (p["stage2"]["lr"], p["stage2"]["batch_size"], p["sam"]["rho"]) == (5e-6, 128, 2.0)
+    assert (p["stage2"]["epochs"], p["sam"]["epochs"], p["train"]["seed"]) == (2, 1, 1234)
 
 
 @pytest.mark.parametrize("overrides, message", [
     ({"modell": "x"}, "unknown preset key"),
-    ({"model": "gpt5"}, "unknown model 'gpt5'; allowed: smollm2-135m"),
-    ({"data.stage2": ["sharegpt", "wiki"]}, "unknown dataset 'wiki'"),
-    ({"stage2.lr": -1.0}, "stage2.lr=-1.0 must be a positive number"),
-    ({"stage2.batch_size": "8"}, "must be int"),
-    ({"rehearsal.fraction": 1.5}, r"rehearsal.fraction=1.5 must lie in \[0, 1\)"),
+    ({"model": "gpt5"}, "unknown model preset 'gpt5'; allowed: smollm2-135m"),
+    ({"stage2_datasets": ["sharegpt", "wiki"]}, "unknown dataset 'wiki'"),
+    ({"stage2.lr": -1.0}, "section stage2: lr=-1.0; allowed: a finite number > 0"),
+    ({"stage2.lr": float("inf")}, "section stage2: lr=inf"),
+    ({"stage2.lr": "2e-05"}, "section stage2: lr='2e-05'"),  # YAML 1.1 reads 2e-05 as a string
+    ({"stage2.batch_size": "8"}, "batch_size='8'; allowed: an integer >= 1"),
+    ({"stage2.n_train": 0}, "n_train=0; allowed: None or an integer >= 1"),
+    ({"stage2.n_train": 2}, "n_train=2 is fewer than one batch"),
+    ({"stage2.optimiser": "sam"}, "unknown stage option.*optimiser"),
+    ({"rehearsal.rehearsal_fraction": 1.5}, r"rehearsal_fraction=1.5; allowed: 0 <= fraction < 1"),
     ({"wise_ft.alpha": 2}, "wise_ft.alpha"),
-    ({"stage1.optimizer": "sgd"}, "allowed: adamw, sam"),
+    ({"stage1.optimizer": "sgd"}, "allowed: adamw | sam"),
+    ({"sam.rho": float("nan")}, "section sam: rho=nan"),
+    ({"rho_sweep": [0.5, float("nan")]}, r"rho_sweep\[1\]=nan"),
     ({"landscape.grid": 2}, "landscape.grid=2"),
+    ({"landscape.grid": 4}, "landscape.grid=4 must be an odd number"),
+    ({"landscape.seeds": []}, "landscape.seeds=\\[\\] must be a non-empty list"),
+    ({"eval.limit": 0}, "eval.limit=0 must be a positive integer"),
+    ({"heldout.n": 0}, "heldout.n=0 must be a positive integer"),
 ])
 def test_bad_presets_are_named(overrides, message):
     with pytest.raises(PresetError, match=message):

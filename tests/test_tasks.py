@@ -9,7 +9,8 @@ import datasets
 import pytest
 import yaml
 
-from cfsam import data, tasks
+from cfsam.data import hub, sources
+from cfsam.evaluation import tasks
 
 # MANIFEST.md record counts of the files each task reads (arc_c: see test_arc_c_is_the_papers_295)
 MANIFEST_COUNTS = {"mmlu": 14042, "race_middle": 1436, "openbookqa_fact": 500, "csl_dev": 160, "boolq": 3270,
@@ -228,7 +229,7 @@ def _splits(name: str) -> list[str]:
 
 
 def mirror_records(dataset: str, splits: list[str]) -> dict[str, list[dict]]:
-    return {s: data.load_raw(dataset, s).to_list() for s in splits}
+    return {s: sources.load_raw(dataset, s).to_list() for s in splits}
 
 
 def hub_docs(dataset: str, splits: list[str]) -> dict[str, list[dict]]:
@@ -260,12 +261,12 @@ def test_hub_path_gives_the_mirror_items(name, monkeypatch):
     got, n_got = tasks.load_items(name, limit=300, num_fewshot=k)
     assert n_got == n_want and got == want
     for split, recs in mirror.items():  # every record, not only the sampled items: the mirror's fields and values
-        from_hub = data.load_eval(dataset, split)
+        from_hub = sources.load_eval(dataset, split)
         assert from_hub == [{key: m[key] for key in h} for m, h in zip(recs, from_hub)]
-    hub = data.dataset_spec(dataset)["hub"]
-    assert {a[:2] for a in asked} == {(hub["id"], hub.get("config"))}
+    spec = sources.dataset_spec(dataset)["hub"]
+    assert {a[:2] for a in asked} == {(spec["id"], spec.get("config"))}
     assert {a[2] for a in asked} == set(_splits(name))
-    assert tasks.data_hashes(name) == {f"hub:{data.hub_ref(dataset, s)}": "unpinned" for s in _splits(name)}
+    assert tasks.data_hashes(name) == {f"hub:{hub.hub_ref(dataset, s)}": "unpinned" for s in _splits(name)}
 
 
 def lm_eval_config(rel: str) -> dict:
@@ -353,7 +354,7 @@ def test_race_high_comes_from_the_hub_only(monkeypatch):
 def test_hellaswag_hub_record_is_cleaned_as_the_llamacpp_export(monkeypatch):
     # mirror item 3505 is a WikiHow item: its raw Hub text (built by hand from the mirror line and the
     # extractor's rules: "[header]" dropped, " [title]" -> ". ") must come out as the mirror's line
-    mirror = data.load_raw("hellaswag", "validation")[3505]
+    mirror = sources.load_raw("hellaswag", "validation")[3505]
     assert mirror["ctx"].startswith("Family Life: How to entertain a toddler. Ask the toddler")
     raw = {**HUB_DOCS["hellaswag"](mirror, 3505),
            "ctx": "[header] How to entertain a toddler [title] Ask the toddler what he or she would like to do "
@@ -362,7 +363,7 @@ def test_hellaswag_hub_record_is_cleaned_as_the_llamacpp_export(monkeypatch):
                   "like candy land or chutes and ladders."}
     raw["endings"][1] = raw["endings"][1].replace("paper.. Watch", "paper. [title] Watch")
     serve_hub(monkeypatch, {"validation": [raw]})
-    assert data.load_eval("hellaswag", "validation") == [{k: mirror[k] for k in ("ctx", "label", "endings")}]
+    assert sources.load_eval("hellaswag", "validation") == [{k: mirror[k] for k in ("ctx", "label", "endings")}]
     from_raw, _ = tasks.load_items("hellaswag")
     serve_hub(monkeypatch, {"validation": [HUB_DOCS["hellaswag"](mirror, 3505)]})
     assert from_raw == tasks.load_items("hellaswag")[0]

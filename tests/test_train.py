@@ -10,9 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cfsam import data, models
-from cfsam.optim import SAM
-from cfsam.train import StepContext, TrainingDiverged, _build_optimizer, optimizer_step, stage_id, train_stage
+from cfsam.data import formatting
+from cfsam.data import models
+from cfsam.core.sam import SAM
+from cfsam.training.step import StepContext, TrainingDiverged, build_optimizer, optimizer_step
+from cfsam.training.config import stage_id
+from cfsam.training.stage import train_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = ROOT.parent / "shared" / "data"
@@ -32,7 +35,7 @@ def _data_dir(monkeypatch):
 def tiny_batch():
     os.environ.setdefault("CFSAM_DATA_DIR", str(DATA_DIR))
     loaded = models.load_model("tiny")
-    ds = data.build_dataset("alpaca", loaded.tokenizer, n=4, max_length=64)
+    ds = formatting.build_dataset("alpaca", loaded.tokenizer, n=4, max_length=64)
     return loaded.tokenizer, [ds[i] for i in range(4)]
 
 
@@ -79,7 +82,7 @@ def test_sam_accumulation_equals_one_big_batch(tiny_batch):
         model = models.load_model("tiny").model
         # SGD: the update is the gradient at the perturbed point itself (Adam's first step is ~sign(g))
         opt = SAM(model.parameters(), torch.optim.SGD, rho=2.0, lr=1.0)
-        rec = optimizer_step(model, opt, [data.collate(g, tok.pad_token_id) for g in groups], StepContext())
+        rec = optimizer_step(model, opt, [formatting.collate(g, tok.pad_token_id) for g in groups], StepContext())
         results.append((rec, {k: v.detach().clone() for k, v in model.state_dict().items()}))
     (r1, w1), (r2, w2) = results
     assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-5)
@@ -91,8 +94,8 @@ def test_sam_accumulation_equals_one_big_batch(tiny_batch):
 def test_fp16_grad_scaler_overflow_skips_then_steps(tiny_batch):
     tok, feats = tiny_batch
     model = models.load_model("tiny").model
-    opt = _build_optimizer(model, "sam", 1e-3, 0.0, 2.0, False)
-    batch = [data.collate(feats, tok.pad_token_id)]
+    opt = build_optimizer(model, "sam", 1e-3, 0.0, 2.0, False)
+    batch = [formatting.collate(feats, tok.pad_token_id)]
     w0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 100)  # fp16 gradients overflow at this scale
     rec = optimizer_step(model, opt, batch, StepContext(autocast_dtype=torch.float16, scaler=scaler))
@@ -212,7 +215,7 @@ def test_deepspeed_zero2_and_zero3_match_one_process_and_zero3_resumes(tmp_path,
 def _cli(argv):
     import argparse
 
-    from cfsam.train import add_cli
+    from cfsam.training.config import add_cli
 
     parser = argparse.ArgumentParser()
     add_cli(parser.add_subparsers(dest="command", required=True))
@@ -221,8 +224,8 @@ def _cli(argv):
 
 
 def test_preset_sections_fill_the_stage_options():
-    from cfsam import presets
-    from cfsam.train import _preset_defaults
+    from cfsam.pipeline import presets
+    from cfsam.training.config import _preset_defaults
 
     p = presets.load_preset("cpu")
     s1 = _preset_defaults("cpu", 1, None)

@@ -17,8 +17,8 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from cfsam import zero
-from cfsam.optim import SAM
+from cfsam.training import zero
+from cfsam.core.sam import SAM
 
 RHO, LR, STEPS, WD = 0.5, 1e-2, 3, 0.1
 

@@ -16,7 +16,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from cfsam.optim import SAM
+from cfsam.core.sam import SAM
 
 RHO, LR, STEPS = 0.5, 1e-2, 3
 

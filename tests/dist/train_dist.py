@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from cfsam.train import train_stage
+from cfsam.training.stage import train_stage
 
 MODES = {"torch": (("ddp", {}), ("fsdp", {})),
          "deepspeed": (("zero2", {"grad_accum": 1}), ("zero3", {"grad_accum": 2}))}

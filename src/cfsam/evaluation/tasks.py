@@ -17,9 +17,11 @@ lm-evaluation-harness task config, how one record becomes one item:
   ``lm_eval`` (the lm-eval task whose definition the prompt follows, or null)
 
 Prompts follow lm-eval's definitions wherever lm-eval has the task, so that per-item agreement with it
-is a meaningful check (``benchmarks/bench_eval.py``). A task whose data cannot be read here (the mirror
-lacks it, or the Hub cannot be reached) raises ``TaskMissing``: the harness reports it as missing instead
-of leaving it out.
+is a meaningful check (``benchmarks/bench_eval.py``). A task whose data cannot be had here (the mirror
+lacks the set, as the data registry and the mirror's MANIFEST.md say, or the Hub cannot be reached) raises
+``TaskMissing``: the harness reports it as missing instead of leaving it out. Data that is there but cannot
+be read (a truncated or malformed file, a record that does not fit the task) raises ``sources.DataError``
+(``DamagedFile`` for a mirror file) naming the file: a score must never quietly lose a task to it.
 """
 from __future__ import annotations
 
@@ -30,18 +32,19 @@ from functools import lru_cache
 from pathlib import Path
 
 import jinja2
-import yaml
 
-from cfsam import data
+from cfsam.core import registry
+from cfsam.data import sources
 
-TASK_DIR = Path(__file__).parent / "registry" / "tasks"
+TASK_DIR = Path(__file__).parent.parent / "registry" / "tasks"
 CATEGORIES = ("DK", "Understanding", "Reasoning", "Exams")
 PRIMARY_METRICS = ("acc", "acc_norm", "acc_tok", "mc2")
 FEWSHOT_DELIMITER = "\n\n"  # between few-shot examples, as lm-eval
 
 
 class TaskMissing(RuntimeError):
-    """The task is defined but its data is not available here (the message says why)."""
+    """The task is defined but its data set is not available here (the message says why): never raised for a
+    damaged file, which is a ``sources.DataError`` naming it."""
 
 
 @dataclass
@@ -88,12 +91,7 @@ def _env() -> jinja2.Environment:
 # ------------------------------------------------------------------------------------- registry
 @lru_cache(maxsize=1)
 def _registry() -> dict[str, dict]:
-    specs = {}
-    for path in sorted(TASK_DIR.glob("*.yaml")):
-        spec = yaml.safe_load(path.read_text())
-        spec["_source"] = path.read_text()
-        specs[spec["task"]] = spec
-    return specs
+    return registry.entries("tasks")
 
 
 def task_names(category: str | None = None) -> list[str]:
@@ -132,8 +130,8 @@ def variant(name: str) -> str | None:
     spec = task_spec(name)
     labels = [spec.get("variant")]
     try:
-        labels.append(data.label(spec["dataset"]))
-    except data.DataError:
+        labels.append(sources.label(spec["dataset"]))
+    except sources.DataError:
         pass
     labels = [x for x in dict.fromkeys(labels) if x]
     return "; ".join(labels) or None
@@ -146,22 +144,48 @@ def data_hashes(name: str) -> dict[str, str]:
     splits = [spec["split"]]
     if spec.get("fewshot", {}).get("split") not in (None, spec["split"]):
         splits.append(spec["fewshot"]["split"])
-    return data.file_hashes(spec["dataset"], splits)
+    return sources.file_hashes(spec["dataset"], splits)
 
 
 def _records(spec: dict, split: str) -> list[dict]:
     try:
-        records = data.load_eval(spec["dataset"], split)
-    except data.DataError as err:
+        records = sources.load_eval(spec["dataset"], split)
+    except sources.DataUnavailable as err:
         raise TaskMissing(f"task {spec['task']!r}: {err}") from err
-    if spec.get("filter"):
-        keep = _env().compile_expression(spec["filter"])
-        records = [r for r in records if keep(**r)]
-    if spec.get("group"):
-        group = _env().compile_expression(spec["group"])
-        for r in records:
-            r["group"] = group(**r)
-    return records
+    except sources.DataError as err:  # damaged, malformed or absent from a mirror that should hold it
+        raise type(err)(f"task {spec['task']!r}: {err}") from err
+    keep = _env().compile_expression(spec["filter"]) if spec.get("filter") else None
+    group = _env().compile_expression(spec["group"]) if spec.get("group") else None
+    out = []
+    for i, r in enumerate(records):
+        try:
+            if keep is not None and not keep(**r):
+                continue
+            if group is not None:
+                r["group"] = group(**r)
+        except _RECORD_ERRORS as err:
+            raise _bad_record(spec, split, i, err) from err
+        out.append(r)
+    return out
+
+
+# what a template raises on a record without the task's fields (StrictUndefined) or with odd values
+_RECORD_ERRORS = (jinja2.TemplateError, TypeError, KeyError, IndexError, ValueError, AttributeError)
+
+
+def _bad_record(spec: dict, split: str, i: int, err: Exception, what: str = "record") -> sources.DataError:
+    """A record the task cannot read: an error naming the files (or Hub copy) it came from."""
+    dataset, mirror = spec["dataset"], sources.use_mirror()
+    try:
+        where = ", ".join(map(str, sources.raw_files(dataset, split))) if mirror else \
+            "hub:" + sources._hub().hub_ref(dataset, split)
+    except sources.DataError:
+        where = f"dataset {dataset!r}, split {split!r}"
+    fix = ("the file may be damaged: restore it from a good copy of the mirror (MANIFEST.md names its source)"
+           if mirror else "the Hub copy may have changed: pin hub.revision in the data registry or use a mirror")
+    cls = sources.DamagedFile if mirror else sources.DataError
+    return cls(f"task {spec['task']!r}: {what} {i} of {where} does not fit the task ({type(err).__name__}: "
+               f"{str(err)[:200]}); {fix}")
 
 
 class _Renderer:
@@ -227,7 +251,10 @@ def load_items(name: str, *, limit: int | None = None, seed: int = 1234,
     items = []
     for i in chosen:
         shots = _shots(records[i], pool, num_fewshot, fs, seed, i, same_pool=pool is records) if num_fewshot else []
-        items.append(render.item(i, records[i], shots))
+        try:
+            items.append(render.item(i, records[i], shots))
+        except _RECORD_ERRORS as err:
+            raise _bad_record(spec, spec["split"], i, err, "item") from err  # i counts filtered records
     return items, len(records)
 
 

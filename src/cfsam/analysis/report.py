@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from . import paper
-from .experiments import experiments, load_results
+from cfsam.analysis import paper
+from cfsam.pipeline.cache import load_results
+from cfsam.pipeline import specs
 
 CATEGORIES = ["DK", "Understanding", "Reasoning", "Exams", "AVG"]
 MMLU_PARTS = {"mmlu_stem": "STEM", "mmlu_humanities": "Humanities", "mmlu_social_sciences": "Social Sciences",
@@ -23,14 +24,7 @@ PAPER_TASK = {"truthfulqa": "truthfulqa_mc1"}
 
 def run_key(spec: dict) -> dict:
     """The paper's identity of a run: method, stage-2 set, optimizer and epochs of the last stage."""
-    run = spec["run"]
-    if run["kind"] == "wise_ft":
-        return {**run_key({"run": run["stage2"]}), "method": "wise_ft"}
-    if run["kind"] in ("base", "stage1"):
-        return {"method": "none", "stage2": "", "optimizer": run.get("optimizer", "none"),
-                "epochs": run.get("epochs"), "kind": run["kind"]}
-    return {"method": "rehearsal" if run.get("rehearsal") else "none", "stage2": run["dataset"],
-            "optimizer": run["optimizer"], "epochs": run["epochs"], "kind": "stage2"}
+    return specs.describe(spec["run"])
 
 
 def metrics(entry: dict) -> dict[str, float]:
@@ -63,12 +57,9 @@ def metrics(entry: dict) -> dict[str, float]:
 def frame(preset: str, names: list[str] | None = None) -> pd.DataFrame:
     """One row per experiment: its status, run key and every metric (NaN where missing)."""
     rows = []
-    specs = experiments(preset)
+    exps = specs.expand(preset)
     for name, entry in load_results(preset, names).items():
-        spec = entry.get("spec") or specs[name]
-        row = {"experiment": name, "status": entry["status"], **run_key(spec)}
-        last = spec["run"].get("stage2", spec["run"])
-        row.update(rho=last.get("rho"), adaptive=last.get("adaptive"))
+        row = {"experiment": name, "status": entry["status"], **run_key(exps[name])}
         if entry["status"] == "ok":  # a stale entry's numbers are never shown as results
             row.update(metrics(entry))
             row["wall_s"] = entry.get("provenance", {}).get("wall_s")
@@ -164,7 +155,7 @@ def forgetting(preset: str, names: list[str], reference: str = "stage1") -> pd.D
 
 def surfaces(preset: str, names: list[str], seed_index: int = 0) -> dict:
     """The cached loss surfaces (one direction seed) of the given experiments, by experiment name."""
-    from .landscape import Surface
+    from cfsam.measurement.landscape import Surface
 
     out = {}
     for name, entry in load_results(preset, names).items():
@@ -244,12 +235,12 @@ def training_cost(preset: str, names: list[str]) -> pd.DataFrame:
 
 def preset_note(preset: str) -> str:
     """What the numbers on a page are: the preset, its model, and the data stand-ins it uses."""
-    from . import data
-    from .presets import load_preset
+    from cfsam.data import sources
+    from cfsam.pipeline.presets import load_preset
 
     p = load_preset(preset)
-    sets = [p["data"]["stage1"], *p["data"]["stage2"]]
-    labels = [f"{s}: {data.label(s)}" for s in sets if data.label(s)]
+    sets = [p["stage1"]["dataset"], *p["stage2_datasets"]]
+    labels = [f"{s}: {sources.label(s)}" for s in sets if sources.label(s)]
     warn = ("**Smoke preset: a tiny random model. These numbers exercise the pipeline; they are not results.** "
             if preset == "smoke" else "")
     return (f"{warn}Preset `{preset}` ({p['description']}); model `{p['model']}`. "

@@ -15,17 +15,10 @@ from pathlib import Path
 
 import torch
 
-from cfsam import models
-from cfsam.io import config_hash
+from cfsam.data import models
+from cfsam.training.config import merge_id, model_ref
 
 log = logging.getLogger(__name__)
-
-
-def _source_id(model_dir: Path) -> str | None:
-    for marker in ("metrics.json", "merge.json"):
-        if (model_dir / marker).exists():
-            return json.loads((model_dir / marker).read_text()).get("stage_id")
-    return None
 
 
 @torch.no_grad()
@@ -56,17 +49,16 @@ def wise_ft(stage1_dir, stage2_dir, out_dir, alpha: float = 0.5) -> Path:
     for d in (stage1_dir, stage2_dir):
         if not (d / "config.json").exists():
             raise FileNotFoundError(f"{d} is not a saved model directory (no config.json)")
-    record = {"method": "wise-ft", "alpha": float(alpha),
-              "stage1": {"dir": str(stage1_dir.resolve()), "stage_id": _source_id(stage1_dir)},
-              "stage2": {"dir": str(stage2_dir.resolve()), "stage_id": _source_id(stage2_dir)}}
-    # the same kind of id as a trained stage (cfsam.train.stage_id), so a merge can start a later stage
-    record["stage_id"] = config_hash(record)
+    # ids by content (a run id, else the weights' hash), never by path: a moved cache keeps them
+    record = {"method": "wise-ft", "alpha": float(alpha), "stage1": model_ref(stage1_dir),
+              "stage2": model_ref(stage2_dir)}
+    record["run_id"] = merge_id(record["stage1"], record["stage2"], alpha)
     if (out_dir / "merge.json").exists():
         done = json.loads((out_dir / "merge.json").read_text())
-        if done.get("stage_id") == record["stage_id"]:
-            log.info("merge %s already in %s", record["stage_id"], out_dir)
+        if done.get("run_id") == record["run_id"]:
+            log.info("merge %s already in %s", record["run_id"], out_dir)
             return out_dir
-        raise ValueError(f"{out_dir} holds another merge ({done.get('stage_id')}); use another out_dir or delete it")
+        raise ValueError(f"{out_dir} holds another merge ({done.get('run_id')}); use another out_dir or delete it")
 
     m1 = models.load_model(str(stage1_dir)).model
     loaded2 = models.load_model(str(stage2_dir))

@@ -23,13 +23,13 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from . import experiments
-from .io import write_text_atomic
-from .presets import load_preset
+from cfsam.core.io import write_text_atomic
+from cfsam.pipeline import cache, chapters, runner
+from cfsam.pipeline.presets import load_preset
 
 log = logging.getLogger(__name__)
 
-REPO = experiments.REPO
+REPO = cache.REPO
 NOTEBOOKS_DIR = REPO / "notebooks"
 SLURM_CONFIG = REPO / "configs" / "slurm.yaml"
 KERNEL = "python3"
@@ -48,20 +48,20 @@ def default_out(preset: str) -> Path:
 
 # ------------------------------------------------------------------------------- what to run
 def select_notebooks(notebooks: list[str] | None = None, notebooks_dir: Path | None = None) -> list[str]:
-    """The notebooks to run, in book order: the named ones, or every one of NOTEBOOKS that exists."""
+    """The chapters to run, in book order: the named ones, or every chapter of _toc.yml."""
     nb_dir = Path(notebooks_dir or NOTEBOOKS_DIR)
+    known = chapters.chapters(notebooks_dir)
     if notebooks is None:
-        found = [nb for nb in experiments.NOTEBOOKS if (nb_dir / f"{nb}.ipynb").exists()]
-        if not found:
-            raise FileNotFoundError(f"no notebooks in {nb_dir}; expected some of: {', '.join(experiments.NOTEBOOKS)}")
-        return found
-    bad = [nb for nb in notebooks if nb not in experiments.NOTEBOOKS]
+        if not known:
+            raise FileNotFoundError(f"no chapter notebooks in {nb_dir}")
+        return known
+    bad = [nb for nb in notebooks if nb not in known]
     if bad:
-        raise ValueError(f"unknown notebook(s) {', '.join(bad)}; allowed: {', '.join(experiments.NOTEBOOKS)}")
+        raise ValueError(f"unknown notebook(s) {', '.join(bad)}; allowed: {', '.join(known)}")
     absent = [nb for nb in notebooks if not (nb_dir / f"{nb}.ipynb").exists()]
     if absent:
         raise FileNotFoundError(f"notebook file(s) missing in {nb_dir}: {', '.join(nb + '.ipynb' for nb in absent)}")
-    return [nb for nb in experiments.NOTEBOOKS if nb in notebooks]  # book order, no duplicates
+    return [nb for nb in known if nb in notebooks]  # book order, no duplicates
 
 
 def check_parameters(path: Path) -> None:
@@ -124,7 +124,7 @@ def run_local(preset: str, notebooks: list[str] | None = None, *, out: Path | No
     if dry_run:
         for nb in names:
             print(f"== {nb}: experiments still needed")
-            experiments.run_missing(preset, notebooks=[nb], dry_run=True)
+            runner.run_missing(preset, notebooks=[nb], dry_run=True)
             print(shlex.join(papermill_command(nb_dir / f"{nb}.ipynb", out / f"{nb}.ipynb", params)))
         return []
 
@@ -134,7 +134,7 @@ def run_local(preset: str, notebooks: list[str] | None = None, *, out: Path | No
     done, failed = [], []
     for nb in tqdm(names, desc=f"notebooks ({preset})"):
         started = time.time()
-        ran = experiments.run_missing(preset, notebooks=[nb])
+        ran = runner.run_missing(preset, notebooks=[nb])
         target, partial = out / f"{nb}.ipynb", out / f".{nb}.partial.ipynb"
         try:
             # papermill saves as cells run: execute into a partial file, publish it whole when it succeeds
@@ -260,11 +260,10 @@ def submit(scripts: list[Path]) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------- CLI
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("batch", help="execute notebooks with papermill, locally or as Slurm jobs",
-                              description=__doc__.split("\n\n")[0])
+def add_arguments(p) -> None:
+    """The options of ``cfsam batch`` (registered by ``cfsam.cli``)."""
     p.add_argument("--preset", default="cpu")
-    p.add_argument("--notebooks", help=f"comma-separated (default: all present of {','.join(experiments.NOTEBOOKS)})")
+    p.add_argument("--notebooks", help="comma-separated chapter names (default: every chapter of _toc.yml)")
     p.add_argument("--out", type=Path, help="output directory (default: _build/batch/<preset>/)")
     p.add_argument("--notebooks-dir", type=Path, help="where the notebooks are (default: notebooks/)")
     p.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
@@ -279,7 +278,6 @@ def add_cli(subparsers) -> None:
     s.add_argument("--accelerate", help=f"{' | '.join(ACCELERATE_CONFIGS)} or a config path (default from the "
                                         f"Slurm config)")
     s.add_argument("--submit", action="store_true", help="submit the scripts with sbatch")
-    p.set_defaults(func=_batch)
 
 
 def _parse_params(items: list[str]) -> dict:
@@ -292,7 +290,7 @@ def _parse_params(items: list[str]) -> dict:
     return out
 
 
-def _batch(args) -> int:
+def main(args) -> int:
     notebooks = args.notebooks.split(",") if args.notebooks else None
     params = _parse_params(args.param)
     if not args.slurm:

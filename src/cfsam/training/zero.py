@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from cfsam.optim import global_norm
+from cfsam.core.sam import global_norm
 
 STAGES = (1, 2, 3)
 

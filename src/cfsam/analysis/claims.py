@@ -24,14 +24,14 @@ side of zero, ``opposite`` when it lies on the other, ``inconclusive`` when it c
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
-from . import tasks
-from .experiments import experiments, load_results
+from cfsam.core import registry as registry_
+from cfsam.evaluation import tasks
+from cfsam.pipeline.cache import load_results
+from cfsam.pipeline import specs
 
 MEASURES = {"score": ("Δ AVG (points)", 100.0), "gold_choice_logprob": ("Δ gold log-prob among choices (nats)", 1.0)}
 VERDICTS = ("reproduced", "opposite", "inconclusive", "not run")
@@ -39,7 +39,7 @@ VERDICTS = ("reproduced", "opposite", "inconclusive", "not run")
 
 @lru_cache(maxsize=1)
 def registry() -> list[dict]:
-    return yaml.safe_load((Path(__file__).parent / "registry" / "claims.yaml").read_text())
+    return list(registry_.entries("claims").values())
 
 
 # ------------------------------------------------------------------------------ the arithmetic
@@ -127,13 +127,13 @@ def verdict(low: float, high: float, expect: str) -> str:
 # ------------------------------------------------------------------------------------ claims
 def pairs_of(claim: dict, preset: str) -> list[tuple[str, str]]:
     """The claim's (a, b) experiment names in this preset, ``{stage2}`` and ``{size}`` expanded."""
-    from .presets import load_preset
+    from cfsam.pipeline.presets import load_preset
 
     p = load_preset(preset)
     sizes = [m for m in p["sizes"] if m != p["model"]]
     out = []
     for a, b in claim["pairs"]:
-        for ds in p["data"]["stage2"] if "{stage2}" in a + b else [None]:
+        for ds in p["stage2_datasets"] if "{stage2}" in a + b else [None]:
             for size in sizes if "{size}" in a + b else [None]:
                 out.append(tuple(x.format(stage2=ds, size=size) for x in (a, b)))
     return out
@@ -142,7 +142,7 @@ def pairs_of(claim: dict, preset: str) -> list[tuple[str, str]]:
 def compare_pairs(preset: str, pairs: list[tuple[str, str]], *, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
     """Per pair (a -> b): Δ AVG and Δ gold-choice log-prob with 95% intervals, Δ held-out losses, and the
     pooled mean over all pairs (one bootstrap draw shared by every run, so the pooled interval is paired too)."""
-    names = sorted({n for pair in pairs for n in pair} & set(experiments(preset)))
+    names = sorted({n for pair in pairs for n in pair} & set(specs.expand(preset)))
     entries = {n: e for n, e in load_results(preset, names).items() if e["status"] == "ok"}
     ready = [(a, b) for a, b in pairs if a in entries and b in entries]
     rows = {f"{a} → {b}": {"a": a, "b": b} for a, b in pairs}
@@ -168,8 +168,7 @@ def compare_pairs(preset: str, pairs: list[tuple[str, str]], *, n_boot: int = 20
             la, lb = entries[row["a"]]["heldout_loss"], entries[row["b"]]["heldout_loss"]
             stage1 = entries[row["a"]]["spec"]["measure"]["heldout"]["datasets"][0]  # stage 1's set comes first
             row["Δ held-out stage-1 loss"] = lb[stage1]["loss"] - la[stage1]["loss"]
-            own = entries[row["b"]]["spec"]["run"]
-            own = own.get("stage2", own).get("dataset")
+            own = specs.describe(entries[row["b"]]["spec"]["run"])["stage2"]
             if own and own in la and own in lb and own != stage1:
                 row["Δ held-out loss on b's stage-2 set"] = lb[own]["loss"] - la[own]["loss"]
     return pd.DataFrame(list(rows.values()), index=pd.Index(list(rows), name="a → b"))

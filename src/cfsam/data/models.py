@@ -23,11 +23,12 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-import yaml
+
+from cfsam.core import registry as registry_
 
 log = logging.getLogger(__name__)
 
-REGISTRY_FILE = Path(__file__).parent / "registry" / "models.yaml"
+REGISTRY_FILE = Path(__file__).parent.parent / "registry" / "models.yaml"
 
 
 class ModelUnavailable(RuntimeError):
@@ -41,8 +42,7 @@ def cache_dir() -> Path:
 
 @lru_cache(maxsize=1)
 def registry() -> dict[str, dict]:
-    with open(REGISTRY_FILE) as f:
-        return yaml.safe_load(f)
+    return registry_.entries("models")
 
 
 def model_names() -> list[str]:
@@ -50,10 +50,10 @@ def model_names() -> list[str]:
 
 
 def model_spec(name: str) -> dict:
-    reg = registry()
-    if name not in reg:
-        raise ValueError(f"unknown model preset {name!r}; allowed: {', '.join(reg)} (or a model directory)")
-    return reg[name]
+    if name not in registry():
+        raise registry_.RegistryError(f"unknown model preset {name!r}; allowed: {', '.join(registry())} "
+                                      "(or a model directory)")
+    return registry()[name]
 
 
 def _gguf_path(spec: dict) -> Path:

@@ -1,0 +1,145 @@
+"""Curvature: Hessian-vector products, the top eigenvalue, Hutchinson's trace and SAM sharpness."""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cfsam.measurement.heldout import (
+    Batch,
+    LossFn,
+    eval_mode,
+    evaluating,
+    mean_loss,
+    model_params,
+    on_device,
+    response_token_loss,
+)
+
+log = logging.getLogger(__name__)
+
+
+
+
+def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    return float(sum((x * y).sum(dtype=torch.float64) for x, y in zip(a, b)))
+
+
+def gradient(model: torch.nn.Module, batches: Sequence[Batch],
+             loss_fn: LossFn = response_token_loss) -> tuple[float, list[torch.Tensor]]:
+    """L(theta) and its gradient, one batch at a time (the loss is a sum over batches / item count)."""
+    params = model_params(model)
+    batches = on_device(batches, params[0].device)
+    grad = [torch.zeros_like(p) for p in params]
+    total, count = 0.0, 0
+    with eval_mode(model):
+        for batch in batches:
+            s, n = loss_fn(model, batch)
+            g = torch.autograd.grad(s, params, allow_unused=True, materialize_grads=True)
+            torch._foreach_add_(grad, g)
+            total, count = total + float(s.detach()), count + n
+    if count == 0:
+        raise ValueError("the batches hold no labelled items (every label is -100); the loss is undefined")
+    torch._foreach_div_(grad, count)
+    return total / count, grad
+
+
+def hvp(model: torch.nn.Module, batches: Sequence[Batch], vector: Sequence[torch.Tensor],
+        loss_fn: LossFn = response_token_loss) -> list[torch.Tensor]:
+    """H v for the Hessian H of L(theta), by double backward, one batch at a time."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    params = model_params(model)
+    batches = on_device(batches, params[0].device)
+    out = [torch.zeros_like(p) for p in params]
+    count = 0
+    # the fused CPU/GPU attention kernels have no second derivative; the math one has
+    with sdpa_kernel([SDPBackend.MATH]), eval_mode(model):
+        for batch in batches:
+            s, n = loss_fn(model, batch)
+            g = torch.autograd.grad(s, params, create_graph=True, allow_unused=True, materialize_grads=True)
+            # a gradient that does not depend on the weights (loss linear in them) has no second derivative
+            live = [k for k, gk in enumerate(g) if gk.requires_grad]
+            hv = torch.autograd.grad([g[k] for k in live], params, grad_outputs=[vector[k] for k in live],
+                                     allow_unused=True, materialize_grads=True)
+            torch._foreach_add_(out, hv)
+            count += n
+    torch._foreach_div_(out, count)
+    return out
+
+
+def hessian_top_eigenvalue(model: torch.nn.Module, batches: Sequence[Batch], *, iters: int = 20,
+                           tol: float = 1e-3, seed: int = 0, loss_fn: LossFn = response_token_loss) -> float:
+    """The Hessian's dominant eigenvalue (largest in magnitude, sign kept) by power iteration on H v.
+
+    Stops when the Rayleigh quotient changes by less than ``tol`` (relative) or after ``iters`` HVPs.
+    """
+    if iters < 1:
+        raise ValueError(f"iters={iters}; power iteration needs at least one step")
+    params = model_params(model)
+    generator = torch.Generator().manual_seed(seed)
+    v = [torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p) for p in params]
+    eig = None
+    with eval_mode(model):
+        for k in tqdm(range(iters), desc="power iteration", leave=False):
+            norm = math.sqrt(_dot(v, v))
+            if norm == 0:  # H v = 0: v lies in the null space, and so would every further iterate
+                return 0.0
+            torch._foreach_div_(v, norm)
+            hv = hvp(model, batches, v, loss_fn)
+            new = _dot(v, hv)  # Rayleigh quotient of the unit vector v
+            done = eig is not None and abs(new - eig) <= tol * abs(new)
+            eig, v = new, hv
+            if done:
+                log.info("power iteration converged after %d HVPs: %.6g", k + 1, eig)
+                return eig
+    log.warning("power iteration stopped after %d HVPs without converging to tol=%g (last %.6g)", iters, tol, eig)
+    return eig
+
+
+def hessian_trace(model: torch.nn.Module, batches: Sequence[Batch], *, probes: int = 10, seed: int = 0,
+                  loss_fn: LossFn = response_token_loss) -> tuple[float, float]:
+    """Hutchinson's estimate of tr(H), mean of v^T H v over Rademacher probes v, and its standard error."""
+    if probes < 2:
+        raise ValueError(f"probes={probes}; Hutchinson's estimate with a standard error needs at least 2")
+    params = model_params(model)
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    with eval_mode(model):
+        for _ in tqdm(range(probes), desc="Hutchinson", leave=False):
+            v = [(torch.randint(0, 2, p.shape, generator=generator) * 2 - 1).to(p) for p in params]
+            samples.append(_dot(v, hvp(model, batches, v, loss_fn)))
+    samples = np.array(samples)
+    return float(samples.mean()), float(samples.std(ddof=1) / math.sqrt(probes))
+
+
+def sam_sharpness(model: torch.nn.Module, batches: Sequence[Batch], *, rho: float = 0.05,
+                  loss_fn: LossFn = response_token_loss) -> dict[str, float]:
+    """SAM's sharpness max_{|e|<=rho} L(theta+e) - L(theta), first order: e = rho g / |g| (Foret et al. 2021)."""
+    if not (math.isfinite(rho) and rho > 0):
+        raise ValueError(f"rho={rho!r}; it must be a positive finite radius")
+    params = model_params(model)
+    with evaluating(model):
+        loss, grad = gradient(model, batches, loss_fn)
+        grad_norm = math.sqrt(_dot(grad, grad))
+        if grad_norm == 0:
+            return {"sharpness": 0.0, "loss": loss, "perturbed_loss": loss, "grad_norm": 0.0, "rho": rho}
+        with torch.no_grad():
+            torch._foreach_add_(params, grad, alpha=rho / grad_norm)
+        perturbed = mean_loss(model, batches, loss_fn)
+    return {"sharpness": perturbed - loss, "loss": loss, "perturbed_loss": perturbed, "grad_norm": grad_norm,
+            "rho": rho}
+
+
+def curvature(model: torch.nn.Module, batches: Sequence[Batch], *, rho: float = 0.05, iters: int = 20,
+              probes: int = 10, seed: int = 0, loss_fn: LossFn = response_token_loss) -> dict[str, float]:
+    """All three measures beyond the paper on the same batches, as one flat dict."""
+    sam = sam_sharpness(model, batches, rho=rho, loss_fn=loss_fn)
+    trace, trace_se = hessian_trace(model, batches, probes=probes, seed=seed, loss_fn=loss_fn)
+    return {"loss": sam["loss"], "grad_norm": sam["grad_norm"], "rho": rho, "sam_sharpness": sam["sharpness"],
+            "hessian_top_eigenvalue": hessian_top_eigenvalue(model, batches, iters=iters, seed=seed, loss_fn=loss_fn),
+            "hessian_trace": trace, "hessian_trace_stderr": trace_se, "hutchinson_probes": probes}

@@ -1,0 +1,98 @@
+"""Held-out losses: the mean response-token loss of a model on a fixed held-out slice (the forgetting measure)."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+Batch = dict[str, torch.Tensor]
+
+
+LossFn = Callable[[torch.nn.Module, Batch], "tuple[torch.Tensor, int]"]
+
+
+def response_token_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over response tokens (labels != -100), and their number."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                   use_cache=False).logits
+    # shift the labels rather than the logits: no copy of the (batch, length, vocab) tensor
+    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
+    logits = logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
+    loss = F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss, int((targets != IGNORE).sum())
+
+
+def mean_loss(model: torch.nn.Module, batches: Sequence[Batch], loss_fn: LossFn = response_token_loss) -> float:
+    """L(theta): the loss of all batches together, weighted by their number of items (tokens); eval mode."""
+    with eval_mode(model), torch.inference_mode():
+        return loss_and_count(model, on_device(batches, model_params(model)[0].device), loss_fn)[0]
+
+
+def loss_and_count(model, batches, loss_fn) -> tuple[float, int]:
+    """(L, number of items it averages over)."""
+    total, count = 0.0, 0
+    for batch in batches:
+        s, n = loss_fn(model, batch)
+        total += float(s)
+        count += n
+    if count == 0:
+        raise ValueError("the batches hold no labelled items (every label is -100); the loss is undefined")
+    return total / count, count
+
+
+def heldout_batches(dataset: str, tokenizer, *, n_examples: int = 8, batch_size: int = 4, max_length: int = 128,
+                    seed: int = 1234, split: str = "heldout") -> list[Batch]:
+    """A fixed list of padded batches of a named training set (``cfsam.data``), tokenised once."""
+    from cfsam.data import formatting
+
+    if batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size}; it must be positive")
+    ds = formatting.build_dataset(dataset, tokenizer, n=n_examples, seed=seed, max_length=max_length, split=split)
+    rows = [ds[i] for i in range(len(ds))]
+    return [formatting.collate(rows[s:s + batch_size], tokenizer.pad_token_id) for s in range(0, len(rows), batch_size)]
+
+
+def count_items(batches: Sequence[Batch]) -> int:
+    """Number of response tokens the loss averages over (labels shifted by one, as in the loss)."""
+    return sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+
+
+def on_device(batches: Sequence[Batch], device: torch.device) -> list[Batch]:
+    return [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+
+
+def model_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    params = list(model.parameters())  # tied weights (embeddings = lm_head) appear once
+    if not params:
+        raise ValueError("the model has no parameters")
+    return params
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout: L is a function of the weights), the previous mode restored on exit."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Eval mode and one saved copy of the weights, copied back exactly on exit."""
+    params = model_params(model)
+    with torch.no_grad():
+        theta0 = [p.detach().clone() for p in params]
+    with eval_mode(model):
+        try:
+            yield theta0
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(params, theta0)

@@ -1,0 +1,138 @@
+"""The results cache: ``results/<preset>/<name>.json``, one entry per experiment (``cfsam.pipeline.schema``).
+
+An entry is *current* (status ``ok``) when its id equals the experiment's id (its spec's hash and the
+measurement version). The data hashes in its provenance are checked where the data is present: a
+mismatch makes it ``stale``; where the data is absent it stays ``ok`` with ``data_verified: False``
+("data not verified here"). A file that cannot be read is ``damaged`` (with the file and the parse
+error), never a crash: one bad entry blocks nothing else. Reading needs neither the data nor torch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from cfsam.core.io import config_hash
+from cfsam.pipeline.specs import expand, experiment_id
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[3]
+STATUSES = ("ok", "stale", "missing", "damaged")
+
+
+def results_dir(preset: str) -> Path:
+    root = Path(os.environ.get("CFSAM_RESULTS", REPO / "results"))
+    return root / preset
+
+
+def entry_path(preset: str, name: str) -> Path:
+    return results_dir(preset) / f"{name}.json"
+
+
+def missing_command(preset: str, name: str) -> str:
+    return f"cfsam run-missing --preset {preset} --only {name}"
+
+
+def datasets_of(spec) -> set[str]:
+    """The training and held-out sets a spec reads (eval tasks are listed under measure.eval)."""
+    found = set()
+    if isinstance(spec, dict):
+        for k, v in spec.items():
+            if k in ("dataset", "rehearsal_from") and isinstance(v, str):
+                found.add(v)
+            elif k == "datasets" and isinstance(v, list):
+                found |= set(v)
+            else:
+                found |= datasets_of(v)
+    return found
+
+
+def data_hashes(exp: dict) -> dict[str, dict]:
+    """sha256 of every data file an experiment reads; sets of many files (MMLU) as one digest of them."""
+    from cfsam.data import sources
+    from cfsam.evaluation import tasks
+
+    def compact(files: dict) -> dict:
+        if len(files) <= 4:
+            return files
+        return {f"{len(files)} files": config_hash(files, 64)}
+
+    out = {name: compact(sources.file_hashes(name)) for name in sorted(datasets_of(exp))}
+    for task in exp.get("measure", {}).get("eval", {}).get("tasks", []):
+        out[f"task:{task}"] = compact(tasks.data_hashes(task))
+    return out
+
+
+def data_present() -> bool:
+    """Whether this machine reads the data mirror, so that data hashes can be checked here."""
+    if not os.environ.get("CFSAM_DATA_DIR"):
+        return False
+    from cfsam.data import sources
+
+    return sources.use_mirror()
+
+
+def read_entry(path: Path) -> dict:
+    """A cache file's entry, or ValueError naming the file and what is wrong with it."""
+    try:
+        entry = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path}: {type(err).__name__}: {err}") from err
+    if not isinstance(entry, dict) or "id" not in entry:
+        raise ValueError(f"{path}: not a results entry (a JSON object with an id), got {type(entry).__name__}")
+    return entry
+
+
+def load_results(preset: str, names: list[str] | None = None, *, verify_data: bool | None = None) -> dict[str, dict]:
+    """Entries by name, each with ``status`` (ok, stale, missing, damaged); stale and damaged ones with ``why``;
+    every one not ok with the ``command`` that recomputes it."""
+    exps = expand(preset)
+    verify = data_present() if verify_data is None else verify_data
+    out = {}
+    for name in names or list(exps):
+        if name not in exps:
+            raise ValueError(f"unknown experiment {name!r} in preset {preset!r}; allowed: {', '.join(exps)}")
+        out[name] = _status(preset, name, exps[name], verify)
+    return out
+
+
+def _status(preset: str, name: str, exp: dict, verify: bool) -> dict:
+    path = entry_path(preset, name)
+    command = missing_command(preset, name)
+    if not path.exists():
+        return {"name": name, "status": "missing", "command": command}
+    try:
+        entry = read_entry(path)
+    except ValueError as err:
+        log.warning("result %s is damaged: %s", path, err)
+        return {"name": name, "status": "damaged", "why": str(err), "command": command, "path": str(path)}
+    current = experiment_id(exp)
+    entry.update(status="ok", data_verified=False)
+    if entry["id"] != current:
+        entry.update(status="stale", why=f"the spec changed (cached id {entry['id']}, current {current})")
+    elif verify:
+        then, now = entry.get("provenance", {}).get("data", {}), data_hashes(exp)
+        changed = sorted(k for k in now if then.get(k) != now[k])
+        if changed:
+            entry.update(status="stale", why=f"its data files differ from the ones here: {', '.join(changed)}")
+        else:
+            entry["data_verified"] = True
+    if entry["status"] != "ok":
+        entry["command"] = command
+    return entry
+
+
+def check(preset: str) -> list[dict]:
+    """Every entry of a preset with its status, and any result file that belongs to no experiment."""
+    results = load_results(preset)
+    rows = [{"name": n, "status": e["status"], "why": e.get("why", ""), "data_verified": e.get("data_verified"),
+             "command": e.get("command", "")} for n, e in results.items()]
+    folder = results_dir(preset)
+    known = {f"{n}.json" for n in results}
+    for extra in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        if extra.name not in known:
+            rows.append({"name": extra.stem, "status": "orphan", "why": f"{extra} is no experiment of {preset}",
+                         "data_verified": None, "command": ""})
+    return rows

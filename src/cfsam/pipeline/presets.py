@@ -1,0 +1,162 @@
+"""Presets: what to run and at which scale (``smoke`` | ``cpu`` | ``paper``), as YAML under registry/presets.
+
+A preset speaks the trainer's vocabulary: ``train`` holds options shared by every stage, ``stage1`` and
+``stage2`` the options of each stage, ``sam`` what a SAM run changes, ``rehearsal`` what a rehearsal run
+changes; their keys are ``train_stage``'s (``cfsam.training.config.DEFAULTS``), validated by the trainer's
+own check when the preset loads, so a bad value is named before anything runs. ``load_preset`` also
+accepts a path to a YAML file of the same shape, and dotted overrides (``{"stage2.lr": 1e-4}``).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import yaml
+
+from cfsam.core import registry
+from cfsam.core.registry import RegistryError
+from cfsam.training import config as train_config
+
+NUM = (int, float)
+OPT_INT = (int, type(None))
+STAGE = dict  # a mapping of trainer options, checked by the trainer's validation
+# key -> type (or nested schema). Kept next to the loader so one glance tells what a preset holds.
+SCHEMA = {
+    "description": str,
+    "model": str,
+    "sizes": list,
+    "train": STAGE,
+    "stage1": STAGE,
+    "stage2": STAGE,
+    "stage2_datasets": list,
+    "sam": STAGE,
+    "rehearsal": STAGE,
+    "wise_ft": {"alpha": NUM},
+    "rho_sweep": list,
+    "heldout": {"n": int},
+    "eval": {"tasks": list, "limit": OPT_INT},
+    "landscape": {"dataset": str, "grid": int, "span": NUM, "n_examples": int, "batch_size": int,
+                  "seeds": list, "filter_norm": bool, "hessian_iters": int, "hutchinson_probes": int},
+}
+
+
+class PresetError(RegistryError):
+    """An unknown preset, key, model, dataset or task, or an impossible value."""
+
+
+def preset_names() -> list[str]:
+    return registry.names("presets")
+
+
+def load_preset(name_or_path: str | Path, overrides: dict | None = None) -> dict:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        name = path.stem
+    else:
+        name = str(name_or_path)
+        path = registry.ROOT / registry.KINDS["presets"][0] / f"{name}.yaml"
+        if not path.exists():
+            raise PresetError(f"unknown preset {name!r}; allowed: {', '.join(preset_names())} (or a YAML path)")
+    try:
+        preset = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise PresetError(f"preset file {path} is not valid YAML: {err}") from err
+    if not isinstance(preset, dict):
+        raise PresetError(f"preset file {path} must hold a mapping of keys, got {type(preset).__name__}")
+    preset = copy.deepcopy(preset)
+    for dotted, value in (overrides or {}).items():
+        _set(preset, dotted, value)
+    _check(preset, SCHEMA, "")
+    _check_values(preset)
+    preset["name"] = name
+    return preset
+
+
+def _set(tree: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        if not isinstance(tree.get(p), dict):
+            raise PresetError(f"override {dotted!r}: {p!r} is not a section; sections: "
+                              f"{', '.join(k for k, v in SCHEMA.items() if isinstance(v, dict) or v is STAGE)}")
+        tree = tree[p]
+    tree[leaf] = value
+
+
+def _check(tree: dict, schema: dict, where: str) -> None:
+    unknown = set(tree) - set(schema)
+    if unknown:
+        raise PresetError(f"unknown preset key(s) {', '.join(where + k for k in sorted(unknown))}; "
+                          f"allowed{' in ' + where.rstrip('.') if where else ''}: {', '.join(schema)}")
+    missing = set(schema) - set(tree)
+    if missing:
+        raise PresetError(f"preset is missing key(s) {', '.join(where + k for k in sorted(missing))}")
+    for key, kind in schema.items():
+        value = tree[key]
+        if isinstance(kind, dict):
+            if not isinstance(value, dict):
+                raise PresetError(f"preset key {where}{key} must be a mapping with keys {', '.join(kind)}")
+            _check(value, kind, f"{where}{key}.")
+        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise PresetError(f"preset key {where}{key}={value!r} must be {expected}")
+
+
+def _stage_options(p: dict, section: str, **changes) -> None:
+    """Check a section's options as the trainer reads them, with the trainer's own validation."""
+    base = p["stage1"] if section == "stage1" else {**p["stage2"], **changes}
+    spec = {"model": p["model"], **p["train"], **base}
+    try:
+        train_config.resolve(spec)
+    except train_config.SpecError as err:
+        raise PresetError(f"preset section {section}: {err}") from err
+
+
+def _check_values(p: dict) -> None:
+    def allowed(kind: str, values: list, key: str):
+        names = registry.names(kind)
+        bad = [v for v in values if v not in names]
+        if bad:
+            raise PresetError(f"preset key {key}: unknown {registry.KINDS[kind][1]} {', '.join(map(repr, bad))}; "
+                              f"allowed: {', '.join(names)}")
+
+    def positive(key: str, value, integer: bool = False):
+        ok = isinstance(value, int if integer else NUM) and not isinstance(value, bool) and math.isfinite(value) \
+            and value > 0
+        if not ok:
+            raise PresetError(f"preset key {key}={value!r} must be a {'positive integer' if integer else 'finite number > 0'}")
+
+    allowed("models", [p["model"], *p["sizes"]], "model/sizes")
+    allowed("datasets", [*p["stage2_datasets"], p["landscape"]["dataset"]], "stage2_datasets/landscape.dataset")
+    allowed("tasks", p["eval"]["tasks"], "eval.tasks")
+    if "dataset" not in p["stage1"]:
+        raise PresetError("preset key stage1.dataset is missing (the instruction-tuning set, e.g. alpaca)")
+    for section, forbidden in (("train", ("model", "dataset")), ("stage2", ("model", "dataset")),
+                               ("sam", ("model", "dataset", "optimizer")),
+                               ("rehearsal", ("model", "dataset", "rehearsal_from"))):
+        bad = [k for k in forbidden if k in p[section]]
+        if bad:
+            raise PresetError(f"preset section {section} may not set {', '.join(bad)} (the experiments set it)")
+    ds2 = p["stage2_datasets"][0] if p["stage2_datasets"] else p["stage1"]["dataset"]
+    _stage_options(p, "stage1")
+    _stage_options(p, "stage2", dataset=ds2)
+    _stage_options(p, "sam", dataset=ds2, optimizer="sam", **p["sam"])
+    _stage_options(p, "rehearsal", dataset=ds2, rehearsal_from=p["stage1"]["dataset"], **p["rehearsal"])
+    for i, rho in enumerate(p["rho_sweep"]):
+        positive(f"rho_sweep[{i}]", rho)
+    if not 0.0 <= p["wise_ft"]["alpha"] <= 1.0:
+        raise PresetError(f"wise_ft.alpha={p['wise_ft']['alpha']} must lie in [0, 1]")
+    positive("heldout.n", p["heldout"]["n"], integer=True)
+    if p["eval"]["limit"] is not None:
+        positive("eval.limit", p["eval"]["limit"], integer=True)
+    ls = p["landscape"]
+    if ls["grid"] < 3 or ls["grid"] % 2 == 0:
+        raise PresetError(f"landscape.grid={ls['grid']} must be an odd number >= 3 (SC needs the centre and "
+                          "interior points)")
+    positive("landscape.span", ls["span"])
+    for key in ("n_examples", "batch_size", "hessian_iters"):
+        positive(f"landscape.{key}", ls[key], integer=True)
+    if ls["hutchinson_probes"] < 2:
+        raise PresetError(f"landscape.hutchinson_probes={ls['hutchinson_probes']} must be >= 2 (its spread needs two)")
+    if not ls["seeds"] or not all(isinstance(s, int) and not isinstance(s, bool) for s in ls["seeds"]):
+        raise PresetError(f"landscape.seeds={ls['seeds']!r} must be a non-empty list of integers")

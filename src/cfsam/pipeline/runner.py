@@ -1,0 +1,212 @@
+"""The runner: train or merge what an experiment needs, measure it, write its entry; ``run-missing``.
+
+Under a multi-process launcher (torchrun, ``accelerate launch``; every ``cfsam batch --slurm`` job) all
+ranks step through the same experiments together: the process group is made first, rank 0 alone takes
+the file locks (one launch at a time per model and per result; a second ``run-missing`` on the same
+cache waits, then finds the work done), every rank trains, rank 0 measures and writes while the others
+wait at a barrier, and only then does the next experiment start.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import logging
+import os
+import platform
+import subprocess
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from filelock import FileLock
+from tqdm.auto import tqdm
+
+from cfsam import __version__
+from cfsam.core.io import write_json_atomic
+from cfsam.data import models, sources
+from cfsam.pipeline.cache import REPO, data_hashes, datasets_of, entry_path, load_results
+from cfsam.pipeline.specs import MEASURE_VERSION, expand, experiment_id, needed, run_id, run_kind
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_EVERY = 10  # steps between checkpoints of a stage trained here, unless the preset says otherwise
+GROUP_TIMEOUT = timedelta(hours=12)  # rank 0 measures while the others wait at a barrier
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """One launch at a time holds ``path`` (its rank 0 takes the lock; its other ranks follow rank 0)."""
+    lock = None
+    if _rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path) + ".lock")
+        lock.acquire()
+    _barrier()
+    try:
+        yield
+    finally:
+        _barrier()
+        if lock is not None:
+            lock.release()
+
+
+# -------------------------------------------------------------------------------------- models
+def materialize(run: dict) -> tuple[str, dict | None]:
+    """The model directory (or preset name) of a run, trained or merged first when not cached."""
+    from cfsam.training.merge import wise_ft
+    from cfsam.training.stage import default_dir, train_stage
+
+    kind = run_kind(run)
+    if kind == "base":
+        return run["model"], None
+    if kind == "wise_ft":
+        w = run["wise_ft"]
+        s1, _ = materialize(w["stage1"])
+        s2, metrics = materialize(w["stage2"])
+        out = models.cache_dir() / "runs" / run_id(run)
+        with _exclusive(out):
+            if _rank() == 0:
+                wise_ft(s1, s2, out, alpha=w["alpha"])
+        return str(out), {"stage2": metrics}
+    if isinstance(run["model"], dict):  # its parent first, under its own lock
+        parent_dir, _ = materialize(run["model"])
+        run = {**run, "model": parent_dir}
+    out = default_dir(run)
+    options = {"checkpoint_every": CHECKPOINT_EVERY, **{k: v for k, v in run.items() if k not in ("model", "dataset")}}
+    with _exclusive(out):
+        metrics = train_stage(run["model"], run["dataset"], out, **options)
+    return str(out), metrics
+
+
+# ------------------------------------------------------------------------------------ measuring
+def measure(model_ref: str, spec: dict) -> tuple[dict, torch.nn.Module]:
+    """The held-out losses, the eval suite and (optionally) the landscape of one model, with wall times."""
+    from cfsam.evaluation.harness import evaluate
+    from cfsam.measurement import curvature, heldout, landscape
+
+    loaded = models.load_model(model_ref)
+    loaded.model.eval()
+    out: dict = {"heldout_loss": {}, "measure_seconds": {}}
+    h = spec["heldout"]
+    t = time.time()
+    for ds in h["datasets"]:
+        batches = heldout.heldout_batches(ds, loaded.tokenizer, n_examples=h["n"], batch_size=8,
+                                          max_length=h["max_length"], seed=h["seed"])
+        out["heldout_loss"][ds] = {"loss": heldout.mean_loss(loaded.model, batches), "n": h["n"],
+                                   "label": sources.label(ds)}
+    out["measure_seconds"]["heldout"] = round(time.time() - t, 1)
+    t = time.time()
+    ev = spec["eval"]
+    out["eval"] = evaluate(loaded, ev["tasks"], limit=ev["limit"], seed=ev["seed"])
+    out["measure_seconds"]["eval"] = round(time.time() - t, 1)
+    if "landscape" in spec:
+        t = time.time()
+        ls = spec["landscape"]
+        batches = heldout.heldout_batches(ls["dataset"], loaded.tokenizer, n_examples=ls["n_examples"],
+                                          batch_size=ls["batch_size"], max_length=h["max_length"], seed=h["seed"])
+        surfaces, summary = landscape.flatness_over_seeds(loaded.model, batches, seeds=ls["seeds"], n=ls["grid"],
+                                                          span=ls["span"], filter_norm=ls["filter_norm"])
+        out["landscape"] = {"flatness": summary,
+                            "surfaces": [_jsonable(dataclasses.asdict(s)) for s in surfaces],
+                            "curvature": curvature.curvature(loaded.model, batches, iters=ls["hessian_iters"],
+                                                             probes=ls["hutchinson_probes"])}
+        out["measure_seconds"]["landscape"] = round(time.time() - t, 1)
+    return out, loaded.model
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: v.tolist() if hasattr(v, "tolist") else v for k, v in d.items()}
+
+
+def provenance(started: float, ended: float, exp: dict, model=None) -> dict:
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cfsam_version": __version__, "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "data": data_hashes(exp),
+        "model_weights_hash": models.weights_hash(model) if model is not None else None,
+        "machine": {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+                    "torch": torch.__version__,
+                    "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"},
+        "start": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+        "end": datetime.fromtimestamp(ended, timezone.utc).isoformat(timespec="seconds"),
+        "wall_s": round(ended - started, 1),
+    }
+
+
+# ---------------------------------------------------------------------------------- experiments
+def run_one(preset: str, name: str, exp: dict | None = None) -> dict | None:
+    """Materialise and measure one experiment; rank 0 writes its entry. Skips one that another process
+    finished meanwhile (the lock on the entry is held while measuring)."""
+    exp = exp or expand(preset)[name]
+    started = time.time()
+    log.info("experiment %s/%s: materialising its %s run", preset, name, run_kind(exp["run"]))
+    model_ref, train_metrics = materialize(exp["run"])
+    path = entry_path(preset, name)
+    entry = None
+    with _exclusive(path):
+        if _rank() == 0 and load_results(preset, [name])[name]["status"] != "ok":
+            log.info("experiment %s/%s: measuring %s", preset, name, model_ref)
+            measured, model = measure(model_ref, exp["measure"])
+            entry = {"id": experiment_id(exp), "name": name, "preset": preset, "spec": exp,
+                     "measure_version": MEASURE_VERSION,
+                     "data_labels": {d: sources.label(d) for d in sorted(datasets_of(exp))},
+                     "train": train_metrics, **measured}
+            entry["provenance"] = provenance(started, time.time(), exp, model)
+            write_json_atomic(path, entry)
+            del model, measured
+        elif _rank() == 0:
+            log.info("experiment %s/%s: finished by another process meanwhile", preset, name)
+    gc.collect()  # a model and its eval caches must not outlive their experiment
+    return entry
+
+
+def run_missing(preset: str, notebooks: list[str] | None = None, only: list[str] | None = None,
+                dry_run: bool = False) -> list[str]:
+    """Run every needed experiment that is missing, stale or damaged; return their names."""
+    exps = expand(preset)  # a bad preset fails here, before anything runs
+    names = only or needed(preset, notebooks)
+    unknown = [n for n in names if n not in exps]
+    if unknown:
+        raise ValueError(f"unknown experiment(s) {', '.join(unknown)} in preset {preset!r}; allowed: {', '.join(exps)}")
+    status = load_results(preset, names)
+    todo = [n for n in names if status[n]["status"] != "ok"]
+    log.info("preset %s: %d experiments needed, %d to run", preset, len(names), len(todo))
+    if dry_run:
+        for n in todo:
+            print(f"{status[n]['status']:8s} {n}")
+        return todo
+    created = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        # before any lock: a rank waiting on a lock must never be what another rank's collective waits for
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=GROUP_TIMEOUT)
+        created = True
+    try:
+        for name in tqdm(todo, desc=f"experiments ({preset})", disable=_rank() != 0):
+            run_one(preset, name, exps[name])
+    finally:
+        if created:
+            dist.destroy_process_group()
+    return todo

@@ -1,0 +1,143 @@
+"""Presets expand into experiment specs here, and only here.
+
+An *experiment* is one model state (a *run*) and what is measured on it. A run is one of
+- a model preset: ``{"model": "smollm2-135m"}`` (the base model);
+- a stage: a stage spec in the trainer's own vocabulary (``cfsam.training.config``), whose ``model`` is the
+  preset name or the spec of the stage it continues;
+- a Wise-FT merge: ``{"wise_ft": {"stage1": run, "stage2": run, "alpha": a}}``.
+``run_id`` names a run's model in the one model cache, ``$CFSAM_CACHE/runs/<run id>``, whichever road
+(``cfsam train``, ``run-missing``, a notebook) asked for it; ``experiment_id`` names a result.
+"""
+from __future__ import annotations
+
+from cfsam.core.io import config_hash
+from cfsam.pipeline.presets import load_preset
+from cfsam.training import config as train_config
+
+MEASURE_VERSION = 1  # bump when a measurement changes meaning: every cached result then turns stale
+
+
+def stage1(p: dict, model: str) -> dict:
+    return {"model": model, **p["train"], **p["stage1"]}
+
+
+def stage2(p: dict, parent: dict, dataset: str, **changes) -> dict:
+    """A stage-2 run: the preset's stage-2 options on ``dataset`` from ``parent``, with ``changes``."""
+    return {"model": parent, **p["train"], **p["stage2"], "dataset": dataset, **changes}
+
+
+def sam(p: dict, **changes) -> dict:
+    return {"optimizer": "sam", **p["sam"], **changes}
+
+
+def run_kind(run: dict) -> str:
+    if "wise_ft" in run:
+        return "wise_ft"
+    return "stage" if "dataset" in run else "base"
+
+
+def run_id(run: dict) -> str:
+    kind = run_kind(run)
+    if kind == "base":
+        return run["model"]
+    if kind == "stage":
+        return train_config.run_id(run)
+    w = run["wise_ft"]
+    return train_config.merge_id({"run": run_id(w["stage1"])}, {"run": run_id(w["stage2"])}, w["alpha"])
+
+
+def canonical_run(run: dict) -> dict:
+    """What identifies a run's model: defaults filled in, starting models by id (``training.config``)."""
+    kind = run_kind(run)
+    if kind == "base":
+        return {"model": run["model"]}
+    if kind == "stage":
+        return train_config.canonical(run)
+    return {"wise_ft": run_id(run)}
+
+
+def experiment_id(exp: dict) -> str:
+    """The hash of what the experiment is (its run's canonical spec, what it measures) and the measurement
+    version. Never of paths, data files or the package version: results read anywhere."""
+    return config_hash({"run": canonical_run(exp["run"]), "measure": exp["measure"], "measure_version": MEASURE_VERSION})
+
+
+def expand(preset: str | dict) -> dict[str, dict]:
+    """Every named experiment of a preset: {name: {"run": run, "measure": what to measure}}."""
+    p = load_preset(preset) if isinstance(preset, str) else preset
+    max_length, seed = p["train"].get("max_length", train_config.DEFAULTS["max_length"]), \
+        p["train"].get("seed", train_config.DEFAULTS["seed"])
+    heldout = {"datasets": [p["stage1"]["dataset"]], "n": p["heldout"]["n"], "max_length": max_length, "seed": seed}
+    ev = {"tasks": list(p["eval"]["tasks"]), "limit": p["eval"]["limit"], "seed": seed}
+    out: dict[str, dict] = {}
+
+    def add(name, run, landscape=False, sets=()):
+        sets_here = heldout["datasets"] + [s for s in sets if s not in heldout["datasets"]]
+        measure = {"eval": ev, "heldout": {**heldout, "datasets": sets_here}}
+        if landscape:
+            measure["landscape"] = dict(p["landscape"])
+        out[name] = {"run": run, "measure": measure}
+
+    stage2_sets = p["stage2_datasets"]
+    for model in [p["model"]] + [m for m in p["sizes"] if m != p["model"]]:
+        prefix = "" if model == p["model"] else f"{model}/"
+        s1 = stage1(p, model)
+        add(prefix + "base", {"model": model}, sets=stage2_sets if not prefix else ())
+        add(prefix + "stage1", s1, landscape=not prefix, sets=stage2_sets if not prefix else ())
+        for ds in (stage2_sets if not prefix else ["open-platypus"]):
+            add(f"{prefix}s2-{ds}-adamw", stage2(p, s1, ds), landscape=not prefix, sets=[ds])
+            add(f"{prefix}s2-{ds}-sam", stage2(p, s1, ds, **sam(p)), landscape=not prefix and ds == "open-platypus",
+                sets=[ds])
+            if not prefix:
+                add(f"s2-{ds}-adamw-e1", stage2(p, s1, ds, epochs=1), sets=[ds])
+        if prefix:
+            continue
+        op = "open-platypus"
+        rehearse = {"rehearsal_from": p["stage1"]["dataset"], **p["rehearsal"]}
+        for name, changes in (("adamw", {}), ("sam", sam(p))):
+            add(f"wiseft-{op}-{name}", {"wise_ft": {"stage1": s1, "stage2": stage2(p, s1, op, **changes),
+                                                    "alpha": p["wise_ft"]["alpha"]}}, sets=[op])
+            add(f"rehearsal-{op}-{name}", stage2(p, s1, op, **changes, **rehearse), sets=[op])
+        for rho in p["rho_sweep"]:
+            for adaptive in (False, True):
+                run = stage2(p, s1, op, **sam(p, rho=rho, adaptive=adaptive))
+                if train_config.canonical(run) != train_config.canonical(out[f"s2-{op}-sam"]["run"]):
+                    add(f"s2-{op}-{'asam' if adaptive else 'sam'}-rho{rho:g}", run, sets=[op])
+    return out
+
+
+def needed(preset: str | dict, notebooks: list[str] | None = None) -> list[str]:
+    """Experiment names the given chapters read (all of the preset's when None)."""
+    from cfsam.pipeline import chapters
+
+    names = list(expand(preset))
+    if notebooks is None:
+        return names
+    known = chapters.chapters()
+    bad = [n for n in notebooks if n not in known]
+    if bad:
+        raise ValueError(f"unknown chapter(s) {', '.join(bad)}; allowed: {', '.join(known)}")
+    keep = set().union(*(chapters.chapter_experiments(nb, names) for nb in notebooks))
+    return [n for n in names if n in keep]
+
+
+def last_stage(run: dict) -> dict | None:
+    """The spec of a run's last training stage (a merge's tuned side), resolved; None for a base model."""
+    kind = run_kind(run)
+    if kind == "wise_ft":
+        return last_stage(run["wise_ft"]["stage2"])
+    return train_config.resolve(run) if kind == "stage" else None
+
+
+def describe(run: dict) -> dict:
+    """The paper's identity of a run: method, stage-2 set, optimizer, epochs, SAM's settings, its kind."""
+    kind, last = run_kind(run), last_stage(run)
+    if last is None:
+        return {"method": "none", "stage2": "", "optimizer": "none", "epochs": None, "kind": "base",
+                "rho": None, "adaptive": None}
+    stage = "stage2" if isinstance(last["model"], dict) or kind == "wise_ft" else "stage1"
+    method = "wise_ft" if kind == "wise_ft" else ("rehearsal" if last["rehearsal_fraction"] else "none")
+    sam = last["optimizer"] == "sam"
+    return {"method": method, "stage2": last["dataset"] if stage == "stage2" else "", "optimizer": last["optimizer"],
+            "epochs": last["epochs"], "kind": stage, "rho": last["rho"] if sam else None,
+            "adaptive": last["adaptive"] if sam else None}

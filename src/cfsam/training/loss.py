@@ -1,0 +1,89 @@
+"""The next-token loss on the labelled positions only: the LM head never sees prompt or padding.
+
+``model(**batch).loss`` (transformers) multiplies the hidden state of *every* position by the
+(vocab, hidden) head and takes a log-softmax over the whole vocabulary for each, then drops the
+positions whose next token has no label (-100: the prompt and the padding under response-only
+training). For SmolLM2-135M the head is a fifth of the model's multiply-adds per position, and its
+(positions, vocab) fp32 logits and their log-softmax are the largest activations of a step. Here:
+
+1. the decoder (``model.model``, final norm included) gives the hidden states (B, T, H);
+2. only the positions t whose token t+1 is labelled are kept (the causal shift, as in the loss);
+3. the head and the cross-entropy run ``chunk`` positions at a time, each chunk under activation
+   checkpointing when gradients are wanted: logits exist for one chunk at a time, in the forward and
+   in the backward (which recomputes a chunk's logits: one more head product on the labelled
+   positions, against the head products on all unlabelled positions that are never made).
+
+The cross-entropy is taken on fp32 logits under autocast too, as transformers' ``ForCausalLMLoss`` does.
+
+Wrapped models (DDP, FSDP2 ``fully_shard``, a DeepSpeed engine) must run their own forward, or their
+hooks (gradient reduction, parameter gathering) do not fire: calling ``ddp.module.model(...)`` would
+silently skip DDP's reduction bookkeeping, and under FSDP2 the root's weights would still be sharded.
+There the wrapper is called with ``logits_to_keep=<the same boolean mask>`` (transformers >= 5 then
+applies the head inside the forward to the kept positions only, flattened): the head cost is saved
+the same way, only the chunking (a memory saving) is not.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE = -100
+CHUNK = 1024  # positions per head product: 1024 x 49152 fp32 logits = 192 MiB for SmolLM2
+
+
+def targets_and_mask(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, targets): mask[b, t] is True where position t predicts a labelled token t+1;
+    targets are those tokens, in the row-major order of ``hidden[mask]``."""
+    nxt = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # shift the labels, not the activations
+    mask = nxt != IGNORE
+    return mask, nxt[mask]
+
+
+def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def _is_plain(model) -> bool:
+    """An unwrapped transformers causal LM whose decoder and head we may call ourselves."""
+    from transformers import PreTrainedModel
+
+    try:
+        from torch.distributed.fsdp import FSDPModule  # fully_shard subclasses the model itself
+    except ImportError:  # pragma: no cover
+        FSDPModule = ()
+    return (isinstance(model, PreTrainedModel) and not isinstance(model, FSDPModule)
+            and hasattr(model, "model") and hasattr(model, "lm_head"))
+
+
+def summed_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor, *,
+                chunk: int = CHUNK, recompute: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the next-token cross-entropies over labelled positions, their number as a tensor).
+
+    Divide the sum by the number of labelled tokens of the *global* batch (all micro-batches and
+    ranks: transformers' ``num_items_in_batch``) for the token mean. ``recompute``: checkpoint each
+    chunk when gradients are enabled (False keeps the graph plain, e.g. for double backward)."""
+    mask, targets = targets_and_mask(labels)
+    n = mask.sum()
+    if not _is_plain(model):  # a wrapper: its own forward, the head applied inside to the kept rows
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=mask,
+                       use_cache=False).logits
+        if logits.ndim != 2 or logits.shape[0] != targets.shape[0]:
+            raise RuntimeError(f"the model ignored logits_to_keep=<boolean mask> (logits {tuple(logits.shape)}); "
+                               "transformers >= 5 applies it")
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits, targets, reduction="sum"), n
+    hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden = hidden[mask]  # (n, H): the only rows the head sees
+    use_ckpt = recompute and torch.is_grad_enabled()
+    total = 0
+    # at least one (maybe empty) chunk: no labelled position still gives a zero loss with a graph
+    for s in range(0, max(hidden.shape[0], 1), chunk):
+        h, t = hidden[s:s + chunk], targets[s:s + chunk]
+        if use_ckpt:  # the chunk's logits are dropped after the forward and remade in the backward
+            total = total + checkpoint(_chunk_loss, model.lm_head, h, t, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(model.lm_head, h, t)
+    return total, n

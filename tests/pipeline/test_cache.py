@@ -1,0 +1,157 @@
+"""The experiment registry, ids and staleness, and the paper-beside-ours tables, on synthetic entries."""
+import json
+
+import numpy as np
+import pytest
+
+from cfsam.analysis import paper
+from cfsam.analysis import report
+from cfsam.pipeline import cache
+from cfsam.pipeline import chapters
+from cfsam.pipeline import runner
+from cfsam.pipeline import specs
+from cfsam.core.io import write_json_atomic
+
+pytestmark = pytest.mark.mirror
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch):
+    monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path))
+    return tmp_path
+
+
+def test_every_chapter_reads_known_experiments_and_stage2_runs_share_stage1():
+    exps = specs.expand("cpu")
+    assert chapters.chapters()[:3] == ["results", "fig1", "tab1"]  # _toc.yml's order
+    for nb in chapters.chapters():
+        assert set(specs.needed("cpu", [nb])) <= set(exps), nb
+    stage1 = exps["stage1"]["run"]
+    assert exps["s2-open-platypus-sam"]["run"]["model"] == stage1
+    assert exps["s2-open-platypus-sam"]["run"]["epochs"] == 1 and exps["s2-open-platypus-adamw"]["run"]["epochs"] == 2
+    assert exps["wiseft-open-platypus-sam"]["run"]["wise_ft"]["stage2"] == exps["s2-open-platypus-sam"]["run"]
+    assert exps["rehearsal-open-platypus-adamw"]["run"]["rehearsal_fraction"] == 0.1
+    # paper's Table 1: landscapes of Alpaca, ->Open-Platypus, ->Auto-Wiki
+    assert all("landscape" in exps[n]["measure"] for n in specs.needed("cpu", ["fig1"]))
+    assert specs.needed("cpu", ["tab2b"]) == ["base", "stage1", "s2-open-platypus-adamw", "s2-open-platypus-sam"]
+    with pytest.raises(ValueError, match="unknown chapter.*allowed: results, fig1"):
+        specs.needed("cpu", ["fig9"])
+
+
+def test_a_chapter_declares_its_experiments_in_its_metadata(tmp_path):
+    nb = {"cells": [], "metadata": {"cfsam": {"experiments": ["s2-*-sam"], "exclude": ["*rehearsal*"]}},
+          "nbformat": 4, "nbformat_minor": 5}
+    (tmp_path / "mine.ipynb").write_text(json.dumps(nb))
+    names = ["base", "s2-a-sam", "s2-b-adamw", "s2-c-sam", "rehearsal-x-sam"]
+    assert chapters.chapters(tmp_path) == ["mine"]
+    assert chapters.chapter_experiments("mine", names, tmp_path) == ["s2-a-sam", "s2-c-sam"]
+
+
+def test_stage_specs_speak_the_trainers_vocabulary():
+    from cfsam.training import config
+
+    for exp in specs.expand("cpu").values():
+        run = exp["run"]
+        while specs.run_kind(run) == "stage":
+            assert set(run) <= {"model", "dataset", *config.DEFAULTS}, set(run) - {"model", "dataset", *config.DEFAULTS}
+            run = run["model"] if isinstance(run["model"], dict) else {"model": run["model"]}
+
+
+def test_ids_follow_the_spec_not_paths_data_or_version(monkeypatch, tmp_path):
+    a = specs.expand("smoke")["stage1"]
+    b = json.loads(json.dumps(a))
+    assert specs.experiment_id(a) == specs.experiment_id(b)
+    b["run"]["lr"] *= 2
+    assert specs.experiment_id(a) != specs.experiment_id(b)
+    c = json.loads(json.dumps(a))
+    c["run"]["checkpoint_every"] = 99  # how it runs, not what it trains
+    assert specs.experiment_id(a) == specs.experiment_id(c)
+    ids = {n: specs.experiment_id(e) for n, e in specs.expand("smoke").items()}
+    monkeypatch.delenv("CFSAM_DATA_DIR", raising=False)  # no mirror: the same ids
+    monkeypatch.setenv("CFSAM_CACHE", str(tmp_path / "elsewhere"))  # another cache: the same ids
+    assert {n: specs.experiment_id(e) for n, e in specs.expand("smoke").items()} == ids
+    monkeypatch.setattr(specs, "MEASURE_VERSION", specs.MEASURE_VERSION + 1)
+    assert specs.experiment_id(a) != ids["stage1"]
+
+
+def test_missing_ok_and_stale_entries(results):
+    exp = specs.expand("smoke")["base"]
+    assert cache.load_results("smoke", ["base"])["base"]["status"] == "missing"
+    assert "cfsam run-missing --preset smoke --only base" in cache.load_results("smoke", ["base"])["base"]["command"]
+    write_json_atomic(results / "smoke" / "base.json", {"id": specs.experiment_id(exp), "name": "base", "spec": exp})
+    assert cache.load_results("smoke", ["base"], verify_data=False)["base"]["status"] == "ok"
+    write_json_atomic(results / "smoke" / "base.json", {"id": "0" * 16, "name": "base", "spec": exp})
+    assert cache.load_results("smoke", ["base"])["base"]["status"] == "stale"
+    assert runner.run_missing("smoke", only=["base"], dry_run=True) == ["base"]
+
+
+def test_entries_read_without_the_data_and_are_checked_with_it(results, monkeypatch):
+    exp = specs.expand("smoke")["stage1"]
+    entry = {"id": specs.experiment_id(exp), "name": "stage1", "spec": exp, "provenance": {"data": cache.data_hashes(exp)}}
+    write_json_atomic(results / "smoke" / "stage1.json", entry)
+    got = cache.load_results("smoke", ["stage1"])["stage1"]
+    assert (got["status"], got["data_verified"]) == ("ok", True)
+    entry["provenance"]["data"]["alpaca"] = {"alpaca_data.json": "0" * 64}
+    write_json_atomic(results / "smoke" / "stage1.json", entry)
+    got = cache.load_results("smoke", ["stage1"])["stage1"]
+    assert got["status"] == "stale" and "alpaca" in got["why"]
+    monkeypatch.delenv("CFSAM_DATA_DIR")  # a clone without the mirror: current, not verified
+    got = cache.load_results("smoke", ["stage1"])["stage1"]
+    assert (got["status"], got["data_verified"]) == ("ok", False)
+
+
+@pytest.mark.parametrize("content", [b'{"id": "x", "name": ', b"", b"\xff\xfe{}", b"[]", b"null", None])
+def test_a_damaged_entry_is_named_and_blocks_nothing_else(results, content):
+    exp = specs.expand("smoke")["base"]
+    write_json_atomic(results / "smoke" / "stage1.json", {"id": specs.experiment_id(exp), "spec": exp})
+    path = results / "smoke" / "base.json"
+    if content is None:
+        path.mkdir(parents=True)  # a directory in a file's place
+    else:
+        path.write_bytes(content)
+    got = cache.load_results("smoke", ["base", "stage1"])
+    assert got["base"]["status"] == "damaged" and str(path) in got["base"]["why"]
+    assert got["base"]["command"] == "cfsam run-missing --preset smoke --only base"
+    assert got["stage1"]["status"] == "stale"  # the other entries are still read
+    assert runner.run_missing("smoke", only=["base"], dry_run=True) == ["base"]  # and it can be recomputed
+
+
+def test_doctor_reports_damaged_stale_and_good_entries_in_one_run(results, capsys):
+    from cfsam import cli
+
+    exps = specs.expand("smoke")
+    write_json_atomic(results / "smoke" / "base.json", {"id": specs.experiment_id(exps["base"]), "spec": exps["base"],
+                                                        "provenance": {"data": cache.data_hashes(exps["base"])}})
+    write_json_atomic(results / "smoke" / "stage1.json", {"id": "0" * 16, "spec": exps["stage1"]})
+    (results / "smoke" / "s2-auto-wiki-sam.json").write_text('{"id": ')
+    assert cli.main(["doctor", "--preset", "smoke"]) == 1
+    out = capsys.readouterr().out
+    lines = {line.split()[1]: line.split()[0] for line in out.splitlines() if line[:1].isalpha() and len(line.split()) > 1}
+    assert (lines["base"], lines["stage1"], lines["s2-auto-wiki-sam"], lines["s2-auto-wiki-adamw"]) == \
+        ("ok", "stale", "damaged", "missing")
+    assert "cfsam run-missing --preset smoke --only s2-auto-wiki-sam" in out
+
+
+def _fake_entry(preset, name, values: dict):
+    """An entry whose categories hold given percentages (a synthetic fixture, never a result)."""
+    exp = specs.expand(preset)[name]
+    cats = {c: {"score": values[c] / 100} for c in report.CATEGORIES}
+    return {"id": specs.experiment_id(exp), "name": name, "spec": exp, "eval": {"categories": cats, "tasks": {}}}
+
+
+def test_compare_puts_the_paper_beside_ours_and_recomputes_delta(results):
+    printed = paper.paper_table("2a").xs("llama2-7b", level="model")
+    rows = {"stage1": ("none", "", "adamw", 3), "s2-open-platypus-adamw": ("none", "open-platypus", "adamw", 2),
+            "s2-open-platypus-sam": ("none", "open-platypus", "sam", 1)}
+    for name, key in rows.items():
+        values = printed.loc[key].to_dict()
+        write_json_atomic(results / "cpu" / f"{name}.json", _fake_entry("cpu", name, values))
+    table = report.compare("cpu", "2a", specs.needed("cpu", ["tab2a"]))
+    got = table.loc["-> Open-Platypus (w/ SAM, 1 ep)"]
+    assert got[("AVG", "ours - paper")] == pytest.approx(0, abs=1e-9)
+    # our Delta, computed by the paper's convention from our AVGs, equals the paper's printed Delta (+7.01)
+    assert got[("Delta", "ours")] == pytest.approx(7.01, abs=0.01)
+    assert table.loc["-> Open-Platypus (w/o SAM, 2 ep)", ("Delta", "ours")] == pytest.approx(-6.70, abs=0.01)
+    assert table.loc["-> ShareGPT (w/o SAM, 2 ep)", ("", "status")] == "missing"
+    assert np.isnan(table.loc["-> ShareGPT (w/o SAM, 2 ep)", ("AVG", "ours")])
+    assert "missing" in report.missing_note(table, "cpu")
