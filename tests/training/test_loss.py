@@ -1,5 +1,4 @@
 """The labelled-positions loss equals transformers' full loss, in value and in gradients."""
-import copy
 
 import pytest
 import torch
@@ -131,3 +130,17 @@ def test_double_backward_without_recompute(model):
                                  recompute=False)[0])
     for a, c in zip(got, want):  # fp32 second derivatives through a 49k-way softmax: compare norms
         assert float((a - c).norm()) <= 1e-5 * float(c.norm()) + 1e-6
+
+
+def test_training_passes_use_it_with_the_global_token_mean(model):
+    """step._passes (what optimizer_step runs) gives transformers' loss and gradients."""
+    from cfsam.training.step import StepContext, _passes
+
+    batches = _batches(model.config.vocab_size, seed=2)
+    want, want_g = _reference(model, batches)
+    model.zero_grad(set_to_none=True)
+    n = sum((b["labels"][:, 1:] != -100).sum() for b in batches)
+    got = _passes(model, batches, n, StepContext())
+    assert float(got) == pytest.approx(want, rel=1e-6)
+    for name, g in _grads(model).items():
+        torch.testing.assert_close(g, want_g[name], rtol=1e-5, atol=1e-6, msg=name)
