@@ -1,4 +1,4 @@
-"""Correctness anchor and speed benchmark: cfsam.evaluate against lm-evaluation-harness, same model, same items.
+"""Correctness anchor and speed benchmark: cfsam.evaluation against lm-evaluation-harness, same model, same items.
 
     CFSAM_DATA_DIR=../shared/data .venv/bin/python benchmarks/bench_eval.py [--tasks copa:100,mmlu:120]
     CFSAM_DATA_DIR=../shared/data .venv/bin/python benchmarks/bench_eval.py --prompts   # all items, no model

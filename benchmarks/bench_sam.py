@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_sam.py [--model smollm2-135m] [--batch 2] [--seq 128] [--steps 4]
 
-Both optimizers run ``cfsam.train.optimizer_step`` (what the trainer runs, fp32, clipping at 1.0) on
+Both optimizers run ``cfsam.training.step.optimizer_step`` (what the trainer runs, fp32, clipping at 1.0) on
 one fixed batch of random tokens (the cost does not depend on which tokens).
 
 * Time: one process holds two copies of the model with the same weights and alternates AdamW and

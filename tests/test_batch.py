@@ -1,4 +1,4 @@
-"""cfsam.batch: local papermill runs end to end on tiny notebooks of our own, and the Slurm scripts by inspection.
+"""cfsam.pipeline.batch: local papermill runs end to end on tiny notebooks of our own, and the Slurm scripts by inspection.
 
 The real experiments are tested elsewhere: here ``experiments.run_missing`` is replaced by a recorder.
 """

@@ -56,6 +56,27 @@ def test_loss_needs_labelled_tokens(tiny):
         heldout.mean_loss(tiny.model, [b])
 
 
+def test_per_example_losses_match_a_one_example_loop(tiny):
+    model, batches = tiny.model, make_batches(n_batches=2, size=3)
+    for b in batches:  # padding and a prompt of varying length in every row
+        for i in range(b["labels"].shape[0]):
+            b["labels"][i, :2 + i] = -100
+            b["attention_mask"][i, b["attention_mask"].shape[1] - i:] = 0
+            b["labels"][i, b["attention_mask"].shape[1] - i:] = -100
+    got = heldout.per_example_losses(model, batches)
+    want = []
+    with torch.no_grad():
+        for b in batches:
+            for i in range(b["labels"].shape[0]):
+                one = {k: v[i:i + 1] for k, v in b.items()}
+                n = heldout.count_items([one])
+                want.append((model(**one).loss.item() * n, n))
+    assert [n for _, n in got] == [n for _, n in want]
+    assert [s for s, _ in got] == pytest.approx([s for s, _ in want], rel=1e-5)
+    # the token mean derived from them is mean_loss
+    assert sum(s for s, _ in got) / sum(n for _, n in got) == pytest.approx(heldout.mean_loss(model, batches), rel=1e-6)
+
+
 # ------------------------------------------------------------------------------------ directions
 def test_directions_seeded_and_filter_normalised(tiny):
     model = tiny.model

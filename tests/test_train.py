@@ -14,7 +14,7 @@ from cfsam.data import formatting
 from cfsam.data import models
 from cfsam.core.sam import SAM
 from cfsam.training.step import StepContext, TrainingDiverged, build_optimizer, optimizer_step
-from cfsam.training.config import stage_id
+from cfsam.training.config import run_id
 from cfsam.training.stage import train_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,11 +43,16 @@ def _weights(d):
     return load_file(str(Path(d) / "model.safetensors"))
 
 
-def test_stage_id_is_a_stable_hash_of_the_config():
-    a = stage_id({"lr": 1e-3, "model": {"preset": "tiny"}})
-    assert a == stage_id({"model": {"preset": "tiny"}, "lr": 0.001})  # key order does not matter
-    assert a != stage_id({"lr": 2e-3, "model": {"preset": "tiny"}})
+def test_run_id_is_a_stable_hash_of_what_changes_the_weights():
+    a = run_id({"lr": 1e-3, "model": "tiny", "dataset": "alpaca"})
+    assert a == run_id({"dataset": "alpaca", "model": "tiny", "lr": 0.001})  # key order does not matter
+    assert a == run_id({"dataset": "alpaca", "model": "tiny", "lr": 0.001, "weight_decay": 0.0})  # = the default
+    assert a == run_id({"dataset": "alpaca", "model": "tiny", "lr": 0.001, "rho": 0.5, "checkpoint_every": 3})
+    assert a != run_id({"lr": 2e-3, "model": "tiny", "dataset": "alpaca"})
     assert len(a) == 16
+    parent = {"model": "tiny", "dataset": "alpaca", "lr": 1e-3}
+    child = {"model": parent, "dataset": "open-platypus", "optimizer": "sam"}
+    assert run_id(child) != run_id({**child, "model": {**parent, "lr": 2e-3}})
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -67,9 +72,9 @@ def test_bad_hyper_parameters_fail_before_any_work(tmp_path, bad, match):
 
 
 def test_unknown_dataset_and_model_are_named(tmp_path):
-    with pytest.raises(ValueError, match="unknown training dataset 'mmlu'.*alpaca"):
+    with pytest.raises(ValueError, match="dataset='mmlu': unknown training set.*alpaca"):
         train_stage("tiny", "mmlu", tmp_path, **KW)
-    with pytest.raises((KeyError, ValueError), match="unknown model preset .gpt5."):
+    with pytest.raises(ValueError, match="model='gpt5': neither a model directory nor a model preset"):
         train_stage("gpt5", "alpaca", tmp_path, **KW)
 
 
@@ -137,7 +142,7 @@ def test_rehearsal_mixes_stage1_examples(tmp_path):
                     rehearsal_from="alpaca", rehearsal_fraction=0.2)
     # k = round(0.2 * 8 / 0.8) = 2 alpaca examples join the 8 of open-platypus
     assert m["data"]["n_rehearsal"] == 2 and m["data"]["n_examples"] == 10
-    assert m["config"]["rehearsal"]["fraction"] == 0.2 and m["total_steps"] == 2
+    assert m["config"]["rehearsal_fraction"] == 0.2 and m["total_steps"] == 2
 
 
 def test_nan_loss_stops_with_message_and_keeps_the_last_checkpoint(tmp_path):
@@ -156,7 +161,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, full_run):
     out = tmp_path / "killed"
     script = textwrap.dedent(f"""
         import os, signal
-        from cfsam.train import train_stage
+        from cfsam.training.stage import train_stage
         def kill_at_3(rec):
             if rec["step"] == 3:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -169,7 +174,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, full_run):
     assert (out / "checkpoint-2").is_dir() and not (out / "metrics.json").exists()
     (out / "checkpoint-4.tmp").mkdir()  # a checkpoint that a kill interrupted mid-write is ignored
     resumed = train_stage("tiny", "alpaca", out, checkpoint_every=2, **KW)
-    assert resumed["resumed_from_step"] == 2 and resumed["stage_id"] == full["stage_id"]
+    assert resumed["resumed_from_step"] == 2 and resumed["run_id"] == full["run_id"]
     assert resumed["loss"] == full["loss"]
     a, b = _weights(full_dir), _weights(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -213,28 +218,45 @@ def test_deepspeed_zero2_and_zero3_match_one_process_and_zero3_resumes(tmp_path,
 
 
 def _cli(argv):
-    import argparse
+    from cfsam import cli
 
-    from cfsam.training.config import add_cli
-
-    parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    args = cli.build_parser().parse_args(argv)
     return args.func(args)
 
 
-def test_preset_sections_fill_the_stage_options():
-    from cfsam.pipeline import presets
-    from cfsam.training.config import _preset_defaults
+def test_cfsam_train_builds_the_same_spec_as_the_pipeline():
+    from cfsam import cli
+    from cfsam.pipeline import presets, specs
 
     p = presets.load_preset("cpu")
-    s1 = _preset_defaults("cpu", 1, None)
-    assert (s1["model"], s1["dataset"], s1["lr"], s1["n_train"]) == (p["model"], p["data"]["stage1"],
-                                                                      p["stage1"]["lr"], p["data"]["n_stage1"])
-    assert _preset_defaults("cpu", 2, "sam")["epochs"] == p["stage2"]["epochs_sam"]
-    assert _preset_defaults("cpu", 2, "adamw")["epochs"] == p["stage2"]["epochs_adamw"]
+    exps = specs.expand("cpu")
+    args = cli.build_parser().parse_args(["train", "--preset", "cpu", "--stage", "1"])
+    assert run_id(cli.train_spec(args)) == run_id(exps["stage1"]["run"])
+    args = cli.build_parser().parse_args(["train", "--preset", "cpu", "--stage", "2", "--optimizer", "sam",
+                                          "--dataset", "open-platypus"])
+    assert run_id(cli.train_spec(args)) == run_id(exps["s2-open-platypus-sam"]["run"])
+    assert cli.train_spec(args)["epochs"] == p["sam"]["epochs"]
+    args = cli.build_parser().parse_args(["train", "--preset", "cpu", "--stage", "2", "--rehearsal",
+                                          "--dataset", "open-platypus"])
+    assert run_id(cli.train_spec(args)) == run_id(exps["rehearsal-open-platypus-adamw"]["run"])
     with pytest.raises(ValueError, match="--stage"):
-        _preset_defaults("cpu", None, None)
+        cli.train_spec(cli.build_parser().parse_args(["train", "--preset", "cpu"]))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n-train", "2", "--batch-size", "4"], "n_train=2 is fewer than one batch"),
+    (["--lr", "inf"], "lr=inf"),
+    (["--dataset", "wiki"], "dataset='wiki': unknown training set"),
+    (["--model", "gpt5"], "model='gpt5': neither a model directory nor a model preset"),
+])
+def test_cfsam_train_refuses_bad_values_before_loading(argv, message, capsys):
+    base = {"--model": "tiny", "--dataset": "alpaca"}
+    for i in range(0, len(argv), 2):
+        base[argv[i]] = argv[i + 1]
+    from cfsam import cli
+
+    assert cli.main(["train", *[x for kv in base.items() for x in kv]]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_cli_trains_a_stage_and_merges(tmp_path, capsys):
@@ -243,8 +265,9 @@ def test_cli_trains_a_stage_and_merges(tmp_path, capsys):
     assert _cli(["train", "--model", str(tmp_path / "s1"), "--dataset", "open-platypus", "--optimizer", "sam",
                  "--rho", "0.5", "--rehearsal", "--out", str(tmp_path / "s2"), *common]) == 0
     m2 = json.loads((tmp_path / "s2" / "metrics.json").read_text())
-    assert m2["config"]["rho"] == 0.5 and m2["config"]["rehearsal"]["fraction"] == 0.1  # the documented default
-    assert m2["config"]["model"]["stage_id"] == json.loads((tmp_path / "s1" / "metrics.json").read_text())["stage_id"]
+    assert m2["config"]["rho"] == 0.5 and m2["config"]["rehearsal_fraction"] == 0.1  # the documented default
+    assert m2["config"]["rehearsal_from"] == "alpaca"  # what --model was trained on
+    assert m2["config"]["model"]["run"] == json.loads((tmp_path / "s1" / "metrics.json").read_text())["run_id"]
     assert _cli(["merge", str(tmp_path / "s1"), str(tmp_path / "s2"), "--alpha", "0.25",
                  "--out", str(tmp_path / "m")]) == 0
     assert json.loads((tmp_path / "m" / "merge.json").read_text())["alpha"] == 0.25

@@ -2,7 +2,7 @@
 
 Launched by tests/test_optim.py as
 ``python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist/sam_deepspeed.py OUT.json``.
-Every rank runs the single-process reference (cfsam.optim.SAM / AdamW on the whole global batch);
+Every rank runs the single-process reference (cfsam.core.sam.SAM / AdamW on the whole global batch);
 rank 0 writes, per ZeRO stage and optimizer, the measured perturbation radii (the distance the
 weights the forward reads moved, summed over the disjoint ZeRO-3 partitions), the radii ZeroSAM
 reported, how far the weights were from the saved ones after restore, and the largest weight

@@ -136,7 +136,8 @@ def _fake_entry(preset, name, values: dict):
     """An entry whose categories hold given percentages (a synthetic fixture, never a result)."""
     exp = specs.expand(preset)[name]
     cats = {c: {"score": values[c] / 100} for c in report.CATEGORIES}
-    return {"id": specs.experiment_id(exp), "name": name, "spec": exp, "eval": {"categories": cats, "tasks": {}}}
+    return {"id": specs.experiment_id(exp), "name": name, "spec": exp, "eval": {"categories": cats, "tasks": {}},
+            "provenance": {"data": cache.data_hashes(exp)}}
 
 
 def test_compare_puts_the_paper_beside_ours_and_recomputes_delta(results):

@@ -38,13 +38,14 @@ Where the paper disagrees with itself:
 """
 from __future__ import annotations
 
+from cfsam.core import registry
+
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-CSV = Path(__file__).parent / "registry" / "paper_numbers.csv"
+CSV = registry.ROOT / "paper_numbers.csv"
 KEY = ["model", "method", "stage2", "optimizer", "epochs"]  # one run
 TABLES = ("1", "2a", "2b", "2c", "3", "4", "5", "6", "7", "8")  # as paper_table prints them
 

@@ -1,7 +1,7 @@
 """Figure helpers shared by the notebooks: each function takes plain results and returns a Figure.
 
 Nothing here imports the rest of cfsam: a loss surface is anything with ``x``, ``y`` and ``losses``
-(``losses[i, j]`` at ``(x[i], y[j])``, as ``cfsam.landscape.Surface``), a line anything with ``t``
+(``losses[i, j]`` at ``(x[i], y[j])``, as ``cfsam.measurement.landscape.Surface``), a line anything with ``t``
 and ``losses``. Models that are compared share one colour scale (``shared_norm``), so equal colours
 mean equal losses across panels, as the paper's Figure 1 needs to be read.
 

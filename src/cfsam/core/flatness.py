@@ -1,7 +1,7 @@
 """Flatness of a 2-D loss surface: the paper's SC, AG and MAG (Appendix A.3, Eqs. 3-6).
 
 Input: an N x N array ``Z`` of losses on a square grid, ``Z[i, j] = f(x_i, y_j)``, with the same step
-``h = spacing`` along both axes (as produced by ``cfsam.landscape``). numpy only.
+``h = spacing`` along both axes (as produced by ``cfsam.measurement.landscape``). numpy only.
 
 The paper's equations leave open how derivatives are discretised, which points enter each mean,
 and what Eq. 5 averages (a sum of gradient *vectors* is not a flatness number). Our reading, fixed

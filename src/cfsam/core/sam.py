@@ -23,7 +23,7 @@ copying a saved copy back (exact, unlike subtracting ``e``), and that copy is th
 (one copy of the parameters, freed after ``second_step``); ``state_dict`` is the base optimizer's
 state plus ``rho``/``adaptive`` per group, so it round-trips and torch.distributed.checkpoint can
 handle it. With fp16 and a ``GradScaler``, call ``scaler.unscale_(sam)`` before ``first_step``;
-``cfsam.train`` shows the full sequence.
+``cfsam.training`` shows the full sequence.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def _combine(pieces: list[torch.Tensor], sharded: bool | None, process_group, de
 def global_norm(tensors, sharded: bool | None = None, process_group=None) -> torch.Tensor:
     """2-norm of ``tensors`` taken as one vector over all ranks (``sharded`` as in :class:`SAM`).
 
-    ``cfsam.train`` uses it for the gradient norm it logs and clips, with AdamW as with SAM."""
+    ``cfsam.training`` uses it for the gradient norm it logs and clips, with AdamW as with SAM."""
     tensors = list(tensors)
     if not tensors:
         return torch.zeros(())

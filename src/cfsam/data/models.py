@@ -35,6 +35,11 @@ class ModelUnavailable(RuntimeError):
     """A preset that exists but cannot be loaded on this machine (the message says how to get it)."""
 
 
+class DamagedModelFile(ModelUnavailable):
+    """A model directory whose files are there but cannot be read (a malformed tokenizer.json or config.json,
+    a truncated model.safetensors): the message names the file and how to get a good one."""
+
+
 def cache_dir() -> Path:
     """Where converted models, stage checkpoints and eval caches live (outside git)."""
     return Path(os.environ.get("CFSAM_CACHE", Path.home() / ".cache" / "cfsam")).expanduser()
@@ -133,11 +138,11 @@ def load_tokenizer(name_or_dir: str):
 
     path = Path(name_or_dir)
     if path.is_dir():
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = _from_dir(AutoTokenizer, path, "tokenizer")
     else:
         spec = model_spec(name_or_dir)
         if spec["source"] == "gguf_wheel":
-            tok = AutoTokenizer.from_pretrained(prepare(name_or_dir))
+            tok = _from_dir(AutoTokenizer, prepare(name_or_dir), "tokenizer")
         elif spec["source"] == "random":
             tok = load_tokenizer(spec["tokenizer_from"])
         else:
@@ -145,6 +150,54 @@ def load_tokenizer(name_or_dir: str):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _from_dir(cls, path: Path, what: str, **kwargs):
+    """``cls.from_pretrained`` on a local directory; a file it cannot read -> DamagedModelFile naming it."""
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as err:  # tokenizers' parser raises a bare Exception; json, safetensors, OSError, ...
+        bad = _damaged_file(path, what)
+        msg = (str(err).strip().splitlines() or [""])[0][:300]
+        if path.resolve().parent == (cache_dir() / "models").resolve():  # a converted preset: convert again
+            fix = f"delete {path} and run `cfsam prepare-model {path.name}` to convert it again"
+        else:
+            fix = f"restore {bad.name if bad else 'it'} (save the {what} again, or rerun the stage that wrote {path})"
+        raise DamagedModelFile(f"the {what} in {path} cannot be loaded: "
+                               + (f"{bad} is damaged" if bad else "a file there is missing or damaged")
+                               + f" ({type(err).__name__}: {msg}); {fix}") from err
+
+
+def _damaged_file(path: Path, what: str) -> Path | None:
+    """The file of a model directory that does not parse (checked one by one), or None."""
+    for name in ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "tokenizer.json", "model.safetensors.index.json"):
+        f = path / name
+        if f.exists():
+            try:
+                json.loads(f.read_text())
+            except (OSError, ValueError):
+                return f
+    if what == "tokenizer" and (path / "tokenizer.json").exists():
+        from tokenizers import Tokenizer
+
+        try:  # valid JSON that the fast tokenizer still rejects (a wrong model type, a missing field)
+            Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception:
+            return path / "tokenizer.json"
+    if what == "model":
+        from safetensors import safe_open
+
+        for f in sorted(path.glob("*.safetensors")):
+            try:
+                with safe_open(str(f), "pt") as st:
+                    for key in st.keys():
+                        st.get_slice(key)
+            except Exception:
+                return f
+    return None
 
 
 def _from_hub(cls, spec: dict, name: str, **kwargs):
@@ -164,12 +217,13 @@ def load_model(name_or_dir: str, dtype: torch.dtype = torch.float32) -> Loaded:
 
     path = Path(name_or_dir)
     if path.is_dir():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = _from_dir(AutoModelForCausalLM, path, "model", dtype=dtype)
         return Loaded(model, load_tokenizer(str(path)), path.name, str(path))
     spec = model_spec(name_or_dir)
     if spec["source"] == "gguf_wheel":
         d = prepare(name_or_dir)
-        return Loaded(AutoModelForCausalLM.from_pretrained(d, dtype=dtype), load_tokenizer(str(d)), name_or_dir, str(d))
+        return Loaded(_from_dir(AutoModelForCausalLM, d, "model", dtype=dtype), load_tokenizer(str(d)), name_or_dir,
+                      str(d))
     if spec["source"] == "random":
         tok = load_tokenizer(name_or_dir)
         config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,

@@ -97,8 +97,8 @@ def raw_files(name: str, split: str | None = None) -> list[Path]:
         raise DataUnavailable(f"dataset {name!r} is not in the mirror: "
                               + (spec.get("missing") or f"use its substitute ({spec['substitute']['label']})"))
     if not root.is_dir():
-        raise DataError(f"CFSAM_DATA_DIR={root} is not a directory; point it at the data mirror (the folder "
-                        "holding MANIFEST.md)")
+        raise DataError(f"CFSAM_DATA_DIR={root} {'is not a directory' if root.exists() else 'does not exist'}; "
+                        "point it at the data mirror (the folder holding MANIFEST.md)")
     chosen = [split] if split else list(spec["files"])
     out: list[Path] = []
     for s in chosen:

@@ -5,7 +5,8 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
+
+from cfsam.training.loss import row_losses, summed_loss
 
 IGNORE = -100
 
@@ -17,14 +18,12 @@ LossFn = Callable[[torch.nn.Module, Batch], "tuple[torch.Tensor, int]"]
 
 
 def response_token_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over response tokens (labels != -100), and their number."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                   use_cache=False).logits
-    # shift the labels rather than the logits: no copy of the (batch, length, vocab) tensor
-    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
-    logits = logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
-    loss = F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE, reduction="sum")
-    return loss, int((targets != IGNORE).sum())
+    """Summed next-token cross-entropy over response tokens (labels != -100), and their number.
+
+    The LM head runs on those positions only (``cfsam.training.loss``); no checkpointing, so the
+    curvature code can differentiate it twice."""
+    s, n = summed_loss(model, batch["input_ids"], batch.get("attention_mask"), batch["labels"], recompute=False)
+    return s, int(n)
 
 
 def mean_loss(model: torch.nn.Module, batches: Sequence[Batch], loss_fn: LossFn = response_token_loss) -> float:
@@ -43,6 +42,19 @@ def loss_and_count(model, batches, loss_fn) -> tuple[float, int]:
     if count == 0:
         raise ValueError("the batches hold no labelled items (every label is -100); the loss is undefined")
     return total / count, count
+
+
+def per_example_losses(model: torch.nn.Module, batches: Sequence[Batch]) -> list[tuple[float, int]]:
+    """(summed response-token loss, number of response tokens) of every example, in batch order; eval mode.
+
+    The token mean is sum(s) / sum(n) (= ``mean_loss``); the per-example means s / n weigh every
+    example alike (an example with no response token left gives (0.0, 0))."""
+    out: list[tuple[float, int]] = []
+    with eval_mode(model), torch.inference_mode():
+        for batch in on_device(batches, model_params(model)[0].device):
+            sums, counts = row_losses(model, batch["input_ids"], batch.get("attention_mask"), batch["labels"])
+            out += zip(sums.double().tolist(), counts.tolist())
+    return out
 
 
 def heldout_batches(dataset: str, tokenizer, *, n_examples: int = 8, batch_size: int = 4, max_length: int = 128,

@@ -40,10 +40,12 @@ def targets_and_mask(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mask, nxt[mask]
 
 
+def _fp32(logits: torch.Tensor) -> torch.Tensor:
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
+
+
 def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(_fp32(head(hidden)), targets, reduction="sum")
 
 
 def _is_plain(model) -> bool:
@@ -58,6 +60,19 @@ def _is_plain(model) -> bool:
             and hasattr(model, "model") and hasattr(model, "lm_head"))
 
 
+def _kept(model, input_ids, attention_mask, mask) -> tuple[torch.Tensor, bool]:
+    """(the hidden states of the kept positions (n, H), True) for a plain model, or (their fp32
+    logits (n, V), False) from a wrapper's own forward."""
+    if _is_plain(model):
+        hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return hidden[mask], True  # the only rows the head sees
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=mask, use_cache=False).logits
+    if logits.ndim != 2 or logits.shape[0] != int(mask.sum()):
+        raise RuntimeError(f"the model ignored logits_to_keep=<boolean mask> (logits {tuple(logits.shape)}); "
+                           "transformers >= 5 applies it")
+    return _fp32(logits), False
+
+
 def summed_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor, *,
                 chunk: int = CHUNK, recompute: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the next-token cross-entropies over labelled positions, their number as a tensor).
@@ -66,24 +81,33 @@ def summed_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     ranks: transformers' ``num_items_in_batch``) for the token mean. ``recompute``: checkpoint each
     chunk when gradients are enabled (False keeps the graph plain, e.g. for double backward)."""
     mask, targets = targets_and_mask(labels)
-    n = mask.sum()
-    if not _is_plain(model):  # a wrapper: its own forward, the head applied inside to the kept rows
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=mask,
-                       use_cache=False).logits
-        if logits.ndim != 2 or logits.shape[0] != targets.shape[0]:
-            raise RuntimeError(f"the model ignored logits_to_keep=<boolean mask> (logits {tuple(logits.shape)}); "
-                               "transformers >= 5 applies it")
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        return F.cross_entropy(logits, targets, reduction="sum"), n
-    hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    hidden = hidden[mask]  # (n, H): the only rows the head sees
+    kept, is_hidden = _kept(model, input_ids, attention_mask, mask)
+    if not is_hidden:
+        return F.cross_entropy(kept, targets, reduction="sum"), mask.sum()
     use_ckpt = recompute and torch.is_grad_enabled()
     total = 0
     # at least one (maybe empty) chunk: no labelled position still gives a zero loss with a graph
-    for s in range(0, max(hidden.shape[0], 1), chunk):
-        h, t = hidden[s:s + chunk], targets[s:s + chunk]
+    for s in range(0, max(kept.shape[0], 1), chunk):
+        h, t = kept[s:s + chunk], targets[s:s + chunk]
         if use_ckpt:  # the chunk's logits are dropped after the forward and remade in the backward
             total = total + checkpoint(_chunk_loss, model.lm_head, h, t, use_reentrant=False)
         else:
             total = total + _chunk_loss(model.lm_head, h, t)
-    return total, n
+    return total, mask.sum()
+
+
+def row_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor, *,
+               chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row (example) of the batch: the summed next-token cross-entropy over its labelled
+    positions, and their number. Meant for evaluation (no checkpointing)."""
+    mask, targets = targets_and_mask(labels)
+    kept, is_hidden = _kept(model, input_ids, attention_mask, mask)
+    if is_hidden:
+        losses = [F.cross_entropy(_fp32(model.lm_head(kept[s:s + chunk])), targets[s:s + chunk], reduction="none")
+                  for s in range(0, kept.shape[0], chunk)]
+        losses = torch.cat(losses) if losses else kept.new_zeros(0, dtype=torch.float32)
+    else:
+        losses = F.cross_entropy(kept, targets, reduction="none")
+    rows = mask.nonzero()[:, 0]  # the row of each kept position, in the row-major order of hidden[mask]
+    sums = losses.new_zeros(labels.shape[0]).index_add_(0, rows, losses)
+    return sums, mask.sum(dim=1)

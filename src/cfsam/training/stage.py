@@ -7,14 +7,14 @@ accumulation loop, the backward, clipping and the optimizer step (under FSDP/Dee
 wraps the optimizer too), so SAM there means overriding ``training_step`` against its accumulation
 counters; the paper's code ends up with three passes and per-shard norms. Here every pass is in
 view (``optimizer_step``) and distribution is torch's own: DDP (``no_sync`` on all but the last
-micro-batch) or FSDP2 ``fully_shard`` per decoder layer, whose DTensor gradients ``cfsam.optim.SAM``
+micro-batch) or FSDP2 ``fully_shard`` per decoder layer, whose DTensor gradients ``cfsam.core.sam.SAM``
 reduces exactly. ``torchrun`` / ``accelerate launch`` only launch it: rank and world size come from
 the environment (accelerate's FSDP plugin needs an accelerator, this runs on CPU as well).
 
 DeepSpeed ZeRO-1/2/3 (``dist='zero1'|'zero2'|'zero3'``, or ``auto`` under an accelerate DeepSpeed
 config): the engine owns the backward (gradients are reduced into per-rank partitions), the fp32
 master weights, clipping and the step, so the same loop drives it through ``engine.backward`` /
-``engine.step()`` and SAM moves the weights around the engine (``cfsam.zero.ZeroSAM``: global norm
+``engine.step()`` and SAM moves the weights around the engine (``cfsam.training.zero.ZeroSAM``: global norm
 over the partitions, the perturbation applied to what the forward gathers, restored by copy). cfsam
 builds the engine's config itself from its own options (batch split, ``max_grad_norm`` as DeepSpeed's
 clipping, fp32 weights with bf16 as autocast); checkpoints are the engine's own

@@ -71,7 +71,7 @@ def optimizer_step(model, opt, micro_batches: list[dict], ctx: StepContext) -> d
     With an fp16 GradScaler each SAM pass is unscaled before its norm is taken; the scaler is updated
     after each pass (so its growth counter counts passes), and an overflow in either pass skips the
     update with the weights restored. Raises TrainingDiverged on a non-finite loss.
-    Under DeepSpeed (``ctx.engine``) ``opt`` is a ``cfsam.zero.ZeroSAM`` or None (AdamW)."""
+    Under DeepSpeed (``ctx.engine``) ``opt`` is a ``cfsam.training.zero.ZeroSAM`` or None (AdamW)."""
     if ctx.engine is not None:
         return _engine_step(model, opt, micro_batches, ctx)
     params = [p for g in opt.param_groups for p in g["params"]]

@@ -1,6 +1,6 @@
 """SAM (and AdamW) on a DeepSpeed ZeRO engine, with the gradient norm taken over all partitions.
 
-Why this is not ``cfsam.optim.SAM``: under ZeRO the module's parameters are not the tensors the
+Why this is not ``cfsam.core.sam.SAM``: under ZeRO the module's parameters are not the tensors the
 optimizer steps. The engine keeps fp32 master partitions inside its ZeRO optimizer, reduces the
 gradients into per-rank partitions during ``engine.backward`` and copies the masters back into the
 module's weights in ``engine.step()``. So SAM is done around the engine, not inside a torch optimizer:
@@ -37,7 +37,7 @@ STAGES = (1, 2, 3)
 
 def engine_config(stage: int, micro_batch: int, grad_accum: int, world: int, max_grad_norm: float | None) -> dict:
     """The DeepSpeed config cfsam runs: fp32 weights and masters (bf16 is cfsam's own autocast),
-    the batch split as in cfsam.train, clipping by DeepSpeed at ``max_grad_norm``."""
+    the batch split as in cfsam.training, clipping by DeepSpeed at ``max_grad_norm``."""
     if stage not in STAGES:
         raise ValueError(f"ZeRO stage {stage!r} is not supported here; allowed: 1 | 2 | 3 "
                          "(stage 0 is plain data parallelism: use dist='ddp')")
