@@ -1,6 +1,6 @@
 """cfsam.pipeline.batch: local papermill runs end to end on tiny notebooks of our own, and the Slurm scripts by inspection.
 
-The real experiments are tested elsewhere: here ``experiments.run_missing`` is replaced by a recorder.
+The real experiments are tested elsewhere: here ``runner.run_missing`` is replaced by a recorder.
 """
 import os
 import shlex
@@ -14,7 +14,7 @@ import yaml
 
 from cfsam import cli
 from cfsam.pipeline import batch
-from cfsam.pipeline.specs import experiments
+from cfsam.pipeline import runner
 
 PAPERMILL = str(Path(sys.executable).parent / "papermill")
 
@@ -47,7 +47,7 @@ def calls(monkeypatch):
         return ["stage1"] if notebooks == ["fig1"] else []
 
     fake.nb_dir = None
-    monkeypatch.setattr(experiments, "run_missing", fake)
+    monkeypatch.setattr(runner, "run_missing", fake)
     seen.fake = fake
     return seen
 

@@ -42,8 +42,10 @@ def test_a_chapter_declares_its_experiments_in_its_metadata(tmp_path):
     nb = {"cells": [], "metadata": {"cfsam": {"experiments": ["s2-*-sam"], "exclude": ["*rehearsal*"]}},
           "nbformat": 4, "nbformat_minor": 5}
     (tmp_path / "mine.ipynb").write_text(json.dumps(nb))
+    (tmp_path / "scratch.ipynb").write_text(json.dumps(nb))  # not in the table of contents: no chapter
+    (tmp_path / "_toc.yml").write_text("parts:\n  - chapters:\n      - file: notebooks/mine\n")
     names = ["base", "s2-a-sam", "s2-b-adamw", "s2-c-sam", "rehearsal-x-sam"]
-    assert chapters.chapters(tmp_path) == ["mine"]
+    assert chapters.chapters(tmp_path, tmp_path / "_toc.yml") == ["mine"]
     assert chapters.chapter_experiments("mine", names, tmp_path) == ["s2-a-sam", "s2-c-sam"]
 
 

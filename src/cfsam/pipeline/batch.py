@@ -1,14 +1,14 @@
 """Batch runs: compute what each notebook needs, then execute it with papermill, locally or on Slurm.
 
 Locally, notebooks run one after the other: first the experiments a notebook still lacks
-(``experiments.run_missing``), then the notebook itself, into ``_build/batch/<preset>/<name>.ipynb``.
+(``runner.run_missing``), then the notebook itself, into ``_build/batch/<preset>/<name>.ipynb``.
 On a cluster, ``--slurm`` writes one sbatch script per notebook (and ``submit_all.sh``): each job
 trains the notebook's missing experiments across its node's GPUs with ``accelerate launch`` and then
 renders the notebook with the ``papermill`` command. Jobs are independent of each other, so they can run
 side by side; the ``#SBATCH`` header comes from ``configs/slurm.yaml`` with command-line overrides.
 
 Notebooks are parameterised by papermill through a cell tagged ``parameters`` that declares at least
-``preset`` and ``results_dir`` (None = the cache's default, ``experiments.results_dir(preset)``).
+``preset`` and ``results_dir`` (None = the cache's default, ``cache.results_dir(preset)``).
 """
 from __future__ import annotations
 
@@ -50,11 +50,12 @@ def default_out(preset: str) -> Path:
 def select_notebooks(notebooks: list[str] | None = None, notebooks_dir: Path | None = None) -> list[str]:
     """The chapters to run, in book order: the named ones, or every chapter of _toc.yml."""
     nb_dir = Path(notebooks_dir or NOTEBOOKS_DIR)
-    known = chapters.chapters(notebooks_dir)
+    known = chapters.chapters(notebooks_dir, present=False)
     if notebooks is None:
-        if not known:
-            raise FileNotFoundError(f"no chapter notebooks in {nb_dir}")
-        return known
+        found = chapters.chapters(notebooks_dir)
+        if not found:
+            raise FileNotFoundError(f"no notebooks in {nb_dir} of the chapters of _toc.yml")
+        return found
     bad = [nb for nb in notebooks if nb not in known]
     if bad:
         raise ValueError(f"unknown notebook(s) {', '.join(bad)}; allowed: {', '.join(known)}")

@@ -29,16 +29,13 @@ def _toc_files(toc: dict) -> list[str]:
     return out
 
 
-def chapters(notebooks_dir: Path | None = None, toc_file: Path | None = None) -> list[str]:
-    """Notebook chapters in book order: the ``notebooks/`` files of ``_toc.yml`` that carry cfsam metadata."""
+def chapters(notebooks_dir: Path | None = None, toc_file: Path | None = None, *, present: bool = True) -> list[str]:
+    """Notebook chapters in book order: the ``notebooks/`` files of ``_toc.yml`` present in ``notebooks_dir``."""
     nb_dir = Path(notebooks_dir or NOTEBOOKS_DIR)
     toc_path = Path(toc_file or REPO / "_toc.yml")
     files = _toc_files(yaml.safe_load(toc_path.read_text())) if toc_path.exists() else []
     listed = [Path(f).name.removesuffix(".ipynb") for f in files if f.startswith("notebooks/")]
-    if notebooks_dir is not None:  # a folder of one's own (tests, forks): its notebooks, in toc order first
-        here = sorted(p.stem for p in nb_dir.glob("*.ipynb"))
-        return [n for n in listed if n in here] + [n for n in here if n not in listed]
-    return [n for n in listed if (nb_dir / f"{n}.ipynb").exists()]
+    return [n for n in listed if not present or (nb_dir / f"{n}.ipynb").exists()]
 
 
 def declared(notebook: str, notebooks_dir: Path | None = None) -> dict:
