@@ -24,6 +24,15 @@ copying a saved copy back (exact, unlike subtracting ``e``), and that copy is th
 state plus ``rho``/``adaptive`` per group, so it round-trips and torch.distributed.checkpoint can
 handle it. With fp16 and a ``GradScaler``, call ``scaler.unscale_(sam)`` before ``first_step``;
 ``cfsam.training`` shows the full sequence.
+
+SAM every k updates (``every=k``; MosaicML Composer's ``SAMOptimizer(interval=k)``): SAM costs two
+forward/backward passes per update, so on k-1 of every k updates the trainer takes a plain
+base-optimizer step from one pass (``plain_step``) and pays for the second pass only on the others:
+the amortised cost is (k+1)/k passes, 1.25x AdamW at k=4. Which updates are SAM ones follows from the
+number of updates taken, kept in every param group (``sam_updates``, next to ``sam_every``) so that it
+is in the state_dict and a resumed run picks up exactly where it stopped. k=1 is SAM. (LookSAM, Liu
+et al. 2022, would instead reuse the direction of the last SAM gradient on the cheap updates; the
+plain step keeps the method exact to state and to reason about.)
 """
 from __future__ import annotations
 
@@ -95,14 +104,16 @@ class SAM(torch.optim.Optimizer):
     """
 
     def __init__(self, params, base_optimizer=torch.optim.AdamW, rho: float = 2.0, adaptive: bool = False,
-                 eps: float = 1e-12, sharded: bool | None = None, process_group=None, **kwargs):
+                 eps: float = 1e-12, sharded: bool | None = None, process_group=None, every: int = 1, **kwargs):
         if not rho > 0:
             raise ValueError(f"SAM needs rho > 0, got rho={rho!r}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every={every!r}: SAM every k updates needs an integer k >= 1 (1: every update)")
         if not eps > 0:
             raise ValueError(f"SAM needs eps > 0, got eps={eps!r}")
         if sharded not in (None, True, False):
             raise ValueError(f"sharded must be None, True or False, got {sharded!r}")
-        super().__init__(params, dict(rho=rho, adaptive=adaptive, **kwargs))
+        super().__init__(params, dict(rho=rho, adaptive=adaptive, sam_every=every, sam_updates=0, **kwargs))
         # The base optimizer works on the very same group dicts and state: one set of hyper-parameters
         # (an lr scheduler on either sees both) and one state_dict.
         self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
@@ -135,6 +146,31 @@ class SAM(torch.optim.Optimizer):
         return _combine([_piece(p.abs() * p.grad if adaptive else p.grad, self.sharded)
                          for p in self._params() if p.grad is not None], self.sharded, self.process_group,
                         self._device())
+
+    # -- which updates are SAM updates -----------------------------------------------------------
+    @property
+    def updates(self) -> int:
+        """Updates taken so far (SAM and plain; skipped ones do not count)."""
+        return int(self.param_groups[0]["sam_updates"])
+
+    @property
+    def is_sam_step(self) -> bool:
+        """Whether the next update is a SAM one (two passes) or a plain base-optimizer one (one pass)."""
+        return self.updates % int(self.param_groups[0]["sam_every"]) == 0
+
+    def _count_update(self) -> None:
+        for group in self.param_groups:
+            group["sam_updates"] = int(group["sam_updates"]) + 1
+
+    @torch.no_grad()
+    def plain_step(self, zero_grad: bool = True) -> None:
+        """An update of the base optimizer with the gradient at ``w`` (the cheap updates of ``every > 1``)."""
+        if self._saved:
+            raise RuntimeError("plain_step called between first_step and second_step")
+        self.base_optimizer.step()
+        self._count_update()
+        if zero_grad:
+            self.zero_grad()
 
     # -- the two steps ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -186,14 +222,20 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("second_step called without a (finite) first_step before it")
         self.restore()
         self.base_optimizer.step()
+        self._count_update()
         if zero_grad:
             self.zero_grad()
 
     def step(self, closure=None):
         """With ``closure``: the gradient at ``w`` must already be there (``loss.backward()``);
-        ``closure`` re-runs forward and backward at ``w + e``. Without: a plain base-optimizer step."""
+        ``closure`` re-runs forward and backward at ``w + e`` (on a SAM update; on the others of
+        ``every > 1`` it is not called). Without: a plain base-optimizer step, not counted as an update
+        (torch.distributed.checkpoint calls it to create the state)."""
         if closure is None:
             return self.base_optimizer.step()
+        if not self.is_sam_step:
+            self.plain_step(zero_grad=True)
+            return None
         self.first_step(zero_grad=True)
         if not self._saved:  # non-finite gradient: skip the update
             return None
@@ -206,4 +248,7 @@ class SAM(torch.optim.Optimizer):
         # Optimizer.load_state_dict rebinds self.state and self.param_groups: share them again
         self.base_optimizer.state = self.state
         self.base_optimizer.param_groups = self.param_groups
+        for group in self.param_groups:  # a state saved before SAM-every-k existed: SAM on every update
+            group.setdefault("sam_every", 1)
+            group.setdefault("sam_updates", 0)
 

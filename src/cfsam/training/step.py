@@ -65,7 +65,8 @@ def _clip(params, norm: torch.Tensor, max_norm: float | None) -> None:
 
 
 def optimizer_step(model, opt, micro_batches: list[dict], ctx: StepContext) -> dict:
-    """One optimizer update from this rank's micro-batches (AdamW: one pass; SAM: two).
+    """One optimizer update from this rank's micro-batches (AdamW: one pass; SAM: two; SAM every k:
+    two on every k-th update, counted by the optimizer, one on the others).
 
     Returns {"loss", "grad_norm", "perturbation_norm", "sam_grad_norm", "skipped"} (global values).
     With an fp16 GradScaler each SAM pass is unscaled before its norm is taken; the scaler is updated
@@ -89,7 +90,7 @@ def optimizer_step(model, opt, micro_batches: list[dict], ctx: StepContext) -> d
     scaler = ctx.scaler
     if scaler is not None:
         scaler.unscale_(opt)
-    if isinstance(opt, SAM):
+    if isinstance(opt, SAM) and opt.is_sam_step:  # with sam_every=k > 1, one update in k
         out["grad_norm"] = float(opt.first_step(zero_grad=True))
         out["perturbation_norm"] = opt.last_perturbation_norm
         if scaler is not None:
@@ -120,7 +121,10 @@ def optimizer_step(model, opt, micro_batches: list[dict], ctx: StepContext) -> d
             scaler.update()
         return _skip_or_raise(out, ctx, "gradient")
     _clip(params, norm, ctx.max_grad_norm)
-    opt.step()
+    if isinstance(opt, SAM):
+        opt.plain_step(zero_grad=False)  # one of SAM-every-k's cheap updates: counted, so the cycle resumes exactly
+    else:
+        opt.step()
     opt.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.update()
@@ -139,7 +143,7 @@ def _engine_step(engine, zsam, micro_batches: list[dict], ctx: StepContext) -> d
     out = {"loss": float(loss), "grad_norm": None, "perturbation_norm": None, "sam_grad_norm": None, "skipped": False}
     if not math.isfinite(out["loss"]):
         raise TrainingDiverged(f"loss is {out['loss']}")
-    if zsam is None:
+    if zsam is None or not zsam.is_sam_step:  # AdamW, or a cheap update of SAM every k
         out["grad_norm"] = float(zero.grad_norm(engine))
     else:
         out["grad_norm"] = float(zsam.first_step())
@@ -164,11 +168,12 @@ def _skip_or_raise(out: dict, ctx: StepContext, what: str) -> dict:
     return out
 
 
-def build_optimizer(model, optimizer: str, lr: float, weight_decay: float, rho: float, adaptive: bool):
+def build_optimizer(model, optimizer: str, lr: float, weight_decay: float, rho: float, adaptive: bool,
+                    sam_every: int = 1):
     # no weight decay on biases and norm weights, as transformers.Trainer does
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if optimizer == "sam":
-        return SAM(groups, torch.optim.AdamW, rho=rho, adaptive=adaptive, lr=lr)
+        return SAM(groups, torch.optim.AdamW, rho=rho, adaptive=adaptive, every=sam_every, lr=lr)
     return torch.optim.AdamW(groups, lr=lr)

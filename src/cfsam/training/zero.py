@@ -110,19 +110,30 @@ class ZeroSAM:
 
     ``ZeroSAM(engine, rho=2.0, adaptive=False)``; per update: pass 1 with ``engine.backward``,
     ``first_step()``, pass 2, ``restore()``, ``engine.step()``. ``adaptive``: ASAM,
-    ``e = rho * w^2 g / || |w| g ||`` (elementwise, so it works on partitions as on full tensors)."""
+    ``e = rho * w^2 g / || |w| g ||`` (elementwise, so it works on partitions as on full tensors).
+    ``every=k``: SAM on every k-th update only (``cfsam.core.sam``); the others are the engine's plain
+    step from pass 1. The count is the engine's ``global_steps``, which its checkpoints keep, so a
+    resumed run continues the cycle exactly."""
 
-    def __init__(self, engine, rho: float = 2.0, adaptive: bool = False, eps: float = 1e-12):
+    def __init__(self, engine, rho: float = 2.0, adaptive: bool = False, eps: float = 1e-12, every: int = 1):
         if not rho > 0:
             raise ValueError(f"SAM needs rho > 0, got rho={rho!r}")
         if not eps > 0:
             raise ValueError(f"SAM needs eps > 0, got eps={eps!r}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every={every!r}: SAM every k updates needs an integer k >= 1 (1: every update)")
         self.engine = engine
+        self.every = every
         self.stage = _stage(engine)
         self.rho, self.adaptive, self.eps = float(rho), bool(adaptive), float(eps)
         self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []  # (weight, its value before first_step)
         self.last_grad_norm: float | None = None
         self.last_perturbation_norm: float | None = None
+
+    @property
+    def is_sam_step(self) -> bool:
+        """Whether the next update (the engine's ``global_steps``-th, from 0) is a SAM one."""
+        return int(self.engine.global_steps) % self.every == 0
 
     @torch.no_grad()
     def grad_norm(self, adaptive: bool = False) -> torch.Tensor:
