@@ -175,3 +175,26 @@ def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.as_tensor(f["labels"])
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def length_grouped_order(lengths: list[int], batch_size: int, seed: int, epoch: int, mega: int = 50) -> list[int]:
+    """The trainer's example order for an epoch, with batches of similar lengths (less padding).
+
+    The random permutation of (seed, epoch) that the trainer draws anyway is cut into mega-batches of
+    ``mega * batch_size`` examples; each is sorted by length and cut into batches, and those batches
+    are shuffled (same generator) so that no length trend runs through the steps. As with
+    transformers' ``group_by_length``, the examples still move between batches from epoch to epoch;
+    only within a mega-batch does length decide who shares a batch. Deterministic in (seed, epoch),
+    so a resumed run sees the same batches."""
+    if batch_size <= 0 or mega <= 0:
+        raise ValueError(f"batch_size={batch_size}, mega={mega}: both must be positive")
+    g = torch.Generator().manual_seed(seed + epoch)
+    perm = torch.randperm(len(lengths), generator=g).tolist()
+    size = mega * batch_size
+    order: list[int] = []
+    for start in range(0, len(perm), size):
+        group = sorted(perm[start:start + size], key=lambda i: -lengths[i])  # stable: ties keep the random order
+        batches = [group[s:s + batch_size] for s in range(0, len(group), batch_size)]
+        for b in torch.randperm(len(batches), generator=g).tolist():
+            order += batches[b]
+    return order
