@@ -148,41 +148,102 @@ def test_slurm_scripts(tmp_path, calls):
     scripts = batch.write_slurm("smoke", notebooks_dir=nb_dir, out=out, parameters={"seeds": [3]},
                                 overrides={"partition": "debug", "time": "01:30:00", "gpus_per_node": 4,
                                            "accelerate": "fsdp"})
-    assert scripts == [out / "fig1.sbatch", out / "tab4.sbatch"] and calls == []  # nothing trained here
+    jobs = batch.job_graph("smoke", None, nb_dir)
+    assert scripts == [out / f"{j['name']}.sbatch" for j in jobs] and calls == []  # nothing trained here
+    assert scripts[0].name == "base.sbatch" and scripts[-1].name == "chapters.sbatch"
+    assert (out / "jobs.txt").read_text().startswith("base ")
 
-    for name, path in zip(["fig1", "tab4"], scripts):
-        text = path.read_text()
+    for job, path in zip(jobs, scripts):
+        name, text = job["name"], path.read_text()
         assert os.access(path, os.X_OK) and text.startswith("#!/bin/bash\n")
         header = _lines(text, "#SBATCH ")
         # sbatch reads #SBATCH lines only before the first command
         first_command = next(i for i, l in enumerate(text.splitlines()) if l.strip() and not l.startswith("#"))
         assert all(text.splitlines().index(h) < first_command for h in header)
-        assert {"#SBATCH --partition=debug", "#SBATCH --time=01:30:00", "#SBATCH --gpus-per-node=4",
-                f"#SBATCH --mem={defaults['mem']}", f"#SBATCH --cpus-per-task={defaults['cpus_per_task']}",
+        assert {"#SBATCH --partition=debug", "#SBATCH --time=01:30:00",
                 f"#SBATCH --job-name=cfsam-smoke-{name}", f"#SBATCH --output={out}/{name}-%j.log"} <= set(header)
         assert not any(h.startswith("#SBATCH --account") for h in header)  # null in slurm.yaml: left out
-
         body = text.splitlines()
         setup = [body.index(line) for line in defaults["setup"]]
+        if name == "chapters":  # one light node: no GPU, papermill only, never trains
+            assert not any(h.startswith("#SBATCH --gpus") for h in header)
+            assert {"#SBATCH --cpus-per-task=4", "#SBATCH --mem=32G"} <= set(header)
+            assert not _lines(text, "accelerate")
+            (render,) = _lines(text, "python -m cfsam batch")
+            assert max(setup) < body.index(render)
+            args = cli.build_parser().parse_args(shlex.split(render)[3:])
+            assert (args.preset, args.compute, args.slurm, args.notebooks) == ("smoke", False, False, "fig1,tab4")
+            assert (args.notebooks_dir, args.out) == (nb_dir, out)
+            assert batch._parse_params(args.param) == {"seeds": [3]}
+            continue
+        assert {"#SBATCH --gpus-per-node=4", f"#SBATCH --mem={defaults['mem']}",
+                f"#SBATCH --cpus-per-task={defaults['cpus_per_task']}"} <= set(header)
         (launch,) = _lines(text, "accelerate launch")
-        (render,) = _lines(text, "papermill ")
-        assert max(setup) < body.index(launch) < body.index(render)  # env, then training, then the notebook
+        assert max(setup) < body.index(launch) and not _lines(text, "papermill")
         argv = shlex.split(launch)
         assert argv[argv.index("--config_file") + 1] == "configs/accelerate_fsdp.yaml"
-        assert argv[argv.index("-m") + 1:] == ["cfsam", "run-missing", "--preset", "smoke", "--notebooks", name]
+        assert argv[argv.index("-m") + 1:] == ["cfsam", "run-missing", "--preset", "smoke", "--only",
+                                               ",".join(job["experiments"])]
         assert argv[argv.index("--num_processes") + 1] == "${SLURM_GPUS_ON_NODE:-4}"
-
-        # the papermill line is one the real papermill accepts: prepare (inject, no kernel) from it
-        pm = shlex.split(render)
-        assert pm[1:3] == [str(nb_dir / f"{name}.ipynb"), str(out / f"{name}.ipynb")]
-        prepared = tmp_path / f"{name}-prepared.ipynb"
-        subprocess.run([PAPERMILL, pm[1], str(prepared), *pm[3:], "--prepare-only"], check=True, cwd=batch.REPO,
-                       capture_output=True)
-        source = injected(prepared)
-        assert 'preset = "smoke"' in source and "results_dir = None" in source and "seeds = [3]" in source
 
     for script in [*scripts, out / "submit_all.sh"]:
         subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_local_no_compute(tmp_path, calls):
+    """The chapters job's command: papermill only, never run_missing."""
+    nb_dir, out = tmp_path / "nb", tmp_path / "out"
+    make_notebook(nb_dir, "fig1")
+    assert cli.main(["batch", "--preset", "smoke", "--no-compute", "--notebooks-dir", str(nb_dir), "--out", str(out),
+                     "-p", "seeds=[3]"]) == 0
+    assert calls == [] and (nb_dir / "fig1.out").read_text() == "smoke None [3]"
+    assert sorted(p.name for p in out.iterdir()) == ["fig1.ipynb"]
+    assert cli.main(["batch", "--preset", "smoke", "--no-compute", "--slurm", "--notebooks-dir", str(nb_dir)]) == 2
+
+
+def test_paper_job_graph(tmp_path, capsys):
+    """paper: one job per run along the experiment graph, not one 8-GPU job per chapter."""
+    from cfsam.pipeline import chapters, specs
+
+    exps = specs.expand("paper")
+    jobs = batch.job_graph("paper")
+    by_name = {j["name"]: j for j in jobs}
+    job_of = {e: j["name"] for j in jobs for e in j["experiments"]}
+    listed = [e for j in jobs for e in j["experiments"]]
+    assert len(listed) == len(set(listed)) and set(listed) == set(exps)  # each experiment in exactly one job
+    for j in jobs:  # a run job measures one model
+        if j["kind"] == "run":
+            assert len({specs.run_id(exps[e]["run"]) for e in j["experiments"]}) == 1
+    order = [j["name"] for j in jobs]
+    assert all(order.index(a) < order.index(j["name"]) for j in jobs for a in j["after"])  # topological
+
+    assert by_name["base"]["after"] == [] and set(by_name["base"]["experiments"]) == {
+        e for e in exps if specs.run_kind(exps[e]["run"]) == "base"}
+    for size in ("", "tinyllama-1.1b/", "llama2-13b/"):
+        assert by_name[job_of[size + "stage1"]]["after"] == []
+    for e, exp in exps.items():
+        run, j = exp["run"], by_name[job_of[e]]
+        if specs.run_kind(run) == "stage" and isinstance(run["model"], dict):  # stage 2: after its stage 1
+            parent = next(n for n in exps if specs.run_id(exps[n]["run"]) == specs.run_id(run["model"]))
+            assert j["after"] == [job_of[parent]], e
+    for e in ("wiseft-open-platypus-adamw", "wiseft-open-platypus-sam"):
+        assert by_name[job_of[e]]["after"] == ["stage1", job_of[e.replace("wiseft", "s2")]]
+    assert jobs[-1]["name"] == "chapters" and jobs[-1]["after"] == order[:-1]
+    assert jobs[-1]["notebooks"] == chapters.chapters()
+    n_chapters = len(chapters.chapters())
+    assert len(jobs) == len({specs.run_id(x["run"]) for x in exps.values()}) - 2 + 1  # 3 base models in 1 job
+    assert len(jobs) < 16 * n_chapters
+    # the old layout measured each chapter's experiments in the chapter's job: far more launches than runs
+    assert sum(len(specs.needed("paper", [nb])) for nb in chapters.chapters()) > 4 * len(listed)
+
+    out = tmp_path / "out"
+    assert cli.main(["batch", "--preset", "paper", "--slurm", "--dry-run", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert not out.exists()
+    assert f"== job graph of preset paper: {len(jobs)} jobs, {len(exps)} experiments" in printed
+    assert "wiseft-open-platypus-sam" in printed and "after: stage1, s2-open-platypus-sam" in printed
+    assert printed.count("#!/bin/bash") == len(jobs) + 1
+    assert "j3=$(submit --dependency=afterok:$j2 " in printed
 
 
 def test_submit_all_and_cli(tmp_path, monkeypatch, capsys):
@@ -193,7 +254,7 @@ def test_submit_all_and_cli(tmp_path, monkeypatch, capsys):
 
     assert cli.main([*common, "--dry-run", "--gpus", "2"]) == 0
     printed = capsys.readouterr().out
-    assert not out.exists() and "#SBATCH --gpus-per-node=2" in printed and "--notebooks tab2b" in printed
+    assert not out.exists() and "#SBATCH --gpus-per-node=2" in printed and "--only s2-open-platypus-sam" in printed
 
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))  # no sbatch: --submit is refused before writing
     assert cli.main([*common, "--submit"]) == 2 and not out.exists()
@@ -201,14 +262,23 @@ def test_submit_all_and_cli(tmp_path, monkeypatch, capsys):
 
     assert cli.main([*common, "--partition", "a100", "--accelerate", "deepspeed"]) == 0
     assert "submit_all.sh" in capsys.readouterr().out
-    assert "#SBATCH --partition=a100" in (out / "tab2b.sbatch").read_text()
-    assert "configs/accelerate_deepspeed_zero3.yaml" in (out / "fig1.sbatch").read_text()
+    assert "#SBATCH --partition=a100" in (out / "stage1.sbatch").read_text()
+    assert "configs/accelerate_deepspeed_zero3.yaml" in (out / "s2-auto-wiki-sam.sbatch").read_text()
 
-    # submit_all.sh submits every script once, from wherever it is called
+    # submit_all.sh submits every script once, after what it depends on, with afterok on their job ids
     bin_dir.mkdir()
     fake = bin_dir / "sbatch"
-    fake.write_text(f'#!/bin/bash\necho "$PWD/$1" >> {tmp_path}/submitted\necho 42\n')
+    fake.write_text(f'#!/bin/bash\nn=$(( $(cat {tmp_path}/n 2>/dev/null || echo 100) + 1 )); echo $n > {tmp_path}/n\n'
+                    f'echo "$n $PWD $*" >> {tmp_path}/submitted\necho "$n;cluster"\n')
     fake.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    subprocess.run(["bash", str(out / "submit_all.sh")], check=True, cwd=tmp_path, env=env, capture_output=True)
-    assert (tmp_path / "submitted").read_text().split() == [str(out / "fig1.sbatch"), str(out / "tab2b.sbatch")]
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    ids = batch.submit(sorted(out.glob("*.sbatch")))
+    jobs = batch.job_graph("smoke", None, nb_dir)
+    assert list(ids) == [j["name"] for j in jobs] and ids["base"] == "101"
+    rows = [line.split() for line in (tmp_path / "submitted").read_text().splitlines()]
+    assert all(r[1] == str(out) and "--parsable" in r and "--kill-on-invalid-dep=yes" in r for r in rows)
+    for job, row in zip(jobs, rows):
+        assert row[0] == ids[job["name"]] and row[-1] == f"{job['name']}.sbatch"
+        dep = [a for a in row if a.startswith("--dependency=")]
+        assert dep == ([f"--dependency=afterok:{':'.join(ids[a] for a in job['after'])}"] if job["after"] else [])
+    assert ids["s2-open-platypus-sam"] in rows[-1][-2]  # the chapters job waits on every experiment job
