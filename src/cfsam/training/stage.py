@@ -224,9 +224,11 @@ def _run(model_name_or_dir, dataset, out_dir: Path, config: dict, sid: str, kw: 
         sched_opt = build_optimizer(model, "adamw", kw["lr"], kw["weight_decay"], kw["rho"], kw["adaptive"])
         model = zero.initialize(model, sched_opt, zero.engine_config(int(rt.mode[-1]), micro, grad_accum, rt.world,
                                                                      kw["max_grad_norm"]))
-        opt = zero.ZeroSAM(model, rho=kw["rho"], adaptive=kw["adaptive"]) if kw["optimizer"] == "sam" else None
+        opt = (zero.ZeroSAM(model, rho=kw["rho"], adaptive=kw["adaptive"], every=kw["sam_every"])
+               if kw["optimizer"] == "sam" else None)
     else:
-        opt = build_optimizer(model, kw["optimizer"], kw["lr"], kw["weight_decay"], kw["rho"], kw["adaptive"])
+        opt = build_optimizer(model, kw["optimizer"], kw["lr"], kw["weight_decay"], kw["rho"], kw["adaptive"],
+                              sam_every=kw["sam_every"])
         sched_opt = opt.base_optimizer if isinstance(opt, SAM) else opt  # SAM steps through its base optimizer
     from transformers import get_scheduler
 

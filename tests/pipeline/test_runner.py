@@ -1,0 +1,52 @@
+"""run-missing under a multi-process launcher, kills and a second process: on the tiny model of `smoke`."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cfsam.pipeline import cache, specs
+
+pytestmark = [pytest.mark.mirror, pytest.mark.slow]
+
+
+def _env(tmp_path, **extra):
+    return dict(os.environ, CFSAM_RESULTS=str(tmp_path / "results"), CFSAM_CACHE=str(tmp_path / "cache"),
+                OMP_NUM_THREADS="1", **extra)
+
+
+def test_run_missing_under_torchrun_keeps_the_ranks_in_step(tmp_path):
+    """It used to deadlock (rank 0 held the run's lock while waiting in init_process_group for rank 1, which
+    waited on the lock), or to fail with `--only base,stage1` (rank 0 measured base while rank 1 trained)."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "cfsam", "run-missing", "--preset", "smoke", "--only", "base,stage1"],
+                          env=_env(tmp_path), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    os.environ_backup = None
+    for name in ("base", "stage1"):
+        entry = json.loads((tmp_path / "results" / "smoke" / f"{name}.json").read_text())
+        assert entry["id"] == specs.experiment_id(specs.expand("smoke")[name])
+    stage1 = json.loads((tmp_path / "results" / "smoke" / "stage1.json").read_text())
+    assert stage1["train"]["world_size"] == 2 and stage1["train"]["dist"] == "ddp"
+    # written once, by rank 0: the log says so once
+    assert proc.stderr.count("measuring") == 2
+
+
+def test_a_moved_cache_keeps_its_runs(tmp_path, monkeypatch):
+    """Stage-2 ids used to hash the parent's absolute path: a copied cache retrained everything."""
+    import shutil
+
+    from cfsam.pipeline import runner
+
+    monkeypatch.setenv("CFSAM_CACHE", str(tmp_path / "a"))
+    monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path / "results"))
+    run = specs.expand("smoke")["s2-auto-wiki-adamw"]["run"]
+    out_a, _ = runner.materialize(run)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "a")
+    monkeypatch.setenv("CFSAM_CACHE", str(tmp_path / "b"))
+    stamp = {p: p.stat().st_mtime for p in (tmp_path / "b" / "runs").rglob("metrics.json")}
+    out_b, metrics = runner.materialize(run)
+    assert out_b == out_a.replace(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert {p: p.stat().st_mtime for p in (tmp_path / "b" / "runs").rglob("metrics.json")} == stamp  # nothing retrained
