@@ -101,27 +101,28 @@ class SAMTrainerMixin:
         self._sam_refuse_unsupported()
 
     def _sam_refuse_unsupported(self) -> None:
-        refused = None
+        # SAM's norm must be that of the whole gradient: a per-shard norm perturbs to radius rho*sqrt(world_size)
+        shards = "the gradients are shards, and a per-shard norm would perturb to radius rho*sqrt(world_size)"
         pc = getattr(self.accelerator, "parallelism_config", None)
+        optim = getattr(self.args.optim, "value", self.args.optim)
+        refused = None
         if getattr(self, "is_deepspeed_enabled", False):
-            refused = ("DeepSpeed", "its engine steps inside accelerator.backward and the gradients live in ZeRO "
-                       "partitions")
+            refused = ("DeepSpeed", "its engine steps inside accelerator.backward and " + shards)
         elif getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_fsdp_xla_enabled", False):
-            refused = ("FSDP", "the gradients are shards")
+            refused = ("FSDP", shards)
         elif pc is not None and any(getattr(pc, f"{k}_enabled", False) for k in ("dp_shard", "tp", "cp", "sp")):
-            refused = (f"parallelism_config={pc!r}", "only data parallelism with replicated gradients is supported")
+            refused = (f"parallelism_config={pc!r}", "only replicated data parallelism is tested: " + shards)
         elif getattr(self, "is_distributed_loading_by_transformers", False):
-            refused = ("a model sharded at load time (tp_plan)", "the weights and gradients are shards")
+            refused = ("a model sharded at load time (tp_plan)", shards)
         elif is_sagemaker_mp_enabled():
-            refused = ("SageMaker model parallelism", "the gradients are partitioned")
-        elif self.args.optim in (OptimizerNames.LOMO, OptimizerNames.ADALOMO) or "layerwise" in str(self.args.optim):
-            refused = (f"optim={str(self.args.optim)!r}", "it steps inside backward, before SAM could perturb")
+            refused = ("SageMaker model parallelism", shards)
+        elif optim in (OptimizerNames.LOMO.value, OptimizerNames.ADALOMO.value) or "layerwise" in optim:
+            refused = (f"optim={optim!r}", "it steps inside backward, before SAM could perturb the weights")
         if refused:
             raise ValueError(
-                f"SAMTrainer does not support {refused[0]}: {refused[1]}, and SAM's norm must be that of the whole "
-                "gradient (a per-shard norm perturbs to radius rho*sqrt(world_size)). Allowed: one process, "
-                "DataParallel or DDP, in fp32/bf16/fp16. For sharded SAM use cfsam's own trainer "
-                "(cfsam.core.sam.SAM with sharded=..., cfsam.training.zero.ZeroSAM).")
+                f"SAMTrainer does not support {refused[0]}: {refused[1]}. Allowed: one process, DataParallel or "
+                "DDP, in fp32/bf16/fp16, with an optimizer that steps in optimizer.step(). For sharded SAM use "
+                "cfsam's own trainer (cfsam.core.sam.SAM with sharded=..., cfsam.training.zero.ZeroSAM).")
 
     # -- the optimizer: the Trainer's own, wrapped in SAM -------------------------------------------------
     def create_optimizer(self, model=None):
