@@ -1,0 +1,224 @@
+"""Training throughput at the study's batch shape: AdamW, SAM and SAM every k, side by side.
+
+    .venv/bin/python benchmarks/bench_train.py [--model smollm2-135m] [--batch 8] [--max-length 256]
+        [--steps 2] [--sam-every 4] [--no-memory] [--no-profile] [--no-hf-loss]
+
+What runs is the trainer's own update, ``cfsam.training.step.optimizer_step`` (fp32, clipping at 1.0),
+on real Alpaca batches (``build_dataset`` + ``collate``, response-only labels) in the trainer's order.
+
+* Time: one process holds one model copy per optimizer (same weights) and alternates them step by
+  step, so machine load drifts through all alike; after one warm-up update each, ``--steps`` updates
+  of AdamW and SAM are timed, and one whole cycle (k updates: k-1 plain, one SAM) of SAM every k, whose
+  mean is its amortised cost. ``adamw-hfloss`` is AdamW with transformers' loss (the head and a
+  log-softmax on every position), the cost before ``cfsam.training.loss``.
+* FLOP/s: useful work only: 6 x (non-embedding parameters) per real (unpadded) token, 6 x (head
+  parameters) per labelled token, and the causal attention products 6 x layers x width x sum(L^2)
+  per sequence, times the passes an update makes; against the fp32 matmul rate of a large
+  ``torch.mm`` measured in the same run (before and after; the larger is the reference).
+* Memory: the peak resident set (``ru_maxrss``) of a fresh process per optimizer that loads the model,
+  builds the batch and takes one update (SAM every k's first update is a SAM one: its peak is SAM's).
+* Padding: the fraction of padded positions of the batches in the trainer's random order and in the
+  length-grouped order (``formatting.length_grouped_order``), over ``--padding-examples`` examples.
+* ``torch.profiler`` on one AdamW update: the operators that take the time.
+
+On a shared CPU the times are noisy: compare ratios from one run, not numbers across runs.
+The last printed line is the summary.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from cfsam.data import formatting, models
+from cfsam.training import step as train_step
+from cfsam.training.step import StepContext, build_optimizer, optimizer_step
+
+LR, RHO, SEED = 1e-5, 2.0, 1234
+
+
+def batches(tokenizer, batch: int, max_length: int, n_batches: int) -> list[dict]:
+    """The first n_batches batches of the trainer's (seed, epoch 0) random order."""
+    ds = formatting.build_dataset("alpaca", tokenizer, n=batch * n_batches, seed=SEED, max_length=max_length)
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(SEED)).tolist()
+    rows = [ds[i] for i in perm]
+    return [formatting.collate(rows[s:s + batch], tokenizer.pad_token_id) for s in range(0, len(rows), batch)]
+
+
+def padding_fraction(lengths: list[int], order: list[int], batch: int) -> float:
+    padded = sum(max(lengths[i] for i in order[s:s + batch]) * len(order[s:s + batch])
+                 for s in range(0, len(order), batch))
+    return 1 - sum(lengths) / padded
+
+
+def padding_report(tokenizer, batch: int, max_length: int, n: int) -> dict:
+    ds = formatting.build_dataset("alpaca", tokenizer, n=n, seed=SEED, max_length=max_length)
+    lengths = [len(x) for x in ds["input_ids"]]
+    labelled = sum(sum(1 for t in y[1:] if t != -100) for y in ds["labels"])
+    random_order = torch.randperm(n, generator=torch.Generator().manual_seed(SEED)).tolist()
+    grouped = formatting.length_grouped_order(lengths, batch, SEED, 0)
+    return {"n": n, "mean_length": sum(lengths) / n, "labelled_of_real": labelled / sum(lengths),
+            "random": padding_fraction(lengths, random_order, batch),
+            "grouped": padding_fraction(lengths, grouped, batch)}
+
+
+def useful_flops(cfg, n_params: int, mb: dict) -> float:
+    """Useful FLOPs of one forward+backward pass over a micro-batch (see the module docstring)."""
+    head = cfg.vocab_size * cfg.hidden_size
+    body = n_params - head * (1 if cfg.tie_word_embeddings else 2)  # the embedding lookup is not a product
+    lengths = mb["attention_mask"].sum(1).double()
+    labelled = float((mb["labels"][:, 1:] != -100).sum())
+    attn = 6 * cfg.num_hidden_layers * cfg.hidden_size * float((lengths ** 2).sum())
+    return 6 * body * float(lengths.sum()) + 6 * head * labelled + attn
+
+
+def matmul_rate(n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return reps * 2 * n ** 3 / (time.perf_counter() - t)
+
+
+def hf_loss(model, input_ids, attention_mask, labels, **_):
+    """transformers' loss (logits and log-softmax on every position) as a sum: the old training loss."""
+    n = (labels[:, 1:] != -100).sum()
+    return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, num_items_in_batch=1).loss, n
+
+
+def make_optimizer(model, name: str, every: int):
+    kind = "sam" if name.startswith("sam") else "adamw"
+    return build_optimizer(model, kind, LR, 0.0, RHO, False, sam_every=every if name == "sam-every" else 1)
+
+
+def worker(args) -> None:
+    """Fresh process: peak RSS of load + batch + one update of one optimizer, printed as JSON."""
+    loaded = models.load_model(args.model)
+    mb = batches(loaded.tokenizer, args.batch, args.max_length, 1)[0]
+    with open("/proc/self/statm") as f:
+        rss_loaded = int(f.read().split()[1]) * resource.getpagesize()
+    opt = make_optimizer(loaded.model, args.worker, args.sam_every)
+    optimizer_step(loaded.model, opt, [mb], StepContext(max_grad_norm=1.0))
+    print(json.dumps({"rss_loaded": rss_loaded, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+
+def peak_memory(args, name: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", name, "--model", args.model, "--batch", str(args.batch),
+           "--max-length", str(args.max_length), "--sam-every", str(args.sam_every)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def timed_update(model, opt, mb, name: str) -> float:
+    real = train_step.summed_loss
+    if name == "adamw-hfloss":
+        train_step.summed_loss = hf_loss
+    try:
+        t = time.perf_counter()
+        optimizer_step(model, opt, [mb], StepContext(max_grad_norm=1.0))
+        return time.perf_counter() - t
+    finally:
+        train_step.summed_loss = real
+
+
+def step_times(args, base, data: list[dict], names: list[str]) -> dict[str, list[tuple[float, int, dict]]]:
+    """Per optimizer: (seconds, passes, micro-batch) of each timed update."""
+    runs = {}
+    for name in names:
+        model = copy.deepcopy(base)
+        runs[name] = (model, make_optimizer(model, name, args.sam_every), [])
+    n_timed = {name: args.sam_every if name == "sam-every" else args.steps for name in names}
+    for i in range(1 + max(n_timed.values())):  # update 0 of each is a warm-up (allocates AdamW's state)
+        for name, (model, opt, times) in runs.items():
+            if i > n_timed[name]:
+                continue
+            passes = 2 if getattr(opt, "is_sam_step", False) else 1
+            mb = data[i % len(data)]
+            dt = timed_update(model, opt, mb, name)
+            if i:
+                times.append((dt, passes, mb))
+            print(f"  update {i} {name:13s} {dt:7.2f} s  ({passes} pass{'es' if passes == 2 else ''})", flush=True)
+    return {name: times for name, (_, _, times) in runs.items()}
+
+
+def profile_update(base, mb) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    model = copy.deepcopy(base)
+    opt = make_optimizer(model, "adamw", 1)
+    optimizer_step(model, opt, [mb], StepContext(max_grad_norm=1.0))  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        optimizer_step(model, opt, [mb], StepContext(max_grad_norm=1.0))
+    print("\ntorch.profiler, one AdamW update (self CPU time, top operators):")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=2, help="timed updates of AdamW and SAM (after a warm-up)")
+    ap.add_argument("--sam-every", type=int, default=4, help="k of SAM every k (one whole cycle is timed)")
+    ap.add_argument("--padding-examples", type=int, default=2000)
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--no-hf-loss", action="store_true", help="skip AdamW with transformers' full loss")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+
+    loaded = models.load_model(args.model)
+    base, tok = loaded.model, loaded.tokenizer
+    cfg = base.config
+    n_params = sum(p.numel() for p in base.parameters())
+    n_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    print(f"model {args.model} ({n_params / 1e6:.1f} M parameters), batch {args.batch} x <= {args.max_length} "
+          f"tokens of Alpaca, fp32, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+    pad = padding_report(tok, args.batch, args.max_length, args.padding_examples)
+    print(f"padding over {pad['n']} examples (mean length {pad['mean_length']:.0f}; labelled "
+          f"{pad['labelled_of_real']:.0%} of real tokens): random order {pad['random']:.1%} of positions, "
+          f"length-grouped {pad['grouped']:.1%}")
+    names = ["adamw", "sam", "sam-every"] + ([] if args.no_hf_loss else ["adamw-hfloss"])
+    data = batches(tok, args.batch, args.max_length, 1 + max(args.steps, args.sam_every))
+    mem = {} if args.no_memory else {name: peak_memory(args, name) for name in ("adamw", "sam")}
+    peak_mm = matmul_rate()
+    times = step_times(args, base, data, names)
+    peak_mm = max(peak_mm, matmul_rate())
+    if not args.no_profile:
+        profile_update(base, data[0])
+
+    print(f"\nfp32 matmul rate (2048^3 torch.mm): {peak_mm / 1e9:.1f} GFLOP/s")
+    print(f"{'optimizer':14s} {'s/update':>9s} {'tokens/s':>9s} {'useful GFLOP/s':>15s} {'% of mm':>8s}")
+    per = {}  # seconds per unit of one-pass work: the optimizers' timed updates saw different batches
+    for name, rows in times.items():
+        secs = sum(t for t, _, _ in rows)
+        tokens = sum(int(mb["attention_mask"].sum()) for _, _, mb in rows)
+        flops = sum(p * useful_flops(cfg, n_params, mb) for _, p, mb in rows)
+        per[name] = secs / sum(useful_flops(cfg, n_params, mb) for _, _, mb in rows)
+        print(f"{name:14s} {secs / len(rows):9.2f} {tokens / secs:9.1f} {flops / secs / 1e9:15.1f} "
+              f"{flops / secs / peak_mm:8.1%}")
+    print("(tokens/s: real tokens trained per second, an update's tokens once whatever its passes; the ratios "
+          "below are per unit of one-pass work, as the timed updates of each saw different batches)")
+    if mem:
+        extra = mem["sam"]["peak_rss"] - mem["adamw"]["peak_rss"]
+        print(f"peak RSS: adamw {mem['adamw']['peak_rss'] / 2**20:.0f} MB, sam {mem['sam']['peak_rss'] / 2**20:.0f} MB; "
+              f"SAM extra {extra / 2**20:.0f} MB = {extra / n_bytes:.2f} x parameter bytes ({n_bytes / 2**20:.0f} MB)")
+    hf = f", transformers' loss / labelled-only loss {per['adamw-hfloss'] / per['adamw']:.2f}" if "adamw-hfloss" in per else ""
+    print(f"SUMMARY {args.model} {args.batch}x{args.max_length}: per update vs AdamW: SAM {per['sam'] / per['adamw']:.2f}, "
+          f"SAM every {args.sam_every} {per['sam-every'] / per['adamw']:.2f} (amortised over a cycle; target <= 1.3){hf}; "
+          f"padding {pad['random']:.1%} -> {pad['grouped']:.1%} length-grouped")
+
+
+if __name__ == "__main__":
+    main()
