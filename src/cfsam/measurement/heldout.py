@@ -58,14 +58,16 @@ def per_example_losses(model: torch.nn.Module, batches: Sequence[Batch]) -> list
 
 
 def heldout_batches(dataset: str, tokenizer, *, n_examples: int = 8, batch_size: int = 4, max_length: int = 128,
-                    seed: int = 1234, split: str = "heldout") -> list[Batch]:
-    """A fixed list of padded batches of a named training set (``cfsam.data``), tokenised once."""
+                    seed: int = 1234, split: str = "heldout", skip: int = 0) -> list[Batch]:
+    """A fixed list of padded batches of a named training set (``cfsam.data``), tokenised once: examples
+    ``skip`` to ``skip + n_examples`` of its seeded order (so two uses can take disjoint examples)."""
     from cfsam.data import formatting
 
     if batch_size <= 0:
         raise ValueError(f"batch_size={batch_size}; it must be positive")
-    ds = formatting.build_dataset(dataset, tokenizer, n=n_examples, seed=seed, max_length=max_length, split=split)
-    rows = [ds[i] for i in range(len(ds))]
+    ds = formatting.build_dataset(dataset, tokenizer, n=skip + n_examples, seed=seed, max_length=max_length,
+                                  split=split)
+    rows = [ds[i] for i in range(skip, len(ds))]
     return [formatting.collate(rows[s:s + batch_size], tokenizer.pad_token_id) for s in range(0, len(rows), batch_size)]
 
 

@@ -39,6 +39,13 @@ SCHEMA = {
     "landscape": {"dataset": str, "grid": int, "span": NUM, "n_examples": int, "batch_size": int,
                   "seeds": list, "filter_norm": bool, "hessian_iters": int, "hutchinson_probes": int},
 }
+# sections a preset may leave out
+OPTIONAL = {
+    "frontier": {"datasets": list, "seeds": list, "epochs": NUM, "snapshots": int, "heldout_n": int, "landscape": bool,
+                 "screen": {"tasks": list, "limit": OPT_INT},
+                 "eval": {"tasks": list, "limit": OPT_INT}, "adamw_lr": list, "sam_rho": list, "asam_rho": list,
+                 "rehearsal_fraction": list, "wise_ft_alpha": list, "light": {"adamw_lr": list, "sam_rho": list}},
+}
 
 
 class PresetError(RegistryError):
@@ -67,7 +74,7 @@ def load_preset(name_or_path: str | Path, overrides: dict | None = None) -> dict
     preset = copy.deepcopy(preset)
     for dotted, value in (overrides or {}).items():
         _set(preset, dotted, value)
-    _check(preset, SCHEMA, "")
+    _check(preset, {**SCHEMA, **{k: v for k, v in OPTIONAL.items() if k in preset}}, "")
     _check_values(preset)
     preset["name"] = name
     return preset
@@ -158,5 +165,35 @@ def _check_values(p: dict) -> None:
         positive(f"landscape.{key}", ls[key], integer=True)
     if ls["hutchinson_probes"] < 2:
         raise PresetError(f"landscape.hutchinson_probes={ls['hutchinson_probes']} must be >= 2 (its spread needs two)")
+    if "frontier" in p:
+        _check_frontier(p)
     if not ls["seeds"] or not all(isinstance(s, int) and not isinstance(s, bool) for s in ls["seeds"]):
         raise PresetError(f"landscape.seeds={ls['seeds']!r} must be a non-empty list of integers")
+
+
+def _check_frontier(p: dict) -> None:
+    f = p["frontier"]
+    names = registry.names("datasets")
+    bad = [d for d in f["datasets"] if d not in names]
+    if bad or not f["datasets"]:
+        raise PresetError(f"preset key frontier.datasets: unknown dataset {', '.join(map(repr, bad))} or none; "
+                          f"allowed: {', '.join(names)}")
+    if f["snapshots"] < 4:
+        raise PresetError(f"frontier.snapshots={f['snapshots']} must be >= 4 (learning and forgetting along the run)")
+    if not f["seeds"] or not all(isinstance(s, int) and not isinstance(s, bool) for s in f["seeds"]):
+        raise PresetError(f"frontier.seeds={f['seeds']!r} must be a non-empty list of integers")
+    if f["heldout_n"] < 1 or (f["eval"]["limit"] is not None and f["eval"]["limit"] < 1):
+        raise PresetError("frontier.heldout_n and frontier.eval.limit must be positive")
+    allowed_tasks = registry.names("tasks")
+    bad = [t for t in f["eval"]["tasks"] + f["screen"]["tasks"] if t not in allowed_tasks]
+    if bad:
+        raise PresetError(f"frontier.eval.tasks: unknown task {', '.join(map(repr, bad))}; allowed: "
+                          f"{', '.join(allowed_tasks)}")
+    for key in ("adamw_lr", "sam_rho", "asam_rho"):
+        for i, v in enumerate(f[key] + (f["light"][key] if key in f["light"] else [])):
+            if not (isinstance(v, NUM) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
+                raise PresetError(f"frontier.{key}[{i}]={v!r} must be a finite number > 0")
+    for key, lo, hi in (("rehearsal_fraction", 0, 1), ("wise_ft_alpha", 0, 1)):
+        for v in f[key]:
+            if not (isinstance(v, NUM) and lo < v < hi):
+                raise PresetError(f"frontier.{key} value {v!r} must lie in ({lo}, {hi})")

@@ -66,7 +66,7 @@ def _exclusive(path: Path):
 def materialize(run: dict) -> tuple[str, dict | None]:
     """The model directory (or preset name) of a run, trained or merged first when not cached."""
     from cfsam.training.merge import wise_ft
-    from cfsam.training.stage import default_dir, train_stage
+    from cfsam.training.stage import default_dir, snapshot_name, train_stage
 
     kind = run_kind(run)
     if kind == "base":
@@ -80,6 +80,14 @@ def materialize(run: dict) -> tuple[str, dict | None]:
             if _rank() == 0:
                 wise_ft(s1, s2, out, alpha=w["alpha"])
         return str(out), {"stage2": metrics}
+    if kind == "snapshot":  # a model saved along a stage: train the stage with its snapshots
+        snap = run["snapshot"]
+        stage_dir, metrics = materialize({**snap["run"], "snapshots": snap["of"]})
+        out = Path(stage_dir) if snap["at"] == snap["of"] else Path(stage_dir) / snapshot_name(snap["at"], snap["of"])
+        if not (out / "config.json").exists():
+            raise RuntimeError(f"{stage_dir} was trained without snapshots ({snap['of']} asked): delete it to retrain "
+                               "it with them")
+        return str(out), metrics
     if isinstance(run["model"], dict):  # its parent first, under its own lock
         parent_dir, _ = materialize(run["model"])
         run = {**run, "model": parent_dir}
@@ -99,13 +107,15 @@ def measure(model_ref: str, spec: dict) -> tuple[dict, torch.nn.Module]:
     loaded = models.load_model(model_ref)
     loaded.model.eval()
     out: dict = {"heldout_loss": {}, "measure_seconds": {}}
-    h = spec["heldout"]
+    h = spec.get("heldout", {"datasets": [], "n": 0, "max_length": 256, "seed": 0})
     t = time.time()
     for ds in h["datasets"]:
         batches = heldout.heldout_batches(ds, loaded.tokenizer, n_examples=h["n"], batch_size=8,
                                           max_length=h["max_length"], seed=h["seed"])
-        out["heldout_loss"][ds] = {"loss": heldout.mean_loss(loaded.model, batches), "n": h["n"],
-                                   "label": sources.label(ds)}
+        per_example = heldout.per_example_losses(loaded.model, batches)  # [summed loss, tokens] each
+        loss = sum(s for s, _ in per_example) / max(sum(n for _, n in per_example), 1)  # the token mean
+        out["heldout_loss"][ds] = {"loss": loss, "n": len(per_example), "label": sources.label(ds),
+                                   "per_example": [[s, n] for s, n in per_example]}
     out["measure_seconds"]["heldout"] = round(time.time() - t, 1)
     t = time.time()
     ev = spec["eval"]
@@ -114,8 +124,11 @@ def measure(model_ref: str, spec: dict) -> tuple[dict, torch.nn.Module]:
     if "landscape" in spec:
         t = time.time()
         ls = spec["landscape"]
+        # disjoint: flatness on examples other than those that measure forgetting
+        skip = h["n"] if ls.get("disjoint") and ls["dataset"] in h["datasets"] else 0
         batches = heldout.heldout_batches(ls["dataset"], loaded.tokenizer, n_examples=ls["n_examples"],
-                                          batch_size=ls["batch_size"], max_length=h["max_length"], seed=h["seed"])
+                                          batch_size=ls["batch_size"], max_length=h["max_length"], seed=h["seed"],
+                                          skip=skip)
         surfaces, summary = landscape.flatness_over_seeds(loaded.model, batches, seeds=ls["seeds"], n=ls["grid"],
                                                           span=ls["span"], filter_norm=ls["filter_norm"])
         out["landscape"] = {"flatness": summary,
@@ -166,7 +179,7 @@ def run_one(preset: str, name: str, exp: dict | None = None) -> dict | None:
     model_ref, train_metrics = materialize(exp["run"])
     path = entry_path(preset, name)
     entry = None
-    with _exclusive(path):
+    with _exclusive(models.cache_dir() / "locks" / preset / name):  # locks live in the cache, not in results/
         if _rank() == 0 and load_results(preset, [name])[name]["status"] != "ok":
             log.info("experiment %s/%s: measuring %s", preset, name, model_ref)
             measured, model = measure(model_ref, exp["measure"])

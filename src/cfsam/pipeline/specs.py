@@ -30,9 +30,15 @@ def sam(p: dict, **changes) -> dict:
     return {"optimizer": "sam", **p["sam"], **changes}
 
 
+def snapshot(run: dict, at: int, of: int) -> dict:
+    """The model saved at point ``at`` of ``of`` evenly spaced along a stage (``at == of``: its end)."""
+    return {"snapshot": {"run": run, "at": at, "of": of}}
+
+
 def run_kind(run: dict) -> str:
-    if "wise_ft" in run:
-        return "wise_ft"
+    for kind in ("wise_ft", "snapshot"):
+        if kind in run:
+            return kind
     return "stage" if "dataset" in run else "base"
 
 
@@ -42,6 +48,8 @@ def run_id(run: dict) -> str:
         return run["model"]
     if kind == "stage":
         return train_config.run_id(run)
+    if kind == "snapshot":
+        return config_hash(canonical_run(run))
     w = run["wise_ft"]
     return train_config.merge_id({"run": run_id(w["stage1"])}, {"run": run_id(w["stage2"])}, w["alpha"])
 
@@ -53,6 +61,9 @@ def canonical_run(run: dict) -> dict:
         return {"model": run["model"]}
     if kind == "stage":
         return train_config.canonical(run)
+    if kind == "snapshot":
+        snap = run["snapshot"]
+        return {"run": run_id(snap["run"]), "at": snap["at"], "of": snap["of"]}
     return {"wise_ft": run_id(run)}
 
 
@@ -103,6 +114,52 @@ def expand(preset: str | dict) -> dict[str, dict]:
                 run = stage2(p, s1, op, **sam(p, rho=rho, adaptive=adaptive))
                 if train_config.canonical(run) != train_config.canonical(out[f"s2-{op}-sam"]["run"]):
                     add(f"s2-{op}-{'asam' if adaptive else 'sam'}-rho{rho:g}", run, sets=[op])
+    if "frontier" in p:
+        f = p["frontier"]
+        # which tasks the base model is above chance on: the frontier's general-ability suite is chosen from it
+        out["screen"] = {"run": {"model": p["model"]}, "measure": {"eval": {**f["screen"], "seed": seed}}}
+        out.update(frontier(p, stage1(p, p["model"]), heldout, ev))
+    return out
+
+
+def frontier(p: dict, s1: dict, heldout: dict, ev: dict) -> dict[str, dict]:
+    """The learning-forgetting frontier runs: per stage-2 set, AdamW over learning rates, SAM and ASAM over
+    rho, rehearsal over fractions (each measured at ``snapshots`` points along the run), and Wise-FT of the
+    reference AdamW run over alpha. The headline set (the first) gets every seed; the others, lighter, the
+    first seed and the ``light`` sweeps. End points carry the landscape (on examples disjoint from the
+    held-out ones that measure forgetting)."""
+    f = p["frontier"]
+    n, out = f["snapshots"], {}
+    measure = {"eval": {**ev, **f["eval"]}, "heldout": {**heldout, "n": f["heldout_n"]}}
+    # every curve starts at the stage-1 model: its held-out losses on every set, its general ability
+    out["frontier-stage1"] = {"run": s1, "measure": {**measure, "heldout": {
+        **measure["heldout"], "datasets": heldout["datasets"] + [d for d in f["datasets"] if d not in heldout["datasets"]]}}}
+    for i, ds in enumerate(f["datasets"]):
+        light = i > 0
+        lrs, rhos = (f["light"]["adamw_lr"], f["light"]["sam_rho"]) if light else (f["adamw_lr"], f["sam_rho"])
+        ep = {"epochs": f["epochs"]}  # every frontier run: the same schedule; the sweep traces the frontier
+        methods = [(f"adamw-lr{lr:g}", {**ep, "lr": lr}) for lr in lrs]
+        methods += [(f"sam-rho{rho:g}", sam(p, **ep, rho=rho, adaptive=False)) for rho in rhos]
+        if not light:
+            methods += [(f"asam-rho{rho:g}", sam(p, **ep, rho=rho, adaptive=True)) for rho in f["asam_rho"]]
+            methods += [(f"rehearsal{fr:g}", {**ep, "rehearsal_from": p["stage1"]["dataset"], "rehearsal_fraction": fr})
+                        for fr in f["rehearsal_fraction"]]
+        for seed in f["seeds"][:1] if light else f["seeds"]:
+            here = {**measure, "heldout": {**measure["heldout"], "datasets": heldout["datasets"] + [ds]}}
+            for name, changes in methods:
+                run = stage2(p, s1, ds, **changes, seed=seed)
+                for at in range(1, n + 1):
+                    exp = {"run": snapshot(run, at, n), "measure": here}
+                    if at == n and f["landscape"]:
+                        exp["measure"] = {**here, "landscape": {**p["landscape"], "disjoint": True}}
+                    out[f"{ds}-{name}-s{seed}-{at}of{n}"] = exp
+            if not light:
+                tuned = stage2(p, s1, ds, seed=seed, **ep)  # the reference AdamW run (the preset's stage-2 lr)
+                for alpha in f["wise_ft_alpha"]:
+                    out[f"{ds}-wiseft-a{alpha:g}-s{seed}"] = {
+                        "run": {"wise_ft": {"stage1": s1, "stage2": tuned, "alpha": alpha}}, "measure": here}
+    for exp in out.values():
+        exp["group"] = "frontier"  # for the analysis; not part of the id (run and measure are)
     return out
 
 
@@ -126,6 +183,8 @@ def last_stage(run: dict) -> dict | None:
     kind = run_kind(run)
     if kind == "wise_ft":
         return last_stage(run["wise_ft"]["stage2"])
+    if kind == "snapshot":
+        return last_stage(run["snapshot"]["run"])
     return train_config.resolve(run) if kind == "stage" else None
 
 
@@ -133,11 +192,15 @@ def describe(run: dict) -> dict:
     """The paper's identity of a run: method, stage-2 set, optimizer, epochs, SAM's settings, its kind."""
     kind, last = run_kind(run), last_stage(run)
     if last is None:
-        return {"method": "none", "stage2": "", "optimizer": "none", "epochs": None, "kind": "base",
+        return {"at": None, "of": None, "seed": None, "lr": None, "rehearsal_fraction": None, "alpha": None,
+                "method": "none", "stage2": "", "optimizer": "none", "epochs": None, "kind": "base",
                 "rho": None, "adaptive": None}
     stage = "stage2" if isinstance(last["model"], dict) or kind == "wise_ft" else "stage1"
     method = "wise_ft" if kind == "wise_ft" else ("rehearsal" if last["rehearsal_fraction"] else "none")
     sam = last["optimizer"] == "sam"
-    return {"method": method, "stage2": last["dataset"] if stage == "stage2" else "", "optimizer": last["optimizer"],
+    point = run["snapshot"] if kind == "snapshot" else {}
+    return {"at": point.get("at"), "of": point.get("of"), "seed": last["seed"], "lr": last["lr"],
+            "rehearsal_fraction": last["rehearsal_fraction"],
+            "alpha": run["wise_ft"]["alpha"] if kind == "wise_ft" else None, "method": method, "stage2": last["dataset"] if stage == "stage2" else "", "optimizer": last["optimizer"],
             "epochs": last["epochs"], "kind": stage, "rho": last["rho"] if sam else None,
             "adaptive": last["adaptive"] if sam else None}

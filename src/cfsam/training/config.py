@@ -42,13 +42,17 @@ DEFAULTS = {
     "max_grad_norm": 1.0,     # as transformers.Trainer; None: no clipping
     "precision": "fp32",
     "max_steps": None,        # caps epochs
+    "group_by_length": False,  # batches of similar lengths (less padding), in a seeded order
+    "snapshots": 0,           # n > 1: also save the model at n - 1 evenly spaced steps before the end
     "checkpoint_every": 0,    # steps between checkpoints (0: none)
     "log_every": 10,
     "dist": "auto",
 }
-RUNTIME_KEYS = ("checkpoint_every", "log_every", "dist")  # how a stage runs, not what it trains
+RUNTIME_KEYS = ("checkpoint_every", "log_every", "dist", "snapshots")  # how a stage runs, not what it trains
 SAM_KEYS = ("rho", "adaptive", "sam_every")
 REHEARSAL_KEYS = ("rehearsal_from", "rehearsal_fraction")
+# options added after the first ids: left out of the id at the value that reproduces the behaviour before them
+ADDED_LATER = {"group_by_length": False}
 DEFAULT_REHEARSAL_FRACTION = 0.1  # `cfsam train --rehearsal` without a fraction
 
 
@@ -102,8 +106,11 @@ def validate(kw: dict) -> None:
         raise SpecError(f"n_train={kw['n_train']} is fewer than one batch (batch_size={kw['batch_size']})")
     if not (number(kw["rho"]) and kw["rho"] > 0):
         bad("rho", "a finite number > 0 (SAM's radius; the paper uses 2)")
-    if not isinstance(kw["adaptive"], bool):
-        bad("adaptive", "true or false")
+    for name in ("adaptive", "group_by_length"):
+        if not isinstance(kw[name], bool):
+            bad(name, "true or false")
+    if not (integer(kw["snapshots"]) and kw["snapshots"] >= 0):
+        bad("snapshots", "an integer >= 0 (n > 1: models at n - 1 points before the end)")
     if not (number(kw["rehearsal_fraction"]) and 0.0 <= kw["rehearsal_fraction"] < 1.0):
         bad("rehearsal_fraction", "0 <= fraction < 1")
     if kw["rehearsal_fraction"] > 0 and kw["rehearsal_from"] is None:
@@ -152,6 +159,9 @@ def canonical(spec: dict) -> dict:
     if kw["rehearsal_fraction"] == 0:
         for k in REHEARSAL_KEYS:
             out.pop(k)
+    for k, old in ADDED_LATER.items():
+        if out[k] == old:
+            out.pop(k)
     out["model"] = model_ref(kw["model"])
     out["dataset"] = _data_ref(kw["dataset"])
     if "rehearsal_from" in out:
@@ -176,10 +186,11 @@ def model_ref(model) -> str | dict:
         return {"run": run_id(model)}
     path = Path(str(model))
     if path.is_dir():
-        for marker in ("metrics.json", "merge.json"):
+        for marker in ("snapshot.json", "metrics.json", "merge.json"):
             if (path / marker).exists():
                 try:
-                    return {"run": json.loads((path / marker).read_text())["run_id"]}
+                    found = json.loads((path / marker).read_text())
+                    return {"run": found["run_id"], **({"at": found["at"], "of": found["of"]} if "of" in found else {})}
                 except (ValueError, KeyError) as err:
                     raise SpecError(f"{path / marker} is damaged ({err}): delete {path} to retrain it") from err
         files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))

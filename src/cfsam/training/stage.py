@@ -253,12 +253,19 @@ def _run(model_name_or_dir, dataset, out_dir: Path, config: dict, sid: str, kw: 
     last_ckpt = ckpt
 
     pad_id = tokenizer.pad_token_id
+    lengths = [len(x) for x in ds["input_ids"]] if kw["group_by_length"] else None
+    # models saved along the run, for measuring learning and forgetting as it happens: step -> index
+    n_snap = kw["snapshots"]
+    snapshot_at = {max(1, round(i * total_steps / n_snap)): i for i in range(1, n_snap)} if n_snap > 1 else {}
     bar = tqdm(total=total_steps, initial=start_step, disable=rt.rank != 0, desc=f"train {kw['optimizer']}")
     t_loop = time.time()
     for step in range(start_step, total_steps):
         # the data order is a function of (seed, epoch): a resumed run sees the same batches
         epoch, pos = divmod(step, steps_per_epoch)
-        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(kw["seed"] + epoch))
+        if kw["group_by_length"]:
+            perm = torch.tensor(formatting.length_grouped_order(lengths, batch_size, kw["seed"], epoch))
+        else:
+            perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(kw["seed"] + epoch))
         mine = perm[pos * batch_size:(pos + 1) * batch_size][rt.rank * micro * grad_accum:][:micro * grad_accum]
         micro_batches = []
         n_tokens = torch.zeros((), dtype=torch.long)
@@ -293,6 +300,10 @@ def _run(model_name_or_dir, dataset, out_dir: Path, config: dict, sid: str, kw: 
                      rec["grad_norm"], extra, lr_now)
         if callback is not None:
             callback(dict(rec))
+        if step + 1 in snapshot_at and step + 1 < total_steps:
+            snap = out_dir / snapshot_name(snapshot_at[step + 1], n_snap)
+            _save_model(model, rt, tokenizer, snap, {"run_id": sid, "step": step + 1, "at": snapshot_at[step + 1],
+                                                     "of": n_snap})
         if kw["checkpoint_every"] and (step + 1) % kw["checkpoint_every"] == 0 and step + 1 < total_steps:
             history["train_seconds"] += time.time() - t_loop
             t_loop = time.time()
@@ -301,26 +312,10 @@ def _run(model_name_or_dir, dataset, out_dir: Path, config: dict, sid: str, kw: 
     history["train_seconds"] += time.time() - t_loop
 
     # ---- the trained model, then metrics.json (the marker of a finished run)
-    raw = unwrap(model)
-    if rt.mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-        )
-
-        full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    elif is_zero(rt.mode):
-        full_sd = zero.full_state_dict(model)
-    else:
-        full_sd = {k: v.detach().cpu() for k, v in raw.state_dict().items()}
+    weights = _save_model(model, rt, tokenizer, out_dir)
     peak, peak_kind = _peak_memory(rt.device)
     metrics = None
     if rt.rank == 0:
-        weights = models.weights_hash(_StateDictView(full_sd))  # = weights_hash of the saved model, reloaded
-        for tied in getattr(raw, "all_tied_weights_keys", None) or {}:
-            full_sd.pop(tied, None)  # FSDP's full state dict holds a tied head as its own copy
-        raw.save_pretrained(out_dir, state_dict=full_sd)
-        tokenizer.save_pretrained(out_dir)
         metrics = {
             "run_id": sid, "status": "finished", "config": config, "data": data_info,
             "data_sha256": _data_sha256(kw),
@@ -330,6 +325,7 @@ def _run(model_name_or_dir, dataset, out_dir: Path, config: dict, sid: str, kw: 
             "sam_grad_norm": history["sam_grad_norm"], "perturbation_norm": history["perturbation_norm"],
             "lr": history["lr"], "skipped": history["skipped"], "final_loss": history["loss"][-1],
             "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "resumed_from_step": resumed_from,
+            "snapshots": {snapshot_name(i, n_snap): step for step, i in snapshot_at.items()},
             "tokens": history["tokens"], "train_seconds": history["train_seconds"],
             "tokens_per_s": history["tokens"] / max(history["train_seconds"], 1e-9),
             "wall_seconds": time.time() - t_start, "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
@@ -344,6 +340,36 @@ def _run(model_name_or_dir, dataset, out_dir: Path, config: dict, sid: str, kw: 
     if metrics is None:
         metrics = json.loads((out_dir / "metrics.json").read_text())
     return metrics
+
+
+def snapshot_name(at: int, of: int) -> str:
+    """The folder, inside a stage's directory, of the model saved at point ``at`` of ``of`` along the run."""
+    return f"snapshot-{at}of{of}"
+
+
+def _save_model(model, rt, tokenizer, out: Path, marker: dict | None = None) -> str | None:
+    """Gather the full weights (FSDP, ZeRO) and save them with the tokenizer on rank 0; ``marker`` is written
+    last as ``snapshot.json``. Returns the weights' hash (rank 0)."""
+    raw = unwrap(model)
+    if rt.mode == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    elif is_zero(rt.mode):
+        full_sd = zero.full_state_dict(model)
+    else:
+        full_sd = {k: v.detach().cpu() for k, v in raw.state_dict().items()}
+    weights = None
+    if rt.rank == 0:
+        weights = models.weights_hash(_StateDictView(full_sd))  # = weights_hash of the saved model, reloaded
+        for tied in getattr(raw, "all_tied_weights_keys", None) or {}:
+            full_sd.pop(tied, None)  # FSDP's full state dict holds a tied head as its own copy
+        raw.save_pretrained(out, state_dict=full_sd)
+        tokenizer.save_pretrained(out)
+        if marker is not None:
+            write_json_atomic(out / "snapshot.json", {**marker, "weights_hash": weights})
+    barrier(rt)
+    return weights
 
 
 def _data_sha256(kw: dict) -> dict:

@@ -1,0 +1,163 @@
+"""Learning-forgetting frontiers: how much a method forgets at matched learning.
+
+Every frontier experiment is one point: a model along a stage-2 run (``specs.frontier``). Against the
+stage-1 model it starts from (experiment ``frontier-stage1``):
+- **learning** = the fall of the held-out loss on the run's own stage-2 set (nats; up is more learning);
+- **forgetting** = the rise of the held-out stage-1 (Alpaca) loss (nats; up is more forgetting).
+A method's frontier, for one training seed, is the Pareto front of its points (the stage-1 model, at
+(0, 0), included): the least forgetting reached with at least that much learning, interpolated linearly
+between front points. Two methods are compared at matched learning levels L: Δ(L) = F_b(L) - F_a(L),
+averaged over seeds, with a bootstrap that resamples the held-out examples (the same draw for every run:
+they are the same examples) and the training seeds (paired: a seed is the same stage-1 model and data order
+for both methods). Per-example losses come from the results (``heldout_loss[set]["per_example"]``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from cfsam.pipeline import specs
+from cfsam.pipeline.cache import load_results
+
+START = "frontier-stage1"
+
+
+def _per_example(entry: dict, dataset: str) -> np.ndarray:
+    """(examples, 2): summed loss and token count of each held-out example."""
+    rec = entry["heldout_loss"][dataset]
+    if "per_example" not in rec:
+        raise ValueError(f"entry {entry.get('name')} has no per-example losses for {dataset}: recompute it")
+    return np.asarray(rec["per_example"], dtype=float)
+
+
+def _family(d: dict) -> str:
+    if d["method"] == "wise_ft":
+        return "wise_ft"
+    if d["method"] == "rehearsal":
+        return "rehearsal"
+    return ("asam" if d["adaptive"] else "sam") if d["optimizer"] == "sam" else "adamw"
+
+
+def collect(preset: str) -> tuple[dict, pd.DataFrame]:
+    """The stage-1 entry and one row per frontier point present: name, dataset, family, setting, seed, at/of."""
+    exps = specs.expand(preset)
+    names = [n for n, e in exps.items() if e.get("group") == "frontier" and n != START]
+    entries = {n: e for n, e in load_results(preset, [START, *names]).items() if e["status"] == "ok"} \
+        if START in exps else {}
+    if START not in entries:
+        return {}, pd.DataFrame()
+    rows = []
+    for n in names:
+        if n not in entries:
+            continue
+        d = specs.describe(exps[n]["run"])
+        fam = _family(d)
+        setting = {"adamw": d["lr"], "sam": d["rho"], "asam": d["rho"], "rehearsal": d["rehearsal_fraction"],
+                   "wise_ft": d["alpha"]}[fam]
+        rows.append({"name": n, "dataset": d["stage2"], "family": fam, "setting": setting, "seed": d["seed"],
+                     "at": d["at"] or 1, "of": d["of"] or 1})
+    return {"start": entries[START], **{r["name"]: entries[r["name"]] for r in rows}}, pd.DataFrame(rows)
+
+
+def _stage1_set(start: dict) -> str:
+    return start["spec"]["measure"]["heldout"]["datasets"][0]  # the stage-1 set comes first
+
+
+def _mean(pe: np.ndarray, idx: np.ndarray) -> float:
+    sub = pe[idx]
+    return float(sub[:, 0].sum() / max(sub[:, 1].sum(), 1.0))
+
+
+def measures(entries: dict, table: pd.DataFrame, draws: dict | None = None) -> pd.DataFrame:
+    """Learning and forgetting of every point, on the held-out examples ``draws[set]`` (all when None)."""
+    start = entries["start"]
+    stage1_set = _stage1_set(start)
+    out = table.copy()
+    learn, forget = [], []
+    for _, row in table.iterrows():
+        e = entries[row["name"]]
+        own, s1 = row["dataset"], stage1_set
+        i_own = draws[own] if draws else np.arange(len(_per_example(start, own)))
+        i_s1 = draws[s1] if draws else np.arange(len(_per_example(start, s1)))
+        learn.append(_mean(_per_example(start, own), i_own) - _mean(_per_example(e, own), i_own))
+        forget.append(_mean(_per_example(e, s1), i_s1) - _mean(_per_example(start, s1), i_s1))
+    out["learning"], out["forgetting"] = learn, forget
+    return out
+
+
+def pareto_curve(learning: np.ndarray, forgetting: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The Pareto front (most learning, least forgetting) of the points and the origin, sorted by learning:
+    a point is on it when no other point learns at least as much and forgets less."""
+    x = np.append(np.asarray(learning, float), 0.0)
+    y = np.append(np.asarray(forgetting, float), 0.0)
+    order = np.lexsort((y, -x))  # most learning first, ties: least forgetting first
+    front, best = [], np.inf
+    for i in order:
+        if y[i] < best:
+            front.append(i)
+            best = y[i]
+    front = np.array(front[::-1])
+    return x[front], y[front]
+
+
+def forgetting_at(curve: tuple[np.ndarray, np.ndarray], level: float) -> float:
+    """The frontier's forgetting at learning ``level``, linear between front points; NaN beyond its reach."""
+    x, y = curve
+    if level > x.max() or level < x.min():
+        return float("nan")
+    return float(np.interp(level, x, y))
+
+
+def _curves(points: pd.DataFrame, family: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    sub = points[points["family"] == family]
+    return {seed: pareto_curve(g["learning"].to_numpy(), g["forgetting"].to_numpy()) for seed, g in sub.groupby("seed")}
+
+
+def compare(preset: str, dataset: str, a: str = "adamw", b: str = "sam", *, levels=(0.25, 0.5, 0.75),
+            n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Δ forgetting (b - a) at matched learning: one row per level, given as a fraction of the learning both
+    methods reach on every seed; the point estimate, a 95 % bootstrap interval (held-out examples and seeds
+    resampled) and the verdict."""
+    entries, table = collect(preset)
+    if table.empty:
+        return pd.DataFrame()
+    table = table[(table["dataset"] == dataset) & table["family"].isin([a, b])]
+    seeds = sorted(set(table[table["family"] == a]["seed"]) & set(table[table["family"] == b]["seed"]))
+    if not seeds:
+        return pd.DataFrame()
+    table = table[table["seed"].isin(seeds)]
+    stage1_set = _stage1_set(entries["start"])
+    sizes = {s: len(_per_example(entries["start"], s)) for s in (stage1_set, dataset)}
+
+    def delta(draws, seed_draw):
+        pts = measures(entries, table, draws)
+        ca, cb = _curves(pts, a), _curves(pts, b)
+        reach = min(min(ca[s][0].max(), cb[s][0].max()) for s in seeds)
+        out = []
+        for frac in levels:
+            level = frac * reach
+            out.append(np.mean([forgetting_at(cb[s], level) - forgetting_at(ca[s], level) for s in seed_draw]))
+        return np.array(out), reach
+
+    point, reach = delta(None, seeds)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        draws = {s: rng.integers(0, n, n) for s, n in sizes.items()}
+        seed_draw = list(rng.choice(seeds, len(seeds), replace=True))
+        boots.append(delta(draws, seed_draw)[0])
+    lo, hi = np.nanpercentile(np.array(boots), [2.5, 97.5], axis=0)
+    rows = []
+    for i, frac in enumerate(levels):
+        verdict = "less forgetting" if hi[i] < 0 else ("more forgetting" if lo[i] > 0 else "inconclusive")
+        rows.append({"dataset": dataset, "comparison": f"{b} vs {a}", "learning level": frac * reach,
+                     "share of common reach": frac, "Δ forgetting": point[i], "low": lo[i], "high": hi[i],
+                     "verdict": f"{b}: {verdict}", "seeds": len(seeds),
+                     "held-out examples": f"{sizes[dataset]} ({dataset}), {sizes[stage1_set]} ({stage1_set})"})
+    return pd.DataFrame(rows)
+
+
+def points(preset: str) -> pd.DataFrame:
+    """Every frontier point with its learning and forgetting (all held-out examples), for tables and plots."""
+    entries, table = collect(preset)
+    return measures(entries, table) if not table.empty else table
