@@ -248,6 +248,8 @@ def test_cfsam_train_builds_the_same_spec_as_the_pipeline():
     (["--lr", "inf"], "lr=inf"),
     (["--dataset", "wiki"], "dataset='wiki': unknown training set"),
     (["--model", "gpt5"], "model='gpt5': neither a model directory nor a model preset"),
+    (["--max-length", "4096"], "max_length=4096 exceeds the model's context of 1024 tokens"),
+    (["--batch-size", "8", "--grad-accum", "3"], "batch_size=8 (global) must be a multiple of grad_accum=3"),
 ])
 def test_cfsam_train_refuses_bad_values_before_loading(argv, message, capsys):
     base = {"--model": "tiny", "--dataset": "alpaca"}

@@ -129,6 +129,23 @@ def validate(kw: dict) -> None:
         if kw[name] not in allowed:
             bad(name, " | ".join(allowed))
     _check_model(kw.get("model"))
+    context = model_context(kw.get("model"))
+    if context is not None and kw["max_length"] > context:
+        raise SpecError(f"max_length={kw['max_length']} exceeds the model's context of {context} tokens")
+
+
+def model_context(model) -> int | None:
+    """The longest sequence a model takes, from the registry or its directory's config.json (no loading)."""
+    if isinstance(model, dict):
+        return model_context(model.get("model"))
+    path = Path(str(model)) / "config.json"
+    if path.exists():
+        try:
+            return json.loads(path.read_text()).get("max_position_embeddings")
+        except ValueError:
+            return None
+    spec = registry.entries("models").get(str(model), {})
+    return spec.get("context") or (spec.get("config") or {}).get("max_position_embeddings")
 
 
 def train_sets() -> list[str]:
