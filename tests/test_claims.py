@@ -100,15 +100,15 @@ def test_verdicts_by_hand():
 
 def test_claims_expand_over_the_presets_datasets_and_sizes():
     by_id = {c["id"]: c for c in claims.registry()}
-    assert claims.pairs_of(by_id["forgetting"], "cpu") == [("stage1", "s2-sharegpt-adamw"),
+    assert claims.pairs_of(by_id["forgetting"], "cpu") == [("stage1", "s2-metamathqa-adamw"),
                                                            ("stage1", "s2-open-platypus-adamw"),
-                                                           ("stage1", "s2-metamathqa-adamw"),
-                                                           ("stage1", "s2-auto-wiki-adamw")]
+                                                           ("stage1", "s2-sharegpt-adamw"),
+                                                           ("stage1", "s2-auto-wiki-adamw")]  # the preset's order
     assert claims.pairs_of(by_id["sam-across-sizes"], "cpu") == []  # one size in the cpu preset
     assert len(claims.pairs_of(by_id["sam-across-sizes"], "paper")) == 2
     for claim in claims.registry():  # every name a claim compares is an experiment of the presets
         for preset in ("cpu", "paper"):
-            assert {n for p in claims.pairs_of(claim, preset) for n in p} <= set(specs.experiments(preset)), claim["id"]
+            assert {n for p in claims.pairs_of(claim, preset) for n in p} <= set(specs.expand(preset)), claim["id"]
     with pytest.raises(ValueError, match="unknown claim.*allowed: forgetting"):
         claims.check("cpu", ["sam-is-magic"])
 
@@ -119,8 +119,9 @@ def test_check_reads_the_cache_and_reports_missing_runs_as_not_run(tmp_path, mon
     recs = {n: _records(n, rng, 30, 0.5) for n in PAPER_TASKS}
     worse = _lower_gold(recs, 3.0)
     for name, r, loss in (("s2-open-platypus-adamw", recs, 2.0), ("s2-auto-wiki-adamw", worse, 2.5)):
-        exp = specs.experiments("cpu")[name]
-        entry = {**_entry(r), "id": cache.experiment_id(exp), "name": name, "spec": exp,
+        exp = specs.expand("cpu")[name]
+        entry = {**_entry(r), "id": specs.experiment_id(exp), "name": name, "spec": exp,
+                 "provenance": {"data": cache.data_hashes(exp)},
                  "heldout_loss": {"alpaca": {"loss": loss}, "auto-wiki": {"loss": 1.0}}}
         write_json_atomic(tmp_path / "cpu" / f"{name}.json", entry)
     table = claims.check("cpu", ["task-gap", "sam-mitigates"], n_boot=200)

@@ -1,5 +1,4 @@
 """The harness: packed scoring against a naive forward and lm-eval, metrics by hand, the paper's arithmetic."""
-import argparse
 import json
 import math
 import os
@@ -212,10 +211,10 @@ def test_evaluate_tiny_end_to_end_with_cache(tiny, tmp_path):
 
 @pytest.mark.mirror
 def test_cli_prints_tables_and_writes_json(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    scoring.add_cli(parser.add_subparsers())
+    from cfsam import cli
+
     out = tmp_path / "r.json"
-    args = parser.parse_args(["eval", "--model", "tiny", "--tasks", "copa,race_high", "--limit", "4", "--out", str(out),
+    args = cli.build_parser().parse_args(["eval", "--model", "tiny", "--tasks", "copa,race_high", "--limit", "4", "--out", str(out),
                               "--cache-dir", str(tmp_path / "cache")])
     assert args.func(args) == 0
     printed = capsys.readouterr().out

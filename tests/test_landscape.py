@@ -1,6 +1,5 @@
 """Loss surfaces, interpolation and curvature: against transformers' loss, closed-form quadratics,
 finite differences and hand-set weights; weights restored bit for bit."""
-import argparse
 import copy
 import json
 
@@ -311,33 +310,22 @@ def test_plots_share_one_colour_scale(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["contour.png", "surface.pdf"]
 
 
-# -------------------------------------------------------------------------------------------- CLI
-def _parser():
-    parser = argparse.ArgumentParser()
-    heldout.add_cli(parser.add_subparsers())
-    return parser
-
-
-def test_cli_rejects_bad_settings_before_loading(tmp_path):
-    args = _parser().parse_args(["landscape", "no-such-model", "--out", str(tmp_path), "--grid", "4",
-                                 "--span", "-1"])
-    with pytest.raises(SystemExit, match=r"--grid 4: use an odd .*; --span -1.0: use a positive"):
-        args.func(args)
-
-
+# ------------------------------------------------------------------------------------ cfsam measure
 @pytest.mark.mirror
-def test_cli_end_to_end(tmp_path, capsys):
-    args = _parser().parse_args(["landscape", "tiny", "--out", str(tmp_path), "--grid", "3", "--seeds", "0", "1",
-                                 "--examples", "2", "--batch-size", "2", "--max-length", "96", "--span", "0.2",
-                                 "--interpolate-from", "tiny", "--line-points", "3", "--plot"])
-    assert args.func(args) == 0
-    report = json.loads((tmp_path / "landscape.json").read_text())
-    assert report["flatness"]["SC"]["seeds"] == [0, 1] and report["flatness"]["AG"]["std"] is not None
-    assert report["data"]["dataset"] == "alpaca" and report["model"]["name"] == "tiny"
-    s0 = Surface.load(tmp_path / "surface-seed0")
-    assert s0.flatness()["MAG"] == report["flatness"]["MAG"]["values"][0]
-    line = Line.load(tmp_path / "line")
-    assert np.ptp(line.losses) == 0.0  # tiny to tiny: the same weights all along
-    assert line.losses[0] == pytest.approx(report["center_loss"])
-    assert (tmp_path / "contour.png").exists() and (tmp_path / "surface3d.png").exists()
-    assert '"SC"' in capsys.readouterr().out
+def test_cfsam_measure_runs_the_presets_measurement_on_one_model(tmp_path, capsys, monkeypatch):
+    """The same spec and code as run-missing's (its stage-1 experiment's), on any model."""
+    from cfsam import cli
+    from cfsam.pipeline import specs
+
+    monkeypatch.setenv("CFSAM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "m.json"
+    assert cli.main(["measure", "tiny", "--preset", "smoke", "--what", "heldout,landscape", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    spec = specs.expand("smoke")["stage1"]["measure"]
+    assert report["measure"]["landscape"] == spec["landscape"] and report["eval"]["tasks"] == {}
+    assert report["landscape"]["flatness"]["SC"]["seeds"] == spec["landscape"]["seeds"]
+    per = report["heldout_loss"]["alpaca"]["per_example"]
+    assert len(per) == spec["heldout"]["n"]
+    assert report["heldout_loss"]["alpaca"]["loss"] == pytest.approx(sum(s for s, _ in per) / sum(n for _, n in per))
+    assert '"flatness"' in capsys.readouterr().out
+    assert cli.main(["measure", "tiny", "--what", "heldout,vibes", "--out", str(out)]) == 2  # before loading

@@ -44,7 +44,7 @@ def test_bad_presets_are_named(overrides, message):
 
 
 def test_unknown_preset_and_malformed_file(tmp_path):
-    with pytest.raises(PresetError, match="unknown preset 'gpu'; allowed: cpu, paper, smoke"):
+    with pytest.raises(PresetError, match="unknown preset 'gpu'; allowed: cpu-pilot, cpu, paper, smoke"):
         load_preset("gpu")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed")

@@ -161,3 +161,31 @@ def points(preset: str) -> pd.DataFrame:
     """Every frontier point with its learning and forgetting (all held-out examples), for tables and plots."""
     entries, table = collect(preset)
     return measures(entries, table) if not table.empty else table
+
+
+def curves(points: pd.DataFrame) -> dict[tuple, tuple[np.ndarray, np.ndarray]]:
+    """Every (dataset, family, seed)'s Pareto front, for plotting."""
+    return {(ds, fam, seed): pareto_curve(g["learning"].to_numpy(), g["forgetting"].to_numpy())
+            for (ds, fam, seed), g in points.groupby(["dataset", "family", "seed"])}
+
+
+def screen(preset: str) -> pd.DataFrame:
+    """The screening run: each task's accuracy of the base model against chance (1 / choices, per item), with
+    a normal 95 % interval over items; ``above chance`` when the interval lies above it."""
+    entry = load_results(preset, ["screen"])["screen"] if "screen" in specs.expand(preset) else {"status": "missing"}
+    if entry["status"] != "ok":
+        return pd.DataFrame()
+    rows = []
+    for name, t in entry["eval"]["tasks"].items():
+        if t.get("status") != "ok":
+            rows.append({"task": name, "status": t.get("status")})
+            continue
+        recs = t["records"]
+        key = t["primary"] if t["primary"] in recs[0] else "acc"
+        acc = np.array([float(r[key]) for r in recs])
+        chance = float(np.mean([1.0 / len(r["ll"]) for r in recs]))
+        se = acc.std(ddof=1) / np.sqrt(len(acc)) if len(acc) > 1 else np.nan
+        low, high = acc.mean() - 1.96 * se, acc.mean() + 1.96 * se
+        rows.append({"task": name, "status": "ok", "items": len(acc), "metric": key, "score": acc.mean(),
+                     "low": low, "high": high, "chance": chance, "above chance": bool(low > chance)})
+    return pd.DataFrame(rows).set_index("task")

@@ -123,3 +123,28 @@ def learning_vs_forgetting(table, *, x: str = "learned (Δ own held-out loss)",
     ax.set_title("learning vs forgetting per stage-2 run")
     fig.tight_layout()
     return fig
+
+
+# ------------------------------------------------------------------------------------- frontiers
+def frontier(points, curves: Mapping[tuple, tuple] | None = None) -> Figure:
+    """Learning (x) against forgetting (y), one panel per stage-2 set, one colour per method family;
+    ``curves`` maps (dataset, family, seed) to a Pareto front (x, y), drawn as thin lines."""
+    sets = list(dict.fromkeys(points["dataset"]))
+    fig, axes = _panels(len(sets), width=4.2, height=3.6)
+    families = list(dict.fromkeys(points["family"]))
+    colours = {f: plt.get_cmap("tab10")(i) for i, f in enumerate(families)}
+    for ax, ds in zip(axes, sets):
+        sub = points[points["dataset"] == ds]
+        for fam in families:
+            g = sub[sub["family"] == fam]
+            ax.scatter(g["learning"], g["forgetting"], s=14, color=colours[fam], label=fam, alpha=0.8)
+        for (cds, fam, _seed), (cx, cy) in (curves or {}).items():
+            if cds == ds and fam in colours:
+                ax.plot(cx, cy, color=colours[fam], lw=0.8, alpha=0.6)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.axvline(0, color="grey", lw=0.5)
+        ax.set(title=ds, xlabel="learning (fall of own held-out loss, nats)",
+               ylabel="forgetting (rise of held-out Alpaca loss, nats)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
