@@ -31,6 +31,7 @@ import pandas as pd
 from cfsam.core import registry as registry_
 from cfsam.evaluation import tasks
 from cfsam.pipeline.cache import load_results
+from cfsam.evaluation.metrics import paper_avg
 from cfsam.pipeline import specs
 
 MEASURES = {"score": ("Δ AVG (points)", 100.0), "gold_choice_logprob": ("Δ gold log-prob among choices (nats)", 1.0)}
@@ -91,13 +92,6 @@ def _task_score(values: np.ndarray, groups: np.ndarray | None, draw: np.ndarray)
     return (sums[:, present] / counts[present]).mean(axis=1)
 
 
-def _avg(per_task: dict[str, np.ndarray], category_of: dict[str, str]) -> np.ndarray:
-    cats: dict[str, list] = {}
-    for name, s in per_task.items():
-        cats.setdefault(category_of[name], []).append(s)
-    return np.mean([np.mean(v, axis=0) for v in cats.values()], axis=0)
-
-
 def avg_with_bootstrap(entries: list[dict], measure: str = "score", *, n_boot: int = 2000,
                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The paper's AVG of each entry (shape [runs]) and its bootstrap replicates (shape [n_boot, runs]),
@@ -106,11 +100,11 @@ def avg_with_bootstrap(entries: list[dict], measure: str = "score", *, n_boot: i
     if not arrays:
         raise ValueError("no task was scored in every run")
     category_of = {n: a["category"] for n, a in arrays.items()}
-    point = _avg({n: _task_score(a["values"], a["groups"], np.arange(a["values"].shape[1]))
+    point = paper_avg({n: _task_score(a["values"], a["groups"], np.arange(a["values"].shape[1]))
                   for n, a in arrays.items()}, category_of)
     rng = np.random.default_rng(seed)
     draws = {n: rng.integers(0, a["values"].shape[1], size=(n_boot, a["values"].shape[1])) for n, a in arrays.items()}
-    boots = np.stack([_avg({n: _task_score(a["values"], a["groups"], draws[n][b]) for n, a in arrays.items()},
+    boots = np.stack([paper_avg({n: _task_score(a["values"], a["groups"], draws[n][b]) for n, a in arrays.items()},
                            category_of) for b in range(n_boot)])
     return point, boots
 

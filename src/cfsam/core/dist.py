@@ -59,7 +59,7 @@ def setup_distributed(mode: str) -> Runtime:
     if mode != "none" and not dist.is_initialized():
         if "RANK" not in os.environ:
             raise ValueError(f"dist={mode!r} needs a launcher: torchrun --nproc_per_node N or accelerate launch")
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        init_group()
         created = True
     rank = dist.get_rank() if mode != "none" else 0
     world = dist.get_world_size() if mode != "none" else 1
@@ -110,3 +110,9 @@ def rank_world() -> tuple[int, int]:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def init_group(timeout=None) -> None:
+    """The process group of a launch (torchrun, accelerate launch): NCCL on GPUs, gloo on CPUs."""
+    kwargs = {"timeout": timeout} if timeout is not None else {}
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", **kwargs)

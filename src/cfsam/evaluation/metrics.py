@@ -74,6 +74,15 @@ def task_result(name: str, records: list[dict], n_total: int) -> dict:
     return res
 
 
+def paper_avg(task_scores: dict, category_of: dict):
+    """The paper's AVG, the one implementation: the unweighted mean over categories of the unweighted mean of
+    each category's task scores. Scores may be numbers or arrays of bootstrap replicates alike."""
+    cats: dict[str, list] = {}
+    for name, score in task_scores.items():
+        cats.setdefault(category_of[name], []).append(score)
+    return np.mean([np.mean(v, axis=0) for v in cats.values()], axis=0)
+
+
 def categories(results: dict) -> dict:
     """The paper's four categories (unweighted means of their tasks' scores), AVG, and MMLU's categories.
 
@@ -90,7 +99,9 @@ def categories(results: dict) -> dict:
                     "missing": missing, "complete": not missing,
                     "variants": {n: res_tasks[n]["variant"] for n in used if res_tasks[n].get("variant")}}
     have = {c: out[c]["score"] for c in CATEGORY_ORDER if out[c]["score"] is not None}
-    out["AVG"] = {"score": float(np.mean(list(have.values()))) if have else None, "categories": have,
+    used = {n: sc for c in have for n, sc in out[c]["tasks"].items()}
+    avg = float(paper_avg(used, {n: c for c in have for n in out[c]["tasks"]})) if have else None
+    out["AVG"] = {"score": avg, "categories": have,
                   "missing": [c for c in CATEGORY_ORDER if c not in have],
                   "complete": all(out[c]["complete"] for c in CATEGORY_ORDER)}
     if res_tasks.get("mmlu", {}).get("status") == "ok":

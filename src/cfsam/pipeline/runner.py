@@ -25,6 +25,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from cfsam import __version__
+from cfsam.core.dist import init_group
 from cfsam.core.io import write_json_atomic
 from cfsam.data import models, sources
 from cfsam.pipeline.cache import REPO, data_hashes, datasets_of, entry_path, load_results
@@ -214,7 +215,7 @@ def run_missing(preset: str, notebooks: list[str] | None = None, only: list[str]
     created = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         # before any lock: a rank waiting on a lock must never be what another rank's collective waits for
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=GROUP_TIMEOUT)
+        init_group(GROUP_TIMEOUT)
         created = True
     try:
         for name in tqdm(todo, desc=f"experiments ({preset})", disable=_rank() != 0):
