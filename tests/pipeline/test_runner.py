@@ -50,3 +50,23 @@ def test_a_moved_cache_keeps_its_runs(tmp_path, monkeypatch):
     out_b, metrics = runner.materialize(run)
     assert out_b == out_a.replace(str(tmp_path / "a"), str(tmp_path / "b"))
     assert {p: p.stat().st_mtime for p in (tmp_path / "b" / "runs").rglob("metrics.json")} == stamp  # nothing retrained
+
+
+def test_a_second_process_finds_the_work_done_and_does_not_measure_again(tmp_path, monkeypatch):
+    """Two run-missing on one cache used to both measure every experiment: the lock on the entry is held
+    while measuring, and whoever gets it second finds the entry current."""
+    from cfsam.core.io import write_json_atomic
+    from cfsam.pipeline import runner
+
+    monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("CFSAM_CACHE", str(tmp_path / "cache"))
+    exp = specs.expand("smoke")["base"]
+    write_json_atomic(tmp_path / "results" / "smoke" / "base.json",
+                      {"id": specs.experiment_id(exp), "spec": exp, "provenance": {"data": cache.data_hashes(exp)}})
+
+    def measured_twice(*args, **kwargs):
+        raise AssertionError("measured an experiment another process had finished")
+
+    monkeypatch.setattr(runner, "measure", measured_twice)
+    assert runner.run_one("smoke", "base") is None
+    assert not list((tmp_path / "results" / "smoke").glob("*.lock"))  # locks live in the cache
