@@ -1,16 +1,18 @@
 """Training throughput at the study's batch shape: AdamW, SAM and SAM every k, side by side.
 
     .venv/bin/python benchmarks/bench_train.py [--model smollm2-135m] [--batch 8] [--max-length 256]
-        [--steps 2] [--sam-every 4] [--no-memory] [--no-profile] [--no-hf-loss]
+        [--steps 2] [--sam-every 4] [--no-memory] [--no-profile] [--hf-loss] [--head-reps 5]
 
 What runs is the trainer's own update, ``cfsam.training.step.optimizer_step`` (fp32, clipping at 1.0),
 on real Alpaca batches (``build_dataset`` + ``collate``, response-only labels) in the trainer's order.
 
 * Time: one process holds one model copy per optimizer (same weights) and alternates them step by
-  step, so machine load drifts through all alike; after one warm-up update each, ``--steps`` updates
+  step, so machine load drifts through all alike; wall and process CPU seconds are both taken, and
+  the ratios use CPU seconds (on a shared machine wall time swings several-fold within minutes); after one warm-up update each, ``--steps`` updates
   of AdamW and SAM are timed, and one whole cycle (k updates: k-1 plain, one SAM) of SAM every k, whose
-  mean is its amortised cost. ``adamw-hfloss`` is AdamW with transformers' loss (the head and a
-  log-softmax on every position), the cost before ``cfsam.training.loss``.
+  mean is its amortised cost. With ``--hf-loss`` also ``adamw-hfloss``, AdamW with transformers' loss
+  (the head and a log-softmax on every position), the cost before ``cfsam.training.loss``.
+* Head and loss alone: that difference without the decoder around it, alternating A/B repetitions.
 * FLOP/s: useful work only: 6 x (non-embedding parameters) per real (unpadded) token, 6 x (head
   parameters) per labelled token, and the causal attention products 6 x layers x width x sum(L^2)
   per sequence, times the passes an update makes; against the fp32 matmul rate of a large
@@ -95,6 +97,32 @@ def hf_loss(model, input_ids, attention_mask, labels, **_):
     return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, num_items_in_batch=1).loss, n
 
 
+def head_and_loss_times(base, mb, reps: int) -> dict[str, float]:
+    """Median seconds of the head and cross-entropy alone (forward and backward, from the same hidden
+    states) the way transformers does it (every position) and the way ``cfsam.training.loss`` does
+    (labelled positions, checkpointed chunks). The decoder before them is the same in both, so this is
+    the whole difference between the two losses, in short alternating runs that load swings disturb less."""
+    from cfsam.training.loss import head_loss, targets_and_mask
+
+    with torch.no_grad():
+        hidden = base.model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).last_hidden_state
+    mask, targets = targets_and_mask(mb["labels"])
+    ways = {
+        "transformers": lambda h: base.loss_function(logits=base.lm_head(h), labels=mb["labels"],
+                                                     vocab_size=base.config.vocab_size, num_items_in_batch=1),
+        "labelled-only": lambda h: head_loss(base.lm_head, h[mask], targets),
+    }
+    times = {k: [] for k in ways}
+    for _ in range(reps):
+        for name, fn in ways.items():
+            h = hidden.detach().requires_grad_(True)
+            t = time.perf_counter()
+            fn(h).backward()
+            times[name].append(time.perf_counter() - t)
+    base.zero_grad(set_to_none=True)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def make_optimizer(model, name: str, every: int):
     kind = "sam" if name.startswith("sam") else "adamw"
     return build_optimizer(model, kind, LR, 0.0, RHO, False, sam_every=every if name == "sam-every" else 1)
@@ -123,15 +151,15 @@ def timed_update(model, opt, mb, name: str) -> float:
     if name == "adamw-hfloss":
         train_step.summed_loss = hf_loss
     try:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         optimizer_step(model, opt, [mb], StepContext(max_grad_norm=1.0))
-        return time.perf_counter() - t
+        return time.perf_counter() - t, time.process_time() - c
     finally:
         train_step.summed_loss = real
 
 
-def step_times(args, base, data: list[dict], names: list[str]) -> dict[str, list[tuple[float, int, dict]]]:
-    """Per optimizer: (seconds, passes, micro-batch) of each timed update."""
+def step_times(args, base, data: list[dict], names: list[str]) -> dict[str, list[tuple[float, float, int, dict]]]:
+    """Per optimizer: (wall seconds, CPU seconds, passes, micro-batch) of each timed update."""
     runs = {}
     for name in names:
         model = copy.deepcopy(base)
@@ -143,10 +171,11 @@ def step_times(args, base, data: list[dict], names: list[str]) -> dict[str, list
                 continue
             passes = 2 if getattr(opt, "is_sam_step", False) else 1
             mb = data[i % len(data)]
-            dt = timed_update(model, opt, mb, name)
+            dt, cpu = timed_update(model, opt, mb, name)
             if i:
-                times.append((dt, passes, mb))
-            print(f"  update {i} {name:13s} {dt:7.2f} s  ({passes} pass{'es' if passes == 2 else ''})", flush=True)
+                times.append((dt, cpu, passes, mb))
+            print(f"  update {i} {name:13s} {dt:7.2f} s wall {cpu:7.2f} s CPU ({passes} pass{'es' if passes == 2 else ''})",
+                  flush=True)
     return {name: times for name, (_, _, times) in runs.items()}
 
 
@@ -172,7 +201,8 @@ def main() -> None:
     ap.add_argument("--padding-examples", type=int, default=2000)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
-    ap.add_argument("--no-hf-loss", action="store_true", help="skip AdamW with transformers' full loss")
+    ap.add_argument("--hf-loss", action="store_true", help="also time AdamW updates with transformers' loss")
+    ap.add_argument("--head-reps", type=int, default=5, help="alternating repetitions of the head+loss timing")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -189,8 +219,11 @@ def main() -> None:
     print(f"padding over {pad['n']} examples (mean length {pad['mean_length']:.0f}; labelled "
           f"{pad['labelled_of_real']:.0%} of real tokens): random order {pad['random']:.1%} of positions, "
           f"length-grouped {pad['grouped']:.1%}")
-    names = ["adamw", "sam", "sam-every"] + ([] if args.no_hf_loss else ["adamw-hfloss"])
+    names = ["adamw", "sam", "sam-every"] + (["adamw-hfloss"] if args.hf_loss else [])
     data = batches(tok, args.batch, args.max_length, 1 + max(args.steps, args.sam_every))
+    head = head_and_loss_times(base, data[0], args.head_reps)
+    print(f"head + cross-entropy, forward and backward, batch 0 (median of {args.head_reps}): transformers "
+          f"{head['transformers']:.2f} s, labelled positions only {head['labelled-only']:.2f} s")
     mem = {} if args.no_memory else {name: peak_memory(args, name) for name in ("adamw", "sam")}
     peak_mm = matmul_rate()
     times = step_times(args, base, data, names)
@@ -199,22 +232,26 @@ def main() -> None:
         profile_update(base, data[0])
 
     print(f"\nfp32 matmul rate (2048^3 torch.mm): {peak_mm / 1e9:.1f} GFLOP/s")
-    print(f"{'optimizer':14s} {'s/update':>9s} {'tokens/s':>9s} {'useful GFLOP/s':>15s} {'% of mm':>8s}")
-    per = {}  # seconds per unit of one-pass work: the optimizers' timed updates saw different batches
+    print(f"{'optimizer':14s} {'wall s/update':>14s} {'CPU s/update':>13s} {'tokens/s':>9s} {'useful GFLOP/s':>15s} "
+          f"{'% of mm':>8s}")
+    # CPU seconds per unit of one-pass work: the updates of each optimizer saw different batches, and
+    # process CPU time is less disturbed than wall time by other jobs on a shared machine
+    per = {}
     for name, rows in times.items():
-        secs = sum(t for t, _, _ in rows)
-        tokens = sum(int(mb["attention_mask"].sum()) for _, _, mb in rows)
-        flops = sum(p * useful_flops(cfg, n_params, mb) for _, p, mb in rows)
-        per[name] = secs / sum(useful_flops(cfg, n_params, mb) for _, _, mb in rows)
-        print(f"{name:14s} {secs / len(rows):9.2f} {tokens / secs:9.1f} {flops / secs / 1e9:15.1f} "
-              f"{flops / secs / peak_mm:8.1%}")
-    print("(tokens/s: real tokens trained per second, an update's tokens once whatever its passes; the ratios "
-          "below are per unit of one-pass work, as the timed updates of each saw different batches)")
+        secs, cpu = sum(r[0] for r in rows), sum(r[1] for r in rows)
+        tokens = sum(int(mb["attention_mask"].sum()) for *_, mb in rows)
+        flops = sum(p * useful_flops(cfg, n_params, mb) for _, _, p, mb in rows)
+        per[name] = cpu / sum(useful_flops(cfg, n_params, mb) for *_, mb in rows)
+        print(f"{name:14s} {secs / len(rows):14.2f} {cpu / len(rows):13.2f} {tokens / secs:9.1f} "
+              f"{flops / secs / 1e9:15.1f} {flops / secs / peak_mm:8.1%}")
+    print("(tokens/s and FLOP/s on wall time; tokens/s counts an update's real tokens once whatever its passes; "
+          "the ratios below are CPU seconds per unit of one-pass work)")
     if mem:
         extra = mem["sam"]["peak_rss"] - mem["adamw"]["peak_rss"]
         print(f"peak RSS: adamw {mem['adamw']['peak_rss'] / 2**20:.0f} MB, sam {mem['sam']['peak_rss'] / 2**20:.0f} MB; "
               f"SAM extra {extra / 2**20:.0f} MB = {extra / n_bytes:.2f} x parameter bytes ({n_bytes / 2**20:.0f} MB)")
-    hf = f", transformers' loss / labelled-only loss {per['adamw-hfloss'] / per['adamw']:.2f}" if "adamw-hfloss" in per else ""
+    hf = f", AdamW with transformers' loss {per['adamw-hfloss'] / per['adamw']:.2f}" if "adamw-hfloss" in per else ""
+    hf += f"; head+loss labelled-only/transformers {head['labelled-only'] / head['transformers']:.2f}"
     print(f"SUMMARY {args.model} {args.batch}x{args.max_length}: per update vs AdamW: SAM {per['sam'] / per['adamw']:.2f}, "
           f"SAM every {args.sam_every} {per['sam-every'] / per['adamw']:.2f} (amortised over a cycle; target <= 1.3){hf}; "
           f"padding {pad['random']:.1%} -> {pad['grouped']:.1%} length-grouped")

@@ -84,16 +84,22 @@ def summed_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     kept, is_hidden = _kept(model, input_ids, attention_mask, mask)
     if not is_hidden:
         return F.cross_entropy(kept, targets, reduction="sum"), mask.sum()
+    return head_loss(model.lm_head, kept, targets, chunk=chunk, recompute=recompute), mask.sum()
+
+
+def head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, *, chunk: int = CHUNK,
+              recompute: bool = True) -> torch.Tensor:
+    """Summed cross-entropy of ``head(hidden)`` (n, V) against ``targets`` (n,), ``chunk`` rows at a time."""
     use_ckpt = recompute and torch.is_grad_enabled()
     total = 0
     # at least one (maybe empty) chunk: no labelled position still gives a zero loss with a graph
-    for s in range(0, max(kept.shape[0], 1), chunk):
-        h, t = kept[s:s + chunk], targets[s:s + chunk]
+    for s in range(0, max(hidden.shape[0], 1), chunk):
+        h, t = hidden[s:s + chunk], targets[s:s + chunk]
         if use_ckpt:  # the chunk's logits are dropped after the forward and remade in the backward
-            total = total + checkpoint(_chunk_loss, model.lm_head, h, t, use_reentrant=False)
+            total = total + checkpoint(_chunk_loss, head, h, t, use_reentrant=False)
         else:
-            total = total + _chunk_loss(model.lm_head, h, t)
-    return total, mask.sum()
+            total = total + _chunk_loss(head, h, t)
+    return total
 
 
 def row_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor, *,
