@@ -47,6 +47,9 @@ book: venv
 	touch $(BOOK_OUT)/.built
 	@echo "book: $(BOOK_OUT)/_build/html/index.html"
 
-# The test suite; tests/test_book.py also runs the smoke preset end to end and builds its book.
+# The test suite; tests/test_book.py also runs the smoke preset end to end and builds its book, which
+# tests/test_browser.py opens in headless Chromium (Debian's package, installed here where apt can; else it skips).
 test: venv
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium is not installed: tests/test_browser.py will be skipped"
 	$(PY) -m pytest -q tests

@@ -1,10 +1,16 @@
-"""What every chapter does first, in one call: point at the results, select its experiments, say what they are."""
+"""What every chapter does first, in one call: point at the results, select its experiments, say what they are.
+And what it does last: one or two sentences computed from the chapter's numbers (``say`` and the ``*_sentence``
+helpers), which name what is missing instead of failing when the cache lacks runs."""
 from __future__ import annotations
 
 import os
 
-from cfsam.analysis import report
+import numpy as np
+import pandas as pd
+
+from cfsam.analysis import claims, report
 from cfsam.pipeline import chapters, specs
+from cfsam.pipeline.cache import load_results
 
 
 def open_chapter(name: str, preset: str, results_dir: str | None = None, *, missing: bool = False) -> list[str]:
@@ -20,3 +26,117 @@ def open_chapter(name: str, preset: str, results_dir: str | None = None, *, miss
     if missing and names:
         display(Markdown(report.missing_note(report.frame(preset, names), preset)))
     return names
+
+
+def say(*sentences: str) -> None:
+    """A chapter's closing paragraph: what our run shows (empty sentences are left out)."""
+    from IPython.display import Markdown, display
+
+    display(Markdown("**What our run shows.** " + " ".join(s for s in sentences if s)))
+
+
+def _lacking(preset: str, names: list[str]) -> list[str]:
+    """Those of ``names`` that are experiments of the preset without a current result in the cache."""
+    known = sorted(set(names) & set(specs.expand(preset)))
+    return [n for n, e in load_results(preset, known).items() if e["status"] != "ok"] if known else []
+
+
+def _listed(names: list[str], most: int = 6) -> str:
+    shown = ", ".join(f"`{n}`" for n in names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def claims_sentence(preset: str, where: str) -> str:
+    """The verdicts, on our runs, of the paper's claims that cite ``where`` (e.g. 'Table 2(a)'), and the runs
+    that the cache still lacks for them."""
+    cited = [c for c in claims.registry() if where in [w.strip() for w in c["where"].split(",")]]
+    if not cited:
+        return ""
+    try:
+        verdicts = claims.check(preset, [c["id"] for c in cited])
+    except ValueError:  # no task scored in every run
+        verdicts = pd.DataFrame()
+    avg = claims.MEASURES["score"][0]  # 'Δ AVG (points)', and its verdict column 'verdict (Δ AVG)'
+    verdict_col = f"verdict ({avg.split(' (')[0]})"
+    parts, runs = [], []
+    for c in cited:
+        pairs = claims.pairs_of(c, preset)
+        runs += [n for pair in pairs for n in pair]
+        row = verdicts.loc[c["id"]] if c["id"] in verdicts.index else None
+        if row is None or row[verdict_col] == "not run":
+            parts.append(f"*{c['id']}* not checked" + ("" if pairs else " (this preset has no such runs)"))
+            continue
+        loss_way = row["held-out stage-1 loss: pairs the paper's way"]
+        parts.append(f"*{c['id']}* {row[verdict_col]} (Δ AVG {row[avg]:+.2f} points, 95 % CI {row[avg + ' 95% CI']}; "
+                     f"held-out Alpaca loss the paper's way in {loss_way} pairs)")
+    out = f"The paper's claims on {where}, on our runs: " + "; ".join(parts) + "."
+    lacking = _lacking(preset, runs)
+    return out + (f" No current result yet for {_listed(lacking)}: compute them with "
+                  f"`cfsam run-missing --preset {preset}`." if lacking else "")
+
+
+def delta_sentence(table: pd.DataFrame) -> str:
+    """Whether our Delta has the paper's sign, row by row, in a ``report.compare`` table; and why rows lack ours."""
+    if ("Delta", "ours") not in table:
+        return ""
+    rows = table[table[("Delta", "paper")].notna()]
+    have = rows[rows[("Delta", "ours")].notna()]
+    wrong = have.index[np.sign(have[("Delta", "ours")]) != np.sign(have[("Delta", "paper")])]
+    out = f"Our Delta has the paper's sign in {len(have) - len(wrong)} of {len(have)} rows" if len(have) else (
+        "No row has our Delta yet")
+    out += f" (not in {', '.join(wrong)})" if len(wrong) else ""
+    without = rows[rows[("Delta", "ours")].isna()]
+    reasons = pd.Series("unscored here (its tasks, or its reference row)", index=without.index)
+    reasons[without[("", "status")] != "ok"] = "without a current result"
+    reasons[without[("", "experiment")].isna()] = "not run in this preset"  # no run of the preset matches the row
+    for reason, labels in reasons.groupby(reasons, sort=False):
+        out += f"; {reason}: {', '.join(labels.index)}"
+    return out + "."
+
+
+def rho_sentence(lf: pd.DataFrame) -> str:
+    """The run that forgot least and the one that learned most, from ``report.learning_and_forgetting``."""
+    learned = next((c for c in lf if c.startswith("learned")), None)
+    forgot = next((c for c in lf if c.startswith("forgot")), None)
+    if lf.empty or learned is None or lf[[learned, forgot]].dropna().empty:
+        return "No run of this chapter has a current result in the cache yet (see the note above)."
+    lf = lf[[learned, forgot]].dropna()
+    least, most = lf[forgot].idxmin(), lf[learned].idxmin()
+    out = (f"`{least}` forgot least (Alpaca held-out loss {lf.loc[least, forgot]:+.3f}; own held-out loss "
+           f"{lf.loc[least, learned]:+.3f}) of {len(lf)} runs")
+    if lf[learned].min() >= 0:
+        return out + "; no run lowered its own held-out loss, so none learned its task in these few steps."
+    if most == least:
+        return out + ", and learned most."
+    return out + f"; `{most}` learned most (own held-out loss {lf.loc[most, learned]:+.3f})."
+
+
+def correlation_sentence(corr: pd.DataFrame) -> str:
+    """Which flatness measures' rank correlation with forgetting has an interval that excludes zero."""
+    corr = corr.dropna(subset=["spearman"]) if not corr.empty else corr
+    if corr.empty:
+        return "No run with a measured landscape has a current result in the cache yet (see the note above)."
+    clear = corr[(corr["ci_low"] > 0) | (corr["ci_high"] < 0)]
+    n = int(corr["runs"].max())
+    if clear.empty:
+        return f"Over {n} runs no measure's interval excludes zero: no evidence either way."
+    listed = ", ".join(f"{m} {r:+.2f}" for m, r in clear["spearman"].items())
+    return (f"Over {n} runs, the intervals that exclude zero: {listed} (positive: the sharper run forgot more, "
+            f"as the paper reads its Table 1; negative: the opposite); the other {len(corr) - len(clear)} cover zero.")
+
+
+def cost_sentence(cost: pd.DataFrame) -> str:
+    """SAM's seconds per step against AdamW's (medians over the training runs of ``report.training_cost``)."""
+    per = cost.dropna(subset=["s_per_step"]).groupby("optimizer")["s_per_step"].median() if not cost.empty else {}
+    if "sam" not in per or "adamw" not in per:
+        return "This needs current results of both SAM and AdamW runs; the cache lacks them (see the note above)."
+    return (f"A SAM step took {per['sam']:.1f} s against AdamW's {per['adamw']:.1f} s (medians): "
+            f"×{per['sam'] / per['adamw']:.1f}, where two passes per step predict ×2.")
+
+
+def verdicts_sentence(verdicts: pd.DataFrame) -> str:
+    """The claims reproduced, and those found opposite, by either measure of ``claims.check``."""
+    cols = [c for c in verdicts if c.startswith("verdict")]
+    named = {v: [cid for cid, row in verdicts.iterrows() if v in set(row[cols])] for v in ("reproduced", "opposite")}
+    return (f"Reproduced by either measure: {', '.join(named['reproduced']) or 'none'}; "
+            f"opposite: {', '.join(named['opposite']) or 'none'}; the other claims are inconclusive or not run here.")

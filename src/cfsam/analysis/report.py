@@ -8,8 +8,12 @@ held-out loss) show effects that accuracy at chance cannot.
 """
 from __future__ import annotations
 
+import base64
+import html
+
 import numpy as np
 import pandas as pd
+from pandas.io.formats.style import Styler
 
 from cfsam.analysis import paper
 from cfsam.pipeline.cache import load_results
@@ -247,9 +251,23 @@ def preset_note(preset: str) -> str:
             + ("Data stand-ins: " + "; ".join(labels) + "." if labels else ""))
 
 
-def show(df: pd.DataFrame, precision: int = 2):
-    """A results table formatted for the book (NaN shown as a dash)."""
-    return df.style.format(precision=precision, na_rep="–")
+class _Shown(Styler):
+    """A styled table whose HTML ends with a link that downloads its numbers (full precision) as CSV; the file
+    is embedded in the page as a data: URI, so the link works offline and in every build."""
+    csv_name = "table"
+
+    def _repr_html_(self):
+        csv = base64.b64encode(self.data.to_csv().encode()).decode()
+        link = (f'<p class="cfsam-csv"><a download="{html.escape(self.csv_name)}.csv" '
+                f'href="data:text/csv;base64,{csv}">Download {html.escape(self.csv_name)}.csv</a></p>')
+        return f'<div class="cfsam-table">{self.to_html()}</div>{link}'
+
+
+def show(df: pd.DataFrame, precision: int = 2, name: str = "table"):
+    """A results table formatted for the book (NaN shown as a dash), with a link to download it as ``name``.csv."""
+    styled = _Shown(df).format(precision=precision, na_rep="–")
+    styled.csv_name = name
+    return styled
 
 
 def flatness_table(preset: str, names: list[str]) -> pd.DataFrame:
