@@ -3,8 +3,8 @@
 Under a multi-process launcher (torchrun, ``accelerate launch``; every ``cfsam batch --slurm`` job) all
 ranks step through the same experiments together: the process group is made first, rank 0 alone takes
 the file locks (one launch at a time per model and per result; a second ``run-missing`` on the same
-cache waits, then finds the work done), every rank trains, rank 0 measures and writes while the others
-wait at a barrier, and only then does the next experiment start.
+cache waits, then finds the work done), every rank trains, every rank measures (the eval items are
+shared among them), rank 0 writes, and only then does the next experiment start.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import gc
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import time
 from datetime import datetime, timedelta, timezone
@@ -39,6 +40,15 @@ GROUP_TIMEOUT = timedelta(hours=12)  # rank 0 measures while the others wait at 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _from_rank0(value):
+    """Rank 0's value on every rank (the ranks decide together)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _barrier() -> None:
@@ -83,12 +93,16 @@ def materialize(run: dict) -> tuple[str, dict | None]:
         return str(out), {"stage2": metrics}
     if kind == "snapshot":  # a model saved along a stage: train the stage with its snapshots
         snap = run["snapshot"]
-        stage_dir, metrics = materialize({**snap["run"], "snapshots": snap["of"]})
-        out = Path(stage_dir) if snap["at"] == snap["of"] else Path(stage_dir) / snapshot_name(snap["at"], snap["of"])
-        if not (out / "config.json").exists():
-            raise RuntimeError(f"{stage_dir} was trained without snapshots ({snap['of']} asked): delete it to retrain "
-                               "it with them")
-        return str(out), metrics
+        stage = {**snap["run"], "snapshots": snap["of"]}
+        out = default_dir(stage) / snapshot_name(snap["at"], snap["of"]) if snap["at"] < snap["of"] else None
+        if out is not None and (default_dir(stage) / "metrics.json").exists() and not (out / "config.json").exists():
+            # cached from a run that saved no snapshots (derived data): train it again, saving them
+            log.warning("%s holds no %s: training that stage again to save its snapshots", default_dir(stage), out.name)
+            if _rank() == 0:
+                shutil.rmtree(default_dir(stage))
+            _barrier()
+        stage_dir, metrics = materialize(stage)
+        return (str(out) if out is not None else stage_dir), metrics
     if isinstance(run["model"], dict):  # its parent first, under its own lock
         parent_dir, _ = materialize(run["model"])
         run = {**run, "model": parent_dir}
@@ -181,15 +195,18 @@ def run_one(preset: str, name: str, exp: dict | None = None) -> dict | None:
     path = entry_path(preset, name)
     entry = None
     with _exclusive(models.cache_dir() / "locks" / preset / name):  # locks live in the cache, not in results/
-        if _rank() == 0 and load_results(preset, [name])[name]["status"] != "ok":
-            log.info("experiment %s/%s: measuring %s", preset, name, model_ref)
+        if _from_rank0(_rank() == 0 and load_results(preset, [name])[name]["status"] != "ok"):
+            # every rank measures: the eval items are shared among them (the harness gathers the scores)
+            if _rank() == 0:
+                log.info("experiment %s/%s: measuring %s", preset, name, model_ref)
             measured, model = measure(model_ref, exp["measure"])
-            entry = {"id": experiment_id(exp), "name": name, "preset": preset, "spec": exp,
-                     "measure_version": MEASURE_VERSION,
-                     "data_labels": {d: sources.label(d) for d in sorted(datasets_of(exp))},
-                     "train": train_metrics, **measured}
-            entry["provenance"] = provenance(started, time.time(), exp, model)
-            write_json_atomic(path, entry)
+            if _rank() == 0:
+                entry = {"id": experiment_id(exp), "name": name, "preset": preset, "spec": exp,
+                         "measure_version": MEASURE_VERSION,
+                         "data_labels": {d: sources.label(d) for d in sorted(datasets_of(exp))},
+                         "train": train_metrics, **measured}
+                entry["provenance"] = provenance(started, time.time(), exp, model)
+                write_json_atomic(path, entry)
             del model, measured
         elif _rank() == 0:
             log.info("experiment %s/%s: finished by another process meanwhile", preset, name)

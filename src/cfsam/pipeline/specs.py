@@ -119,7 +119,36 @@ def expand(preset: str | dict) -> dict[str, dict]:
         # which tasks the base model is above chance on: the frontier's general-ability suite is chosen from it
         out["screen"] = {"run": {"model": p["model"]}, "measure": {"eval": {**f["screen"], "seed": seed}}}
         out.update(frontier(p, stage1(p, p["model"]), heldout, ev))
+    _share_snapshots(out)
     return out
+
+
+def _stage_runs(run: dict):
+    """Every stage spec a run trains, itself and the stages it starts from or merges."""
+    kind = run_kind(run)
+    if kind == "stage":
+        yield run
+        if isinstance(run["model"], dict):
+            yield from _stage_runs(run["model"])
+    elif kind == "snapshot":
+        yield from _stage_runs(run["snapshot"]["run"])
+    elif kind == "wise_ft":
+        yield from _stage_runs(run["wise_ft"]["stage1"])
+        yield from _stage_runs(run["wise_ft"]["stage2"])
+
+
+def _share_snapshots(exps: dict) -> None:
+    """A stage that any experiment measures along the way is trained with its snapshots whichever experiment
+    trains it first (``snapshots`` says how it runs, not what it trains: the run's id is unchanged)."""
+    wanted = {run_id(e["run"]["snapshot"]["run"]): e["run"]["snapshot"]["of"]
+              for e in exps.values() if run_kind(e["run"]) == "snapshot"}
+    if not wanted:
+        return
+    for e in exps.values():
+        for stage in _stage_runs(e["run"]):
+            n = wanted.get(run_id(stage))
+            if n is not None:
+                stage["snapshots"] = n
 
 
 def frontier(p: dict, s1: dict, heldout: dict, ev: dict) -> dict[str, dict]:
