@@ -65,7 +65,7 @@ def test_select_notebooks(tmp_path):
         make_notebook(tmp_path, name)
     assert batch.select_notebooks(None, tmp_path) == ["fig1", "tab3"]
     assert batch.select_notebooks(["tab3", "fig1", "tab3"], tmp_path) == ["fig1", "tab3"]  # book order
-    with pytest.raises(ValueError, match=r"unknown notebook\(s\) scratch; allowed: results, fig1, tab1"):
+    with pytest.raises(ValueError, match=r"unknown notebook\(s\) scratch; allowed: frontier, results, fig1"):
         batch.select_notebooks(["fig1", "scratch"], tmp_path)
     with pytest.raises(FileNotFoundError, match="tab2a.ipynb"):
         batch.select_notebooks(["tab2a"], tmp_path)
