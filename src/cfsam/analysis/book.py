@@ -126,7 +126,7 @@ def correlation_sentence(corr: pd.DataFrame) -> str:
 
 
 def cost_sentence(cost: pd.DataFrame) -> str:
-    """SAM's seconds per step against AdamW's (medians over the training runs of ``report.training_cost``)."""
+    """SAM's seconds per step against AdamW's (medians over the training runs of ``report.cost``)."""
     per = cost.dropna(subset=["s_per_step"]).groupby("optimizer")["s_per_step"].median() if not cost.empty else {}
     if "sam" not in per or "adamw" not in per:
         return "This needs current results of both SAM and AdamW runs; the cache lacks them (see the note above)."

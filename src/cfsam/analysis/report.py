@@ -221,22 +221,6 @@ def flatness_vs_forgetting(preset: str, names: list[str], *, n_boot: int = 2000,
     return pd.DataFrame(rows).set_index("measure")
 
 
-def training_cost(preset: str, names: list[str]) -> pd.DataFrame:
-    """Wall time, steps, seconds per step and tokens/s of each training run, from its metrics."""
-    rows = []
-    for name, entry in load_results(preset, names).items():
-        t = entry.get("train") if entry["status"] == "ok" else None
-        if not t or "total_steps" not in t:  # Wise-FT merges train nothing themselves
-            continue
-        steps = t.get("total_steps")
-        rows.append({"experiment": name, "optimizer": t.get("config", {}).get("optimizer"),
-                     "steps": steps, "train_s": t.get("train_seconds"),
-                     "s_per_step": t["train_seconds"] / steps if steps else np.nan,
-                     "tokens_per_s": t.get("tokens_per_s"),
-                     "peak_memory_GB": (t.get("peak_memory_bytes") or np.nan) / 1e9})
-    return pd.DataFrame(rows).set_index("experiment") if rows else pd.DataFrame()
-
-
 def preset_note(preset: str) -> str:
     """What the numbers on a page are: the preset, its model, and the data stand-ins it uses."""
     from cfsam.data import sources
@@ -277,24 +261,29 @@ def flatness_table(preset: str, names: list[str]) -> pd.DataFrame:
     return frame(preset, names).reindex(columns=["status", *cols])
 
 
-def cost(preset: str, names: list[str]) -> pd.DataFrame:
-    """What each experiment cost on its machine: wall time of the whole experiment (training what was not
-    cached yet, merging, measuring), of training its model and of its eval scoring; a last row sums them.
-    The total wall time is what the preset took, run in the order of ``run-missing``."""
+def cost(preset: str, names: list[str], *, total: bool = True) -> pd.DataFrame:
+    """What each experiment cost on its machine, the one cost table: wall time of the whole experiment
+    (training what was not cached yet, merging, measuring), of training its model (steps, seconds per step,
+    tokens/s, peak memory) and of its eval scoring; with ``total`` a last row sums the times, which is what
+    the preset took, run in the order of ``run-missing``."""
     rows = []
     for name, entry in load_results(preset, names).items():
         if entry["status"] != "ok":
             continue
         prov, t = entry.get("provenance", {}), entry.get("train") or {}
-        rows.append({"experiment": name, "wall_s": prov.get("wall_s"),
-                     # the training of this experiment's own model (Wise-FT merges models trained before)
-                     "train_s": t.get("train_seconds", np.nan),
+        steps = t.get("total_steps")  # Wise-FT merges and base models train nothing themselves
+        rows.append({"experiment": name, "optimizer": (t.get("config") or {}).get("optimizer"),
+                     "wall_s": prov.get("wall_s"), "train_s": t.get("train_seconds", np.nan), "steps": steps,
+                     "s_per_step": t["train_seconds"] / steps if steps else np.nan,
+                     "tokens_per_s": t.get("tokens_per_s", np.nan),
+                     "peak_memory_GB": (t.get("peak_memory_bytes") or np.nan) / 1e9,
                      "eval_s": ((entry.get("eval") or {}).get("timing") or {}).get("seconds"),
                      "device": prov.get("machine", {}).get("device"), "cpu": prov.get("machine", {}).get("cpu")})
     if not rows:
         return pd.DataFrame()
     df = pd.DataFrame(rows).set_index("experiment")
-    total = df[["wall_s", "train_s", "eval_s"]].sum(min_count=1)
-    df.loc["total"] = {**total.to_dict(), "device": "", "cpu": ""}
+    if total:
+        sums = df[["wall_s", "train_s", "eval_s"]].sum(min_count=1)
+        df.loc["total"] = {**sums.to_dict(), "device": "", "cpu": "", "optimizer": ""}
     df[["wall_min", "train_min", "eval_min"]] = df[["wall_s", "train_s", "eval_s"]].astype(float) / 60
     return df
