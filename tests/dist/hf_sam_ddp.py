@@ -9,29 +9,21 @@ import copy
 import json
 import sys
 import tempfile
+from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from transformers import TrainingArguments
 
-from cfsam.data.formatting import IGNORE, collate
+from cfsam.data.formatting import collate
 from cfsam.data.models import load_model
 from cfsam.training.hf_trainer import SAMTrainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+from test_hf_trainer import examples  # noqa: E402  (the same synthetic sequences as the one-process tests)
 from cfsam.training.step import StepContext, build_optimizer, optimizer_step
 
 RHO, LR, ADAM_EPS = 0.5, 1e-3, 1e-4  # as in test_hf_trainer.py (why eps: see there)
 PER_RANK, ACCUM, STEPS = 2, 2, 2
-
-
-def examples(n: int, vocab: int, seed: int = 5) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        length = int(torch.randint(10, 25, (1,), generator=g))
-        ids = torch.randint(0, vocab, (length,), generator=g).tolist()
-        prompt = int(torch.randint(2, 8, (1,), generator=g))
-        out.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
-    return out
 
 
 def main(out_path: str) -> None:
@@ -47,7 +39,7 @@ def main(out_path: str) -> None:
                                   ddp_find_unused_parameters=False)
         world = targs.world_size
         global_batch = PER_RANK * ACCUM * world
-        data = examples(global_batch * STEPS, tiny.config.vocab_size)
+        data = examples(global_batch * STEPS, tiny.config.vocab_size, seed=5)
         trainer = SAMTrainer(model=copy.deepcopy(tiny), args=targs, train_dataset=data,
                              data_collator=lambda f: collate(f, pad), rho=RHO)
         trainer.train()
