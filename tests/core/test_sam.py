@@ -12,7 +12,7 @@ import torch
 
 from cfsam.core.sam import SAM
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # A quadratic with a closed-form gradient, split over two tensors so the norm must be global:

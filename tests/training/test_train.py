@@ -17,7 +17,7 @@ from cfsam.training.step import StepContext, TrainingDiverged, build_optimizer, 
 from cfsam.training.config import run_id
 from cfsam.training.stage import train_stage
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DATA_DIR = ROOT.parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(not os.environ.get("CFSAM_DATA_DIR") and not DATA_DIR.exists(),
                                 reason="needs the data mirror")

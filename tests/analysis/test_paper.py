@@ -13,7 +13,7 @@ import yaml
 
 from cfsam.analysis.paper import KEY, TABLES, delta, paper_numbers, paper_table
 
-REGISTRY = Path(__file__).parents[1] / "src" / "cfsam" / "registry"
+REGISTRY = Path(__file__).parents[2] / "src" / "cfsam" / "registry"
 # a mean of numbers rounded to 2 decimals is within 0.005 of the true mean, and the printed category
 # within another 0.005 of it
 TOL = 0.01 + 1e-9
