@@ -254,6 +254,7 @@ def _run(model_name_or_dir, dataset, out_dir: Path, config: dict, sid: str, kw: 
 
     pad_id = tokenizer.pad_token_id
     lengths = [len(x) for x in ds["input_ids"]] if kw["group_by_length"] else None
+    orders: dict[int, torch.Tensor] = {}
     # models saved along the run, for measuring learning and forgetting as it happens: step -> index
     n_snap = kw["snapshots"]
     snapshot_at = {max(1, round(i * total_steps / n_snap)): i for i in range(1, n_snap)} if n_snap > 1 else {}
@@ -262,10 +263,12 @@ def _run(model_name_or_dir, dataset, out_dir: Path, config: dict, sid: str, kw: 
     for step in range(start_step, total_steps):
         # the data order is a function of (seed, epoch): a resumed run sees the same batches
         epoch, pos = divmod(step, steps_per_epoch)
-        if kw["group_by_length"]:
-            perm = torch.tensor(formatting.length_grouped_order(lengths, batch_size, kw["seed"], epoch))
-        else:
-            perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(kw["seed"] + epoch))
+        if epoch not in orders:  # one order per epoch
+            orders.clear()
+            orders[epoch] = (torch.tensor(formatting.length_grouped_order(lengths, batch_size, kw["seed"], epoch))
+                             if kw["group_by_length"] else
+                             torch.randperm(len(ds), generator=torch.Generator().manual_seed(kw["seed"] + epoch)))
+        perm = orders[epoch]
         mine = perm[pos * batch_size:(pos + 1) * batch_size][rt.rank * micro * grad_accum:][:micro * grad_accum]
         micro_batches = []
         n_tokens = torch.zeros((), dtype=torch.long)
