@@ -85,6 +85,14 @@ def prepare(name: str) -> Path:
     out = converted_dir(name)
     if _prepared(out):
         return out
+    from filelock import FileLock
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):  # the ranks of a launch, or two jobs, convert it once between them
+        return out if _prepared(out) else _convert(spec, out)
+
+
+def _convert(spec: dict, out: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     gguf = _gguf_path(spec)
