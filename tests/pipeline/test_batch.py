@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from cfsam import cli
-from cfsam.pipeline import batch
+from cfsam.pipeline import batch, slurm
 from cfsam.pipeline import runner
 
 PAPERMILL = str(Path(sys.executable).parent / "papermill")
@@ -80,14 +80,14 @@ def test_bad_input_fails_before_any_work(tmp_path, calls):
     with pytest.raises(ValueError, match="unknown preset 'nope'; allowed: .*smoke"):
         batch.run_local("nope", notebooks_dir=nb_dir, out=tmp_path / "out")
     with pytest.raises(ValueError, match="unknown notebook"):
-        batch.write_slurm("smoke", ["fig9"], notebooks_dir=nb_dir, out=tmp_path / "out")
+        slurm.write_slurm("smoke", ["fig9"], notebooks_dir=nb_dir, out=tmp_path / "out")
     with pytest.raises(ValueError, match="tab1.ipynb does not declare parameter.s. results_dir"):
         batch.run_local("smoke", notebooks_dir=nb_dir, out=tmp_path / "out")
     with pytest.raises(ValueError, match="unknown accelerate config 'zero9'; allowed: ddp, fsdp, deepspeed"):
-        batch.write_slurm("smoke", ["fig1"], notebooks_dir=nb_dir, out=tmp_path / "out",
+        slurm.write_slurm("smoke", ["fig1"], notebooks_dir=nb_dir, out=tmp_path / "out",
                           overrides={"accelerate": "zero9"})
     with pytest.raises(ValueError, match="unknown Slurm setting.s. gpus in overrides; allowed: partition"):
-        batch.slurm_config(overrides={"gpus": 2})
+        slurm.slurm_config(overrides={"gpus": 2})
     assert calls == [] and not (tmp_path / "out").exists()
     assert cli.main(["batch", "--preset", "smoke", "--notebooks", "nope", "--notebooks-dir", str(nb_dir)]) == 2
 
@@ -144,11 +144,11 @@ def test_slurm_scripts(tmp_path, calls):
     nb_dir, out = tmp_path / "nb", tmp_path / "out"
     make_notebook(nb_dir, "fig1")
     make_notebook(nb_dir, "tab4")
-    defaults = yaml.safe_load(batch.SLURM_CONFIG.read_text())
-    scripts = batch.write_slurm("smoke", notebooks_dir=nb_dir, out=out, parameters={"seeds": [3]},
+    defaults = yaml.safe_load(slurm.SLURM_CONFIG.read_text())
+    scripts = slurm.write_slurm("smoke", notebooks_dir=nb_dir, out=out, parameters={"seeds": [3]},
                                 overrides={"partition": "debug", "time": "01:30:00", "gpus_per_node": 4,
                                            "accelerate": "fsdp"})
-    jobs = batch.job_graph("smoke", None, nb_dir)
+    jobs = slurm.job_graph("smoke", None, nb_dir)
     assert scripts == [out / f"{j['name']}.sbatch" for j in jobs] and calls == []  # nothing trained here
     assert scripts[0].name == "base.sbatch" and scripts[-1].name == "chapters.sbatch"
     assert (out / "jobs.txt").read_text().startswith("base ")
@@ -206,7 +206,7 @@ def test_paper_job_graph(tmp_path, capsys):
     from cfsam.pipeline import chapters, specs
 
     exps = specs.expand("paper")
-    jobs = batch.job_graph("paper")
+    jobs = slurm.job_graph("paper")
     by_name = {j["name"]: j for j in jobs}
     job_of = {e: j["name"] for j in jobs for e in j["experiments"]}
     listed = [e for j in jobs for e in j["experiments"]]
@@ -272,8 +272,8 @@ def test_submit_all_and_cli(tmp_path, monkeypatch, capsys):
                     f'echo "$n $PWD $*" >> {tmp_path}/submitted\necho "$n;cluster"\n')
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    ids = batch.submit(sorted(out.glob("*.sbatch")))
-    jobs = batch.job_graph("smoke", None, nb_dir)
+    ids = slurm.submit(sorted(out.glob("*.sbatch")))
+    jobs = slurm.job_graph("smoke", None, nb_dir)
     assert list(ids) == [j["name"] for j in jobs] and ids["base"] == "101"
     rows = [line.split() for line in (tmp_path / "submitted").read_text().splitlines()]
     assert all(r[1] == str(out) and "--parsable" in r and "--kill-on-invalid-dep=yes" in r for r in rows)

@@ -302,3 +302,22 @@ def test_accelerate_configs_parse_and_their_environment_is_honoured(tmp_path, mo
     with pytest.raises(ValueError, match="fsdp_version: 2"):
         train_stage("tiny", "alpaca", tmp_path / "f1", **KW)
     assert not (tmp_path / "ds").exists() and not (tmp_path / "f1").exists()
+
+
+def test_snapshots_along_the_run_leave_the_run_unchanged(tmp_path, full_run):
+    """Models saved at 1/4, 2/4, 3/4 of the run: the same run id and final weights as without them."""
+    from cfsam.training.config import model_ref
+
+    full_dir, full, _ = full_run  # KW: 4 steps
+    m = train_stage("tiny", "alpaca", tmp_path / "snap", snapshots=4, **KW)
+    assert m["run_id"] == full["run_id"]
+    assert m["snapshots"] == {"snapshot-1of4": 1, "snapshot-2of4": 2, "snapshot-3of4": 3}
+    final = _weights(tmp_path / "snap")
+    assert all(torch.equal(final[k], v) for k, v in _weights(full_dir).items())  # saving perturbs nothing
+    steps = []
+    for at in (1, 2, 3):
+        snap = tmp_path / "snap" / f"snapshot-{at}of4"
+        steps.append(json.loads((snap / "snapshot.json").read_text())["step"])
+        assert model_ref(snap) == {"run": m["run_id"], "at": at, "of": 4}
+        assert not torch.equal(_weights(snap)["model.embed_tokens.weight"], final["model.embed_tokens.weight"])
+    assert steps == [1, 2, 3]

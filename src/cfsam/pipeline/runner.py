@@ -77,7 +77,8 @@ def _exclusive(path: Path):
 def materialize(run: dict) -> tuple[str, dict | None]:
     """The model directory (or preset name) of a run, trained or merged first when not cached."""
     from cfsam.training.merge import wise_ft
-    from cfsam.training.stage import default_dir, snapshot_name, train_stage
+    from cfsam.training.checkpoint import snapshot_name
+    from cfsam.training.stage import default_dir, train_stage
 
     kind = run_kind(run)
     if kind == "base":

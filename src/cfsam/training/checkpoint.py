@@ -1,4 +1,5 @@
-"""Checkpoints of a running stage: model, optimizer, scheduler, scaler, RNG and data position; atomic."""
+"""What a stage writes: checkpoints of a running stage (model, optimizer, scheduler, scaler, RNG and data
+position; atomic), and the saved models (snapshots along the run, the final model)."""
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cfsam.core.dist import Runtime, barrier, is_zero
+from cfsam.core.dist import Runtime, barrier, is_zero, unwrap
+from cfsam.core.io import write_json_atomic
+from cfsam.data import models
+from cfsam.training import zero
 
 CKPT_PREFIX = "checkpoint-"
 
@@ -103,3 +107,47 @@ def load_checkpoint(ckpt: Path, model, opt, sched, scaler, sid: str, rt: Runtime
     if rng_file.exists():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return state
+
+
+# ------------------------------------------------------------------------ saved models
+def snapshot_name(at: int, of: int) -> str:
+    """The folder, inside a stage's directory, of the model saved at point ``at`` of ``of`` along the run."""
+    return f"snapshot-{at}of{of}"
+
+
+def save_model(model, rt, tokenizer, out: Path, marker: dict | None = None) -> str | None:
+    """Gather the full weights (FSDP, ZeRO) and save them with the tokenizer on rank 0; ``marker`` is written
+    last as ``snapshot.json``. Returns the weights' hash (rank 0)."""
+    raw = unwrap(model)
+    if rt.mode == "fsdp":
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    elif is_zero(rt.mode):
+        full_sd = zero.full_state_dict(model)
+    else:
+        full_sd = {k: v.detach().cpu() for k, v in raw.state_dict().items()}
+    weights = None
+    if rt.rank == 0:
+        weights = models.weights_hash(_StateDictView(full_sd))  # = weights_hash of the saved model, reloaded
+        for tied in getattr(raw, "all_tied_weights_keys", None) or {}:
+            full_sd.pop(tied, None)  # FSDP's full state dict holds a tied head as its own copy
+        raw.save_pretrained(out, state_dict=full_sd)
+        tokenizer.save_pretrained(out)
+        if marker is not None:
+            write_json_atomic(out / "snapshot.json", {**marker, "weights_hash": weights})
+    barrier(rt)
+    return weights
+
+
+class _StateDictView:
+    """Lets models.weights_hash hash a state dict we already hold."""
+
+    def __init__(self, sd):
+        self._sd = sd
+
+    def state_dict(self):
+        return self._sd

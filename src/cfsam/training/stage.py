@@ -57,7 +57,6 @@ from cfsam.core.dist import (
     barrier,
     is_zero,
     setup_distributed,
-    unwrap,
     wrap_model,
 )
 from cfsam.core.io import write_json_atomic
@@ -69,6 +68,8 @@ from cfsam.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    save_model,
+    snapshot_name,
 )
 from cfsam.training.config import canonical, resolve, run_id
 from cfsam.training.step import (
@@ -305,7 +306,7 @@ def _run(model_name_or_dir, dataset, out_dir: Path, config: dict, sid: str, kw: 
             callback(dict(rec))
         if step + 1 in snapshot_at and step + 1 < total_steps:
             snap = out_dir / snapshot_name(snapshot_at[step + 1], n_snap)
-            _save_model(model, rt, tokenizer, snap, {"run_id": sid, "step": step + 1, "at": snapshot_at[step + 1],
+            save_model(model, rt, tokenizer, snap, {"run_id": sid, "step": step + 1, "at": snapshot_at[step + 1],
                                                      "of": n_snap})
         if kw["checkpoint_every"] and (step + 1) % kw["checkpoint_every"] == 0 and step + 1 < total_steps:
             history["train_seconds"] += time.time() - t_loop
@@ -315,7 +316,7 @@ def _run(model_name_or_dir, dataset, out_dir: Path, config: dict, sid: str, kw: 
     history["train_seconds"] += time.time() - t_loop
 
     # ---- the trained model, then metrics.json (the marker of a finished run)
-    weights = _save_model(model, rt, tokenizer, out_dir)
+    weights = save_model(model, rt, tokenizer, out_dir)
     peak, peak_kind = _peak_memory(rt.device)
     metrics = None
     if rt.rank == 0:
@@ -345,46 +346,8 @@ def _run(model_name_or_dir, dataset, out_dir: Path, config: dict, sid: str, kw: 
     return metrics
 
 
-def snapshot_name(at: int, of: int) -> str:
-    """The folder, inside a stage's directory, of the model saved at point ``at`` of ``of`` along the run."""
-    return f"snapshot-{at}of{of}"
-
-
-def _save_model(model, rt, tokenizer, out: Path, marker: dict | None = None) -> str | None:
-    """Gather the full weights (FSDP, ZeRO) and save them with the tokenizer on rank 0; ``marker`` is written
-    last as ``snapshot.json``. Returns the weights' hash (rank 0)."""
-    raw = unwrap(model)
-    if rt.mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    elif is_zero(rt.mode):
-        full_sd = zero.full_state_dict(model)
-    else:
-        full_sd = {k: v.detach().cpu() for k, v in raw.state_dict().items()}
-    weights = None
-    if rt.rank == 0:
-        weights = models.weights_hash(_StateDictView(full_sd))  # = weights_hash of the saved model, reloaded
-        for tied in getattr(raw, "all_tied_weights_keys", None) or {}:
-            full_sd.pop(tied, None)  # FSDP's full state dict holds a tied head as its own copy
-        raw.save_pretrained(out, state_dict=full_sd)
-        tokenizer.save_pretrained(out)
-        if marker is not None:
-            write_json_atomic(out / "snapshot.json", {**marker, "weights_hash": weights})
-    barrier(rt)
-    return weights
-
-
 def _data_sha256(kw: dict) -> dict:
     names = [kw[k] for k in ("dataset", "rehearsal_from") if isinstance(kw.get(k), str)]
     return {name: sources.file_hashes(name) for name in names}
 
 
-class _StateDictView:
-    """Lets models.weights_hash hash a state dict we already hold."""
-
-    def __init__(self, sd):
-        self._sd = sd
-
-    def state_dict(self):
-        return self._sd
