@@ -142,8 +142,15 @@ def missing_note(df: pd.DataFrame, preset: str) -> str:
     missing = df[status != "ok"] if status is not None else df.iloc[0:0]
     if missing.empty:
         return "All results of this page are in the cache."
-    return (f"{len(missing)} result(s) are missing or stale here; compute them with "
-            f"`cfsam run-missing --preset {preset}` (or `make reproduce PRESET={preset}`).")
+    counts = missing[status.name if hasattr(status, "name") else "status"].value_counts() if status is not None else {}
+    kinds = ", ".join(f"{n} {k}" for k, n in counts.items()) or f"{len(missing)} not current"
+    experiment = df[("", "experiment")] if ("", "experiment") in df else pd.Series(df.index, index=df.index)
+    damaged = [experiment[i] for i, st in status.items() if st == "damaged"]
+    named = (" Damaged (unreadable) entries: " + ", ".join(f"`{n}` (`cfsam run-missing --preset {preset} --only {n}`)"
+                                                          for n in damaged) + ".") if damaged else ""
+    return (f"{len(missing)} result(s) are not available here ({kinds}); compute them with "
+            f"`cfsam run-missing --preset {preset}` (or `make reproduce PRESET={preset}`); `cfsam doctor --preset "
+            f"{preset}` says why each is not current.{named}")
 
 
 def forgetting(preset: str, names: list[str], reference: str = "stage1") -> pd.DataFrame:
