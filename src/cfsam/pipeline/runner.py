@@ -34,7 +34,6 @@ from cfsam.pipeline.specs import MEASURE_VERSION, expand, experiment_id, needed,
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_EVERY = 10  # steps between checkpoints of a stage trained here, unless the preset says otherwise
 GROUP_TIMEOUT = timedelta(hours=12)  # rank 0 measures while the others wait at a barrier
 
 
@@ -108,7 +107,7 @@ def materialize(run: dict) -> tuple[str, dict | None]:
         parent_dir, _ = materialize(run["model"])
         run = {**run, "model": parent_dir}
     out = default_dir(run)
-    options = {"checkpoint_every": CHECKPOINT_EVERY, **{k: v for k, v in run.items() if k not in ("model", "dataset")}}
+    options = {k: v for k, v in run.items() if k not in ("model", "dataset")}  # checkpoint_every: the preset's
     with _exclusive(out):
         metrics = train_stage(run["model"], run["dataset"], out, **options)
     return str(out), metrics
