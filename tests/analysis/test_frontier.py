@@ -42,3 +42,16 @@ def test_sam_forgets_less_at_matched_learning_on_synthetic_points(tmp_path, monk
     assert table["learning level"].tolist() == pytest.approx([0.1, 0.2, 0.3])
     assert table["Δ forgetting"].tolist() == pytest.approx([-0.1, -0.2, -0.3])
     assert (table["verdict"] == "sam: less forgetting").all()
+
+
+def test_no_matched_learning_when_a_method_never_learns(tmp_path, monkeypatch):
+    monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path))
+    exps = specs.expand("smoke")
+    write_json_atomic(tmp_path / "smoke" / "frontier-stage1.json", _entry(exps["frontier-stage1"], "frontier-stage1",
+                                                                         own=2.0, s1=1.0))
+    for k in range(1, 5):  # SAM's own loss rises: it learns nothing
+        for method, own in (("adamw-lr0.001", 2.0 - 0.1 * k), ("sam-rho2", 2.0 + 0.01 * k)):
+            name = f"open-platypus-{method}-s1234-{k}of4"
+            write_json_atomic(tmp_path / "smoke" / f"{name}.json", _entry(exps[name], name, own=own, s1=1.1))
+    table = frontier.compare("smoke", "open-platypus", n_boot=20)
+    assert len(table) == 1 and table["verdict"].iloc[0].startswith("no common learning")

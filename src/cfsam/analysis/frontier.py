@@ -140,13 +140,20 @@ def compare(preset: str, dataset: str, a: str = "adamw", b: str = "sam", *, leve
         return np.array(out), reach
 
     point, reach = delta(None, seeds)
+    if not reach > 0:  # one of them never learned its set: there is no matched learning to compare at
+        return pd.DataFrame([{"dataset": dataset, "comparison": f"{b} vs {a}", "learning level": np.nan,
+                              "share of common reach": np.nan, "Δ forgetting": np.nan, "low": np.nan, "high": np.nan,
+                              "verdict": f"no common learning: the most both learn on every seed is {reach:.3f} nats",
+                              "seeds": len(seeds), "held-out examples": ""}])
     rng = np.random.default_rng(seed)
     boots = []
     for _ in range(n_boot):
         draws = {s: rng.integers(0, n, n) for s, n in sizes.items()}
         seed_draw = list(rng.choice(seeds, len(seeds), replace=True))
         boots.append(delta(draws, seed_draw)[0])
-    lo, hi = np.nanpercentile(np.array(boots), [2.5, 97.5], axis=0)
+    boots = np.array(boots)
+    ok = np.isfinite(boots).all(axis=1)  # a draw whose fronts do not reach a level gives no value there
+    lo, hi = np.percentile(boots[ok], [2.5, 97.5], axis=0) if ok.any() else (np.full(len(levels), np.nan),) * 2
     rows = []
     for i, frac in enumerate(levels):
         verdict = "less forgetting" if hi[i] < 0 else ("more forgetting" if lo[i] > 0 else "inconclusive")
