@@ -41,7 +41,8 @@ SCHEMA = {
 }
 # sections a preset may leave out
 OPTIONAL = {
-    "frontier": {"datasets": list, "seeds": list, "epochs": NUM, "snapshots": int, "heldout_n": int, "landscape": bool,
+    "frontier": {"datasets": list, "seeds": list, "epochs": NUM, "snapshots": int, "heldout_n": int,
+                 "landscape": (dict, bool), "seeded": {"adamw_lr": list, "sam_rho": list},
                  "screen": {"tasks": list, "limit": OPT_INT},
                  "eval": {"tasks": list, "limit": OPT_INT}, "adamw_lr": list, "sam_rho": list, "asam_rho": list,
                  "rehearsal_fraction": list, "wise_ft_alpha": list, "light": {"adamw_lr": list, "sam_rho": list}},
@@ -189,6 +190,18 @@ def _check_frontier(p: dict) -> None:
     if bad:
         raise PresetError(f"frontier.eval.tasks: unknown task {', '.join(map(repr, bad))}; allowed: "
                           f"{', '.join(allowed_tasks)}")
+    if isinstance(f["landscape"], dict):
+        unknown = set(f["landscape"]) - set(SCHEMA["landscape"])
+        if unknown:
+            raise PresetError(f"frontier.landscape: unknown key(s) {', '.join(sorted(unknown))}; allowed: "
+                              f"{', '.join(SCHEMA['landscape'])} (or true/false)")
+        ls = {**p["landscape"], **f["landscape"]}
+        if ls["grid"] < 3 or ls["grid"] % 2 == 0 or not ls["seeds"]:
+            raise PresetError(f"frontier.landscape: grid={ls['grid']} must be odd and >= 3, seeds non-empty")
+    for key in ("adamw_lr", "sam_rho"):
+        extra = [v for v in f["seeded"][key] if v not in f[key]]
+        if extra:
+            raise PresetError(f"frontier.seeded.{key}: {extra} are not in frontier.{key} ({f[key]})")
     for key in ("adamw_lr", "sam_rho", "asam_rho"):
         for i, v in enumerate(f[key] + (f["light"][key] if key in f["light"] else [])):
             if not (isinstance(v, NUM) and not isinstance(v, bool) and math.isfinite(v) and v > 0):

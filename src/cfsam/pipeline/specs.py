@@ -155,7 +155,7 @@ def frontier(p: dict, s1: dict, heldout: dict, ev: dict) -> dict[str, dict]:
     """The learning-forgetting frontier runs: per stage-2 set, AdamW over learning rates, SAM and ASAM over
     rho, rehearsal over fractions (each measured at ``snapshots`` points along the run), and Wise-FT of the
     reference AdamW run over alpha. The headline set (the first) gets every seed; the others, lighter, the
-    first seed and the ``light`` sweeps. End points carry the landscape (on examples disjoint from the
+    first seed and the ``light`` sweeps; seeds after the first run only the ``seeded`` sweep points. End points carry the landscape (on examples disjoint from the
     held-out ones that measure forgetting)."""
     f = p["frontier"]
     n, out = f["snapshots"], {}
@@ -167,20 +167,24 @@ def frontier(p: dict, s1: dict, heldout: dict, ev: dict) -> dict[str, dict]:
         light = i > 0
         lrs, rhos = (f["light"]["adamw_lr"], f["light"]["sam_rho"]) if light else (f["adamw_lr"], f["sam_rho"])
         ep = {"epochs": f["epochs"]}  # every frontier run: the same schedule; the sweep traces the frontier
-        methods = [(f"adamw-lr{lr:g}", {**ep, "lr": lr}) for lr in lrs]
-        methods += [(f"sam-rho{rho:g}", sam(p, **ep, rho=rho, adaptive=False)) for rho in rhos]
+        methods = [(f"adamw-lr{lr:g}", {**ep, "lr": lr}, lr in f["seeded"]["adamw_lr"]) for lr in lrs]
+        methods += [(f"sam-rho{rho:g}", sam(p, **ep, rho=rho, adaptive=False), rho in f["seeded"]["sam_rho"])
+                    for rho in rhos]
         if not light:
-            methods += [(f"asam-rho{rho:g}", sam(p, **ep, rho=rho, adaptive=True)) for rho in f["asam_rho"]]
-            methods += [(f"rehearsal{fr:g}", {**ep, "rehearsal_from": p["stage1"]["dataset"], "rehearsal_fraction": fr})
-                        for fr in f["rehearsal_fraction"]]
-        for seed in f["seeds"][:1] if light else f["seeds"]:
+            methods += [(f"asam-rho{rho:g}", sam(p, **ep, rho=rho, adaptive=True), False) for rho in f["asam_rho"]]
+            methods += [(f"rehearsal{fr:g}", {**ep, "rehearsal_from": p["stage1"]["dataset"], "rehearsal_fraction": fr},
+                         False) for fr in f["rehearsal_fraction"]]
+        for k, seed in enumerate(f["seeds"][:1] if light else f["seeds"]):
             here = {**measure, "heldout": {**measure["heldout"], "datasets": heldout["datasets"] + [ds]}}
-            for name, changes in methods:
+            for name, changes, seeded in methods:
+                if k > 0 and not seeded:  # further seeds: only the sweep points the preset names (compute)
+                    continue
                 run = stage2(p, s1, ds, **changes, seed=seed)
                 for at in range(1, n + 1):
                     exp = {"run": snapshot(run, at, n), "measure": here}
-                    if at == n and f["landscape"]:
-                        exp["measure"] = {**here, "landscape": {**p["landscape"], "disjoint": True}}
+                    if at == n and f["landscape"]:  # end points: flatness, on examples disjoint from forgetting's
+                        over = f["landscape"] if isinstance(f["landscape"], dict) else {}
+                        exp["measure"] = {**here, "landscape": {**p["landscape"], **over, "disjoint": True}}
                     out[f"{ds}-{name}-s{seed}-{at}of{n}"] = exp
             if not light:
                 tuned = stage2(p, s1, ds, seed=seed, **ep)  # the reference AdamW run (the preset's stage-2 lr)
