@@ -55,3 +55,11 @@ def test_no_matched_learning_when_a_method_never_learns(tmp_path, monkeypatch):
             write_json_atomic(tmp_path / "smoke" / f"{name}.json", _entry(exps[name], name, own=own, s1=1.1))
     table = frontier.compare("smoke", "open-platypus", n_boot=20)
     assert len(table) == 1 and table["verdict"].iloc[0].startswith("no common learning")
+
+
+def test_permutation_spearman_by_hand():
+    # five points in the same order: rho = 1, and 2 of the 5! pairings reach |rho| = 1
+    rho, p, how = frontier.permutation_spearman([1, 2, 3, 4, 5], [0.1, 0.4, 0.5, 0.9, 2.0])
+    assert rho == pytest.approx(1.0) and how == "exact" and p == pytest.approx(2 / 120)
+    rho, p, how = frontier.permutation_spearman(range(12), np.arange(12)[::-1], n_resamples=2000)
+    assert rho == pytest.approx(-1.0) and p < 0.01 and how == "2000 random pairings"

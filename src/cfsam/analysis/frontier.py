@@ -196,3 +196,46 @@ def screen(preset: str) -> pd.DataFrame:
         rows.append({"task": name, "status": "ok", "items": len(acc), "metric": key, "score": acc.mean(),
                      "low": low, "high": high, "chance": chance, "above chance": bool(low > chance)})
     return pd.DataFrame(rows).set_index("task")
+
+
+FLATNESS = {"SC": ("flatness", "SC"), "AG": ("flatness", "AG"), "MAG": ("flatness", "MAG"),
+            "Hessian top eigenvalue": ("curvature", "hessian_top_eigenvalue"),
+            "Hessian trace": ("curvature", "hessian_trace"), "SAM sharpness": ("curvature", "sam_sharpness")}
+# every one of them is larger for a sharper model (book/methods.md): rho > 0 ranks "sharper forgets more"
+
+
+def permutation_spearman(x, y, *, n_resamples: int = 100_000, seed: int = 0) -> tuple[float, float, str]:
+    """Spearman's rho and its two-sided permutation p-value: exact (every pairing) up to 8 points, else
+    ``n_resamples`` random pairings (said in the third value)."""
+    from scipy import stats
+
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    rho = float(stats.spearmanr(x, y).statistic)
+    exact = len(x) <= 8
+    res = stats.permutation_test((x,), lambda a: stats.spearmanr(a, y).statistic, permutation_type="pairings",
+                                 n_resamples=np.inf if exact else n_resamples, alternative="two-sided",
+                                 random_state=seed)
+    return rho, float(res.pvalue), "exact" if exact else f"{n_resamples} random pairings"
+
+
+def flatness_vs_forgetting(preset: str) -> pd.DataFrame:
+    """Over the independent stage-2 end points with a landscape (one per run: the last snapshot), each flatness
+    measure against forgetting (rise of the held-out stage-1 loss): Spearman's rho, its permutation p-value,
+    and which way it ranks. Flatness is measured on examples disjoint from those that measure forgetting."""
+    entries, table = collect(preset)
+    if table.empty:
+        return pd.DataFrame()
+    pts = measures(entries, table)
+    ends = pts[(pts["at"] == pts["of"]) & pts["name"].map(lambda n: "landscape" in entries[n])]
+    rows = []
+    for label, (part, key) in FLATNESS.items():
+        vals = ends["name"].map(lambda n: (entries[n]["landscape"].get(part) or {}).get(key))
+        vals = vals.map(lambda v: v.get("mean") if isinstance(v, dict) else v).astype(float)
+        ok = vals.notna() & ends["forgetting"].notna()
+        if ok.sum() < 3:
+            continue
+        rho, p, how = permutation_spearman(vals[ok], ends.loc[ok, "forgetting"])
+        ranks = "sharper forgets more" if rho > 0 else "flatter forgets more"
+        rows.append({"measure": label, "runs": int(ok.sum()), "Spearman rho": rho, "p": p, "p from": how,
+                     "ranks": ranks, "the paper's way": ranks == "sharper forgets more"})
+    return pd.DataFrame(rows).set_index("measure") if rows else pd.DataFrame()
