@@ -56,7 +56,12 @@ def collect(preset: str) -> tuple[dict, pd.DataFrame]:
                    "wise_ft": d["alpha"]}[fam]
         rows.append({"name": n, "dataset": d["stage2"], "family": fam, "setting": setting, "seed": d["seed"],
                      "at": d["at"] or 1, "of": d["of"] or 1})
-    return {"start": entries[START], **{r["name"]: entries[r["name"]] for r in rows}}, pd.DataFrame(rows)
+    out = {"start": entries[START], **{r["name"]: entries[r["name"]] for r in rows}}
+    for e in out.values():  # as arrays once: the bootstrap reads them on every draw
+        for rec in (e.get("heldout_loss") or {}).values():
+            if "per_example" in rec:
+                rec["per_example"] = np.asarray(rec["per_example"], dtype=float)
+    return out, pd.DataFrame(rows)
 
 
 def _stage1_set(start: dict) -> str:
