@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import logging
 import os
@@ -158,21 +159,28 @@ def _jsonable(d: dict) -> dict:
     return {k: v.tolist() if hasattr(v, "tolist") else v for k, v in d.items()}
 
 
-def provenance(started: float, ended: float, exp: dict, model=None) -> dict:
+@functools.lru_cache(maxsize=1)
+def code_version() -> dict:
+    """The commit (and whether tracked files differed from it) of the code this process runs: read once,
+    at its first experiment, so that commits made while a long ``run-missing`` runs are not credited."""
     def git(*args):
         try:
             return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
+    return {"git_commit": git("rev-parse", "HEAD"),
+            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def provenance(started: float, ended: float, exp: dict, model=None) -> dict:
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     return {
-        "cfsam_version": __version__, "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "cfsam_version": __version__, **code_version(),
         "data": data_hashes(exp),
         "model_weights_hash": models.weights_hash(model) if model is not None else None,
         "machine": {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
@@ -190,6 +198,7 @@ def run_one(preset: str, name: str, exp: dict | None = None) -> dict | None:
     finished meanwhile (the lock on the entry is held while measuring)."""
     exp = exp or expand(preset)[name]
     started = time.time()
+    code_version()  # before any work
     log.info("experiment %s/%s: materialising its %s run", preset, name, run_kind(exp["run"]))
     model_ref, train_metrics = materialize(exp["run"])
     path = entry_path(preset, name)
