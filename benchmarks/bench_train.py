@@ -4,7 +4,8 @@
         [--steps 2] [--sam-every 4] [--no-memory] [--no-profile] [--hf-loss] [--head-reps 5]
 
 What runs is the trainer's own update, ``cfsam.training.step.optimizer_step`` (fp32, clipping at 1.0),
-on real Alpaca batches (``build_dataset`` + ``collate``, response-only labels) in the trainer's order.
+on real Alpaca batches (``build_dataset`` + ``collate``, response-only labels) in the trainer's order:
+length-grouped, as the ``cpu`` study trains (``--order random``: the order without ``group_by_length``).
 
 * Time: one process holds one model copy per optimizer (same weights) and alternates them step by
   step, so machine load drifts through all alike; wall and process CPU seconds are both taken, and
@@ -18,7 +19,7 @@ on real Alpaca batches (``build_dataset`` + ``collate``, response-only labels) i
   per sequence, times the passes an update makes; against the fp32 matmul rate of a large
   ``torch.mm`` measured in the same run (before and after; the larger is the reference).
 * Memory: the peak resident set (``ru_maxrss``) of a fresh process per optimizer that loads the model,
-  builds the batch and takes one update (SAM every k's first update is a SAM one: its peak is SAM's).
+  builds the epoch's longest batch and takes one update (SAM every k's first update is a SAM one: its peak is SAM's).
 * Padding: the fraction of padded positions of the batches in the trainer's random order and in the
   length-grouped order (``formatting.length_grouped_order``), over ``--padding-examples`` examples.
 * ``torch.profiler`` on one AdamW update: the operators that take the time.
@@ -45,14 +46,26 @@ from cfsam.training import step as train_step
 from cfsam.training.step import StepContext, build_optimizer, optimizer_step
 
 LR, RHO, SEED = 1e-5, 2.0, 1234
+N_TRAIN = 320  # the cpu study's stage-1 set: batches come from its order
 
 
-def batches(tokenizer, batch: int, max_length: int, n_batches: int) -> list[dict]:
-    """The first n_batches batches of the trainer's (seed, epoch 0) random order."""
-    ds = formatting.build_dataset("alpaca", tokenizer, n=batch * n_batches, seed=SEED, max_length=max_length)
-    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(SEED)).tolist()
-    rows = [ds[i] for i in perm]
+def batches(tokenizer, batch: int, max_length: int, n_batches: int, order: str = "grouped",
+            n_train: int = N_TRAIN) -> list[dict]:
+    """The first n_batches batches of the trainer's (seed, epoch 0) order over the study's stage-1 set:
+    length-grouped (``group_by_length``, as the ``cpu`` study trains) or random."""
+    n = max(n_train, batch * n_batches)
+    ds = formatting.build_dataset("alpaca", tokenizer, n=n, seed=SEED, max_length=max_length)
+    if order == "grouped":
+        perm = formatting.length_grouped_order([len(x) for x in ds["input_ids"]], batch, SEED, 0)
+    else:
+        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(SEED)).tolist()
+    rows = [ds[i] for i in perm[:batch * n_batches]]
     return [formatting.collate(rows[s:s + batch], tokenizer.pad_token_id) for s in range(0, len(rows), batch)]
+
+
+def longest_batch(tokenizer, batch: int, max_length: int, order: str = "grouped") -> dict:
+    """The batch of the epoch with the most positions: what sets a training run's peak memory."""
+    return max(batches(tokenizer, batch, max_length, N_TRAIN // batch, order), key=lambda b: b["input_ids"].numel())
 
 
 def padding_fraction(lengths: list[int], order: list[int], batch: int) -> float:
@@ -131,7 +144,7 @@ def make_optimizer(model, name: str, every: int):
 def worker(args) -> None:
     """Fresh process: peak RSS of load + batch + one update of one optimizer, printed as JSON."""
     loaded = models.load_model(args.model)
-    mb = batches(loaded.tokenizer, args.batch, args.max_length, 1)[0]
+    mb = longest_batch(loaded.tokenizer, args.batch, args.max_length, args.order)
     with open("/proc/self/statm") as f:
         rss_loaded = int(f.read().split()[1]) * resource.getpagesize()
     opt = make_optimizer(loaded.model, args.worker, args.sam_every)
@@ -141,7 +154,7 @@ def worker(args) -> None:
 
 def peak_memory(args, name: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--model", args.model, "--batch", str(args.batch),
-           "--max-length", str(args.max_length), "--sam-every", str(args.sam_every)]
+           "--max-length", str(args.max_length), "--sam-every", str(args.sam_every), "--order", args.order]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -198,6 +211,8 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--steps", type=int, default=2, help="timed updates of AdamW and SAM (after a warm-up)")
     ap.add_argument("--sam-every", type=int, default=4, help="k of SAM every k (one whole cycle is timed)")
+    ap.add_argument("--order", default="grouped", choices=["grouped", "random"],
+                    help="batches in the length-grouped order the study trains in, or the random one")
     ap.add_argument("--padding-examples", type=int, default=2000)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
@@ -214,13 +229,13 @@ def main() -> None:
     n_params = sum(p.numel() for p in base.parameters())
     n_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     print(f"model {args.model} ({n_params / 1e6:.1f} M parameters), batch {args.batch} x <= {args.max_length} "
-          f"tokens of Alpaca, fp32, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+          f"tokens of Alpaca ({args.order} order), fp32, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
     pad = padding_report(tok, args.batch, args.max_length, args.padding_examples)
     print(f"padding over {pad['n']} examples (mean length {pad['mean_length']:.0f}; labelled "
           f"{pad['labelled_of_real']:.0%} of real tokens): random order {pad['random']:.1%} of positions, "
           f"length-grouped {pad['grouped']:.1%}")
     names = ["adamw", "sam", "sam-every"] + (["adamw-hfloss"] if args.hf_loss else [])
-    data = batches(tok, args.batch, args.max_length, 1 + max(args.steps, args.sam_every))
+    data = batches(tok, args.batch, args.max_length, 1 + max(args.steps, args.sam_every), args.order)
     head = head_and_loss_times(base, data[0], args.head_reps)
     print(f"head + cross-entropy, forward and backward, batch 0 (median of {args.head_reps}): transformers "
           f"{head['transformers']:.2f} s, labelled positions only {head['labelled-only']:.2f} s")

@@ -293,6 +293,29 @@ def test_hvp_through_the_language_model_matches_finite_differences():
     assert ((hv - fd).norm() / fd.norm()).item() < 1e-3
 
 
+def test_hvp_in_micro_batches_of_rows_equals_whole_batches(monkeypatch):
+    """Cutting batches into rows (trimmed of shared padding) keeps the losses per example and H v."""
+    from cfsam.data.models import load_model
+
+    model = load_model("tiny", dtype=torch.float64).model
+    batches = make_batches(size=3, length=10)
+    for b in batches:  # a row that ends early: its micro-batch is trimmed to its own length
+        b["attention_mask"][1, -4:], b["labels"][1, -4:] = 0, -100
+    rows = heldout.split_rows(batches, 1)
+    assert [r["input_ids"].shape for r in rows[:3]] == [(1, 10), (1, 6), (1, 7)]
+    np.testing.assert_allclose(heldout.per_example_losses(model, rows), heldout.per_example_losses(model, batches),
+                               rtol=1e-10)
+    v = [torch.randn(p.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+         for p in model.parameters()]
+    flat = {}
+    for k in (1, 100):
+        monkeypatch.setattr(curvature, "HVP_ROWS", k)
+        flat[k] = torch.cat([t.flatten() for t in curvature.hvp(model, batches, v)])
+    assert ((flat[1] - flat[100]).norm() / flat[100].norm()).item() < 1e-10
+    with pytest.raises(ValueError, match="rows=0"):
+        heldout.split_rows(batches, 0)
+
+
 # ------------------------------------------------------------------------------------------ plots
 def test_plots_share_one_colour_scale(tmp_path):
     x = np.linspace(-1, 1, 5)

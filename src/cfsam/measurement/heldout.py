@@ -80,6 +80,26 @@ def on_device(batches: Sequence[Batch], device: torch.device) -> list[Batch]:
     return [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
 
 
+def split_rows(batches: Sequence[Batch], rows: int) -> list[Batch]:
+    """The batches cut into micro-batches of at most ``rows`` examples, each trimmed of the columns that
+    are padding in all its rows (right padding: exact, since no real token attends to a later position).
+    A loss that sums over examples is the same sum over these; what a pass keeps alive shrinks with
+    the rows, which matters for double backward (``curvature.hvp``) that keeps the whole graph."""
+    if rows <= 0:
+        raise ValueError(f"rows={rows}; it must be positive")
+    out = []
+    for b in batches:
+        n = next(v for v in b.values() if torch.is_tensor(v)).shape[0]
+        for s in range(0, n, rows):
+            mb = {k: v[s:s + rows] if torch.is_tensor(v) else v for k, v in b.items()}
+            mask = mb.get("attention_mask")
+            if mask is not None and mask.ndim == 2 and mask.shape[1]:
+                width = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
+                mb = {k: v[:, :width] if torch.is_tensor(v) and v.ndim == 2 else v for k, v in mb.items()}
+            out.append(mb)
+    return out
+
+
 def model_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     params = list(model.parameters())  # tied weights (embeddings = lm_head) appear once
     if not params:
