@@ -14,14 +14,24 @@ def test_pareto_front_and_interpolation_by_hand():
     assert x.tolist() == [0.0, 1.0, 2.0] and y.tolist() == [0.0, 0.5, 1.0]
     assert frontier.forgetting_at((x, y), 1.5) == pytest.approx(0.75)
     assert np.isnan(frontier.forgetting_at((x, y), 2.5))  # beyond the front's reach: no extrapolation
+    # a point that learns more and forgets less than the stage-1 model: below it, its own forgetting
+    x, y = frontier.pareto_curve([1.0, 0.5], [-0.2, 0.3])
+    assert x.tolist() == [1.0] and frontier.forgetting_at((x, y), 0.5) == pytest.approx(-0.2)
+    x, y = frontier.pareto_curve([0.4, 0.2], [0.0, 0.0])  # never forgets: the whole front is flat at 0
+    assert frontier.forgetting_at((x, y), 0.1) == 0.0
 
 
-def _entry(exp, name, own, s1, n=6):
-    """Per-example losses: every example of a set has the same mean loss, 10 tokens (synthetic, never a result)."""
+def _entry(exp, name, own, s1, n=6, gold=None, acc=0.5):
+    """Per-example losses: every example of a set has the same mean loss, 10 tokens; with ``gold``, eval items
+    of copa whose gold log-prob among the choices is ``gold`` (synthetic, never a result)."""
     sets = exp["measure"]["heldout"]["datasets"]
     per = {sets[0]: s1, **{d: own for d in sets[1:]}}
-    return {"id": specs.experiment_id(exp), "name": name, "spec": exp, "provenance": {"data": cache.data_hashes(exp)},
-            "heldout_loss": {d: {"loss": v, "n": n, "per_example": [[10 * v, 10]] * n} for d, v in per.items()}}
+    out = {"id": specs.experiment_id(exp), "name": name, "spec": exp, "provenance": {"data": cache.data_hashes(exp)},
+           "heldout_loss": {d: {"loss": v, "n": n, "per_example": [[10 * v, 10]] * n} for d, v in per.items()}}
+    if gold is not None:
+        recs = [{"idx": i, "gold_choice_logprob": gold + 0.01 * (i % 3), "acc": acc} for i in (5, 1, 7, 3)]
+        out["eval"] = {"tasks": {"copa": {"status": "ok", "primary": "acc", "records": recs}}}
+    return out
 
 
 def test_sam_forgets_less_at_matched_learning_on_synthetic_points(tmp_path, monkeypatch):
@@ -42,6 +52,32 @@ def test_sam_forgets_less_at_matched_learning_on_synthetic_points(tmp_path, monk
     assert table["learning level"].tolist() == pytest.approx([0.1, 0.2, 0.3])
     assert table["Δ forgetting"].tolist() == pytest.approx([-0.1, -0.2, -0.3])
     assert (table["verdict"] == "sam: less forgetting").all()
+
+
+def test_a_verdict_is_checked_under_every_definition_of_forgetting(tmp_path, monkeypatch):
+    monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path))
+    exps = specs.expand("smoke")
+    write_json_atomic(tmp_path / "smoke" / "frontier-stage1.json", _entry(exps["frontier-stage1"], "frontier-stage1",
+                                                                         own=2.0, s1=1.0, gold=-0.5))
+    for k in range(1, 5):  # SAM forgets half as much by the held-out loss and the gold log-prob; accuracy never moves
+        for method, slope in (("adamw-lr0.001", 0.2), ("sam-rho2", 0.1)):
+            name = f"open-platypus-{method}-s1234-{k}of4"
+            write_json_atomic(tmp_path / "smoke" / f"{name}.json",
+                              _entry(exps[name], name, own=2.0 - 0.1 * k, s1=1.0 + slope * k, gold=-0.5 - slope * k))
+    pts = frontier.points("smoke").set_index("name")
+    assert pts.loc["open-platypus-adamw-lr0.001-s1234-2of4", "ability fall (gold log-prob)"] == pytest.approx(0.4)
+    assert pts.loc["open-platypus-adamw-lr0.001-s1234-2of4", "ability fall (accuracy)"] == pytest.approx(0.0)
+    table = frontier.robustness("smoke", "open-platypus", n_boot=30).set_index("forgetting measure")
+    assert list(table.index) == list(frontier.FORGETTING)
+    # level 0.2 (half of the common reach 0.4): F_adamw = 2L, F_sam = L by both losses and the gold log-prob
+    for m in ("heldout", "heldout per example", "gold log-prob"):
+        assert table.loc[m, "Δ forgetting"] == pytest.approx(-0.2), m
+        assert table.loc[m, "verdict"] == "sam: less forgetting" and table.loc[m, "same verdict as the default"]
+    assert table.loc["accuracy", "Δ forgetting"] == pytest.approx(0.0)
+    assert table.loc["accuracy", "verdict"] == "sam: inconclusive"
+    assert not table.loc["accuracy", "same verdict as the default"]  # the flip is flagged
+    with pytest.raises(ValueError, match="unknown forgetting measure 'perplexity'; allowed: heldout"):
+        frontier.compare("smoke", "open-platypus", forgetting="perplexity")
 
 
 def test_no_matched_learning_when_a_method_never_learns(tmp_path, monkeypatch):

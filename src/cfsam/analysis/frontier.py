@@ -10,6 +10,12 @@ between front points. Two methods are compared at matched learning levels L: Δ(
 averaged over seeds, with a bootstrap that resamples the held-out examples (the same draw for every run:
 they are the same examples) and the training seeds (paired: a seed is the same stage-1 model and data order
 for both methods). Per-example losses come from the results (``heldout_loss[set]["per_example"]``).
+
+A verdict must not hang on how forgetting is defined, so ``compare`` takes any of ``FORGETTING``: the
+held-out loss as a token mean (the default) or with every example weighted alike (learning then too), and
+the fall of general ability on the frontier's eval suite, per item: the gold answer's log-probability among
+the choices (free of choice length and of each task's raw log-prob scale) or the task's accuracy. The eval
+items are the same in every run, so they are resampled together, like the held-out examples.
 """
 from __future__ import annotations
 
@@ -28,6 +34,29 @@ def _per_example(entry: dict, dataset: str) -> np.ndarray:
     if "per_example" not in rec:
         raise ValueError(f"entry {entry.get('name')} has no per-example losses for {dataset}: recompute it")
     return np.asarray(rec["per_example"], dtype=float)
+
+
+FORGETTING = {
+    "heldout": "rise of the held-out stage-1 loss, token mean (nats)",
+    "heldout per example": "rise of the held-out stage-1 loss, every example alike; learning likewise (nats)",
+    "gold log-prob": "fall of the gold answer's log-probability among the choices, mean over tasks of the "
+                     "item mean (nats)",
+    "accuracy": "fall of accuracy (each task's primary metric), mean over tasks of the item mean",
+}
+EVAL_KEYS = {"gold log-prob": "gold_choice_logprob", "accuracy": None}  # None: the task's primary metric
+
+
+def _eval_items(entry: dict) -> dict[str, dict]:
+    """Per eval task: item indices and per-item values of each eval measure, as arrays (sorted by item)."""
+    out = {}
+    for task, t in ((entry.get("eval") or {}).get("tasks") or {}).items():
+        if t.get("status") != "ok" or not t.get("records"):
+            continue
+        recs = sorted(t["records"], key=lambda r: r["idx"])
+        primary = t["primary"] if t["primary"] in recs[0] else "acc"
+        out[task] = {"idx": np.array([r["idx"] for r in recs]),
+                     **{m: np.array([float(r[k or primary]) for r in recs]) for m, k in EVAL_KEYS.items()}}
+    return out
 
 
 def _family(d: dict) -> str:
@@ -61,6 +90,7 @@ def collect(preset: str) -> tuple[dict, pd.DataFrame]:
         for rec in (e.get("heldout_loss") or {}).values():
             if "per_example" in rec:
                 rec["per_example"] = np.asarray(rec["per_example"], dtype=float)
+        e["eval_items"] = _eval_items(e)
     return out, pd.DataFrame(rows)
 
 
@@ -68,37 +98,83 @@ def _stage1_set(start: dict) -> str:
     return start["spec"]["measure"]["heldout"]["datasets"][0]  # the stage-1 set comes first
 
 
-def _mean(pe: np.ndarray, idx: np.ndarray) -> float:
+def _mean(pe: np.ndarray, idx: np.ndarray, per_example: bool = False) -> float:
     sub = pe[idx]
+    if per_example:  # every example alike (one with no response token left has none to weigh)
+        sub = sub[sub[:, 1] > 0]
+        return float(np.mean(sub[:, 0] / sub[:, 1]))
     return float(sub[:, 0].sum() / max(sub[:, 1].sum(), 1.0))
 
 
-def measures(entries: dict, table: pd.DataFrame, draws: dict | None = None) -> pd.DataFrame:
-    """Learning and forgetting of every point, on the held-out examples ``draws[set]`` (all when None)."""
+def _suite(entries: dict) -> list[str]:
+    """The eval tasks every entry scored on the same items (the frontier's suite)."""
+    start = entries["start"]["eval_items"]
+    tasks = [t for t in start if all(t in e["eval_items"] for e in entries.values())]
+    for t in tasks:
+        for e in entries.values():
+            if not np.array_equal(e["eval_items"][t]["idx"], start[t]["idx"]):
+                raise ValueError(f"entry {e.get('name')}: task {t} was scored on other items than the stage-1 "
+                                 "model's; recompute it")
+    return tasks
+
+
+def draw_sizes(entries: dict, dataset: str, forgetting: str = "heldout") -> dict:
+    """What the bootstrap resamples for a measure: held-out sets by name, eval tasks as ("eval", task)."""
+    start = entries["start"]
+    sizes = {dataset: len(_per_example(start, dataset))}
+    if forgetting in EVAL_KEYS:
+        sizes.update({("eval", t): len(start["eval_items"][t]["idx"]) for t in _suite(entries)})
+    else:
+        sizes[_stage1_set(start)] = len(_per_example(start, _stage1_set(start)))
+    return sizes
+
+
+def measures(entries: dict, table: pd.DataFrame, draws: dict | None = None,
+             forgetting: str = "heldout") -> pd.DataFrame:
+    """Learning and forgetting (as ``FORGETTING[forgetting]`` defines it) of every point, on the held-out
+    examples and eval items ``draws`` (all when None; keys as ``draw_sizes``)."""
+    if forgetting not in FORGETTING:
+        raise ValueError(f"unknown forgetting measure {forgetting!r}; allowed: {', '.join(FORGETTING)}")
     start = entries["start"]
     stage1_set = _stage1_set(start)
+    per_ex = forgetting == "heldout per example"
+    tasks = _suite(entries) if forgetting in EVAL_KEYS else []
+    if forgetting in EVAL_KEYS and not tasks:
+        raise ValueError(f"forgetting measure {forgetting!r} needs eval items in every entry; none are shared")
+
+    def idx(key, n):
+        return draws[key] if draws else np.arange(n)
+
+    def ability(e):
+        return np.mean([e["eval_items"][t][forgetting][idx(("eval", t), len(e["eval_items"][t]["idx"]))].mean()
+                        for t in tasks])
+
     out = table.copy()
     learn, forget = [], []
     for _, row in table.iterrows():
-        e = entries[row["name"]]
-        own, s1 = row["dataset"], stage1_set
-        i_own = draws[own] if draws else np.arange(len(_per_example(start, own)))
-        i_s1 = draws[s1] if draws else np.arange(len(_per_example(start, s1)))
-        learn.append(_mean(_per_example(start, own), i_own) - _mean(_per_example(e, own), i_own))
-        forget.append(_mean(_per_example(e, s1), i_s1) - _mean(_per_example(start, s1), i_s1))
+        e, own = entries[row["name"]], row["dataset"]
+        i_own = idx(own, len(_per_example(start, own)))
+        learn.append(_mean(_per_example(start, own), i_own, per_ex) - _mean(_per_example(e, own), i_own, per_ex))
+        if tasks:
+            forget.append(ability(start) - ability(e))
+        else:
+            i_s1 = idx(stage1_set, len(_per_example(start, stage1_set)))
+            forget.append(_mean(_per_example(e, stage1_set), i_s1, per_ex)
+                          - _mean(_per_example(start, stage1_set), i_s1, per_ex))
     out["learning"], out["forgetting"] = learn, forget
     return out
 
 
 def pareto_curve(learning: np.ndarray, forgetting: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The Pareto front (most learning, least forgetting) of the points and the origin, sorted by learning:
-    a point is on it when no other point learns at least as much and forgets less."""
+    a point is on it when no other point learns at least as much and forgets less (ties in forgetting stay:
+    a run that never forgets keeps the stage-1 model's (0, 0) on its front)."""
     x = np.append(np.asarray(learning, float), 0.0)
     y = np.append(np.asarray(forgetting, float), 0.0)
     order = np.lexsort((y, -x))  # most learning first, ties: least forgetting first
     front, best = [], np.inf
     for i in order:
-        if y[i] < best:
+        if y[i] <= best:
             front.append(i)
             best = y[i]
     front = np.array(front[::-1])
@@ -106,11 +182,13 @@ def pareto_curve(learning: np.ndarray, forgetting: np.ndarray) -> tuple[np.ndarr
 
 
 def forgetting_at(curve: tuple[np.ndarray, np.ndarray], level: float) -> float:
-    """The frontier's forgetting at learning ``level``, linear between front points; NaN beyond its reach."""
+    """The frontier's forgetting at learning ``level``, linear between front points; NaN beyond its reach.
+    Below its least learning (a front whose every point forgets less than the stage-1 model's 0) it is the
+    least forgetting reached with at least that much learning: the first point's."""
     x, y = curve
-    if level > x.max() or level < x.min():
+    if level > x.max() or level < min(x.min(), 0.0):
         return float("nan")
-    return float(np.interp(level, x, y))
+    return float(np.interp(level, x, y))  # np.interp holds the first value below x[0]
 
 
 def _curves(points: pd.DataFrame, family: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -119,11 +197,13 @@ def _curves(points: pd.DataFrame, family: str) -> dict[int, tuple[np.ndarray, np
 
 
 def compare(preset: str, dataset: str, a: str = "adamw", b: str = "sam", *, levels=(0.25, 0.5, 0.75),
-            n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+            n_boot: int = 1000, seed: int = 0, forgetting: str = "heldout", collected=None) -> pd.DataFrame:
     """Δ forgetting (b - a) at matched learning: one row per level, given as a fraction of the learning both
-    methods reach on every seed; the point estimate, a 95 % bootstrap interval (held-out examples and seeds
-    resampled) and the verdict."""
-    entries, table = collect(preset)
+    methods reach on every seed; the point estimate, a 95 % bootstrap interval (held-out examples, eval
+    items and seeds resampled) and the verdict. ``forgetting``: one of ``FORGETTING``."""
+    if forgetting not in FORGETTING:
+        raise ValueError(f"unknown forgetting measure {forgetting!r}; allowed: {', '.join(FORGETTING)}")
+    entries, table = collected or collect(preset)
     if table.empty:
         return pd.DataFrame()
     table = table[(table["dataset"] == dataset) & table["family"].isin([a, b])]
@@ -131,11 +211,11 @@ def compare(preset: str, dataset: str, a: str = "adamw", b: str = "sam", *, leve
     if not seeds:
         return pd.DataFrame()
     table = table[table["seed"].isin(seeds)]
-    stage1_set = _stage1_set(entries["start"])
-    sizes = {s: len(_per_example(entries["start"], s)) for s in (stage1_set, dataset)}
+    entries = {k: v for k, v in entries.items() if k == "start" or k in set(table["name"])}
+    sizes = draw_sizes(entries, dataset, forgetting)
 
     def delta(draws, seed_draw):
-        pts = measures(entries, table, draws)
+        pts = measures(entries, table, draws, forgetting)
         ca, cb = _curves(pts, a), _curves(pts, b)
         reach = min(min(ca[s][0].max(), cb[s][0].max()) for s in seeds)
         out = []
@@ -149,7 +229,7 @@ def compare(preset: str, dataset: str, a: str = "adamw", b: str = "sam", *, leve
         return pd.DataFrame([{"dataset": dataset, "comparison": f"{b} vs {a}", "learning level": np.nan,
                               "share of common reach": np.nan, "Δ forgetting": np.nan, "low": np.nan, "high": np.nan,
                               "verdict": f"no common learning: the most both learn on every seed is {reach:.3f} nats",
-                              "seeds": len(seeds), "held-out examples": ""}])
+                              "seeds": len(seeds), "resampled": "", "forgetting measure": forgetting}])
     rng = np.random.default_rng(seed)
     boots = []
     for _ in range(n_boot):
@@ -165,14 +245,41 @@ def compare(preset: str, dataset: str, a: str = "adamw", b: str = "sam", *, leve
         rows.append({"dataset": dataset, "comparison": f"{b} vs {a}", "learning level": frac * reach,
                      "share of common reach": frac, "Δ forgetting": point[i], "low": lo[i], "high": hi[i],
                      "verdict": f"{b}: {verdict}", "seeds": len(seeds),
-                     "held-out examples": f"{sizes[dataset]} ({dataset}), {sizes[stage1_set]} ({stage1_set})"})
+                     "resampled": ", ".join(f"{n} ({k[1] if isinstance(k, tuple) else k})" for k, n in sizes.items()),
+                     "forgetting measure": forgetting})
     return pd.DataFrame(rows)
+
+
+def robustness(preset: str, dataset: str, a: str = "adamw", b: str = "sam", *, level: float = 0.5,
+               n_boot: int = 500, seed: int = 0) -> pd.DataFrame:
+    """The verdict of ``compare`` at one matched-learning level under every definition of forgetting in
+    ``FORGETTING``, and whether it agrees with the default's (a verdict must not flip with the definition)."""
+    collected = collect(preset)
+    rows = []
+    for measure in FORGETTING:
+        try:
+            t = compare(preset, dataset, a, b, levels=(level,), n_boot=n_boot, seed=seed, forgetting=measure,
+                        collected=collected)
+        except ValueError as err:  # e.g. no eval items shared: say so in the table
+            t = pd.DataFrame([{"dataset": dataset, "comparison": f"{b} vs {a}", "verdict": f"not computable: {err}",
+                               "forgetting measure": measure}])
+        rows.append(t)
+    out = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+    if not out.empty:
+        out["same verdict as the default"] = out["verdict"] == out["verdict"].iloc[0]
+    return out
 
 
 def points(preset: str) -> pd.DataFrame:
     """Every frontier point with its learning and forgetting (all held-out examples), for tables and plots."""
     entries, table = collect(preset)
-    return measures(entries, table) if not table.empty else table
+    if table.empty:
+        return table
+    out = measures(entries, table)
+    if _suite(entries):  # learning beside every forgetting measure: the fall of general ability too
+        for m in EVAL_KEYS:
+            out[f"ability fall ({m})"] = measures(entries, table, forgetting=m)["forgetting"]
+    return out
 
 
 def curves(points: pd.DataFrame) -> dict[tuple, tuple[np.ndarray, np.ndarray]]:
