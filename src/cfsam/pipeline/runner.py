@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import gc
 import logging
 import os
 import platform
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 
 from cfsam import __version__
 from cfsam.core.dist import init_group
+from cfsam.core import memory
 from cfsam.core.io import write_json_atomic
 from cfsam.data import models, sources
 from cfsam.pipeline.cache import REPO, data_hashes, datasets_of, entry_path, load_results
@@ -133,10 +133,12 @@ def measure(model_ref: str, spec: dict) -> tuple[dict, torch.nn.Module]:
         out["heldout_loss"][ds] = {"loss": loss, "n": len(per_example), "label": sources.label(ds),
                                    "per_example": [[s, n] for s, n in per_example]}
     out["measure_seconds"]["heldout"] = round(time.time() - t, 1)
+    memory.release()
     t = time.time()
     ev = spec["eval"]
     out["eval"] = evaluate(loaded, ev["tasks"], limit=ev["limit"], seed=ev["seed"])
     out["measure_seconds"]["eval"] = round(time.time() - t, 1)
+    memory.release()
     if "landscape" in spec:
         t = time.time()
         ls = spec["landscape"]
@@ -201,6 +203,7 @@ def run_one(preset: str, name: str, exp: dict | None = None) -> dict | None:
     code_version()  # before any work
     log.info("experiment %s/%s: materialising its %s run", preset, name, run_kind(exp["run"]))
     model_ref, train_metrics = materialize(exp["run"])
+    memory.release()  # the trainer's model, optimizer state and activations are gone: so are their pages
     path = entry_path(preset, name)
     entry = None
     with _exclusive(models.cache_dir() / "locks" / preset / name):  # locks live in the cache, not in results/
@@ -219,7 +222,7 @@ def run_one(preset: str, name: str, exp: dict | None = None) -> dict | None:
             del model, measured
         elif _rank() == 0:
             log.info("experiment %s/%s: finished by another process meanwhile", preset, name)
-    gc.collect()  # a model and its eval caches must not outlive their experiment
+    memory.release()  # a model and its eval caches must not outlive their experiment, nor their pages
     return entry
 
 
