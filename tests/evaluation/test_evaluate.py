@@ -70,6 +70,16 @@ def test_shared_prefixes_runs():
     assert scoring.shared_prefixes(ctxs, min_len=41) == [0] * 5
 
 
+def test_forward_tokens_of_a_plan_by_hand():
+    pre = list(range(100, 140))  # 40 shared tokens
+    groups = [(pre + [1, 2], [[5], [6, 7]]), (pre + [3], [[5, 6, 7]]), ([7, 8, 9], [[1], [2, 3]])]
+    rows, where, prefix_of = scoring.plan_rows(groups, max_len=1024, max_batch_tokens=4096)
+    assert rows == [([1, 2], [[5], [6, 7]]), ([3], [[5, 6, 7]]), ([7, 8, 9], [[1], [2, 3]])]
+    assert where == [(0, [0, 1]), (1, [0]), (2, [0, 1])]
+    # rows: 2 + 0 + 1, 1 + 2, 3 + 0 + 1 (a continuation's last token is never input); the prefix once: 40
+    assert scoring.forward_tokens(rows, prefix_of) == 3 + 3 + 4 + 40
+
+
 def test_shared_prefix_is_computed_once_and_agrees(tiny):
     primer = "Q: What is human life expectancy? A: 78 years.\n\nQ: Who was president in 1955? A: Eisenhower.\n\n"
     pairs = [(primer + f"Q: question {i}{'?' * i}\nA:", c) for i in range(4) for c in (" Yes it is", " No", " Maybe")]

@@ -163,9 +163,9 @@ def score_groups(model, groups: list[tuple[list[int], list[list[int]]]], *, pad_
         model.train(was_training)
 
 
-def _score_rows(model, groups, pad_id: int, batch_size: int, max_batch_tokens: int,
-                progress: bool) -> list[list[float]]:
-    max_len = getattr(model.config, "max_position_embeddings", None) or 2048
+def plan_rows(groups, max_len: int, max_batch_tokens: int) -> tuple[list, list, list]:
+    """How ``score_groups`` packs groups into rows: (rows of (context after its shared prefix, continuations),
+    where[r] = (group, its continuation indices), prefix_of[r] = the shared prefix a row continues)."""
     contexts = []
     for ctx, conts in groups:
         longest = max(len(c) for c in conts)
@@ -196,6 +196,20 @@ def _score_rows(model, groups, pad_id: int, batch_size: int, max_batch_tokens: i
         rows.append((ctx, conts[start:]))
         where.append((g, own[start:]))
         prefix_of.append(key)
+    return rows, where, prefix_of
+
+
+def forward_tokens(rows, prefix_of) -> int:
+    """Tokens a plan runs through the model: every row (context + continuations but their last tokens) and
+    every shared prefix once. At the model's forward rate this is the floor of the scoring time."""
+    return sum(len(ctx) + sum(len(c) - 1 for c in conts) for ctx, conts in rows) + sum(len(k) for k in set(prefix_of))
+
+
+def _score_rows(model, groups, pad_id: int, batch_size: int, max_batch_tokens: int,
+                progress: bool) -> list[list[float]]:
+    max_len = getattr(model.config, "max_position_embeddings", None) or 2048
+    rows, where, prefix_of = plan_rows(groups, max_len, max_batch_tokens)
+    aliases = [prefix_aliases(conts) for _, conts in groups]  # as plan_rows: read off their longer continuation
 
     def length(r):
         return len(rows[r][0]) + sum(len(c) - 1 for c in rows[r][1])
@@ -246,8 +260,8 @@ def prefix_aliases(conts: list[list[int]]) -> dict[int, int]:
     return out
 
 
-def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], **kwargs) -> list[tuple[float, int]]:
-    """(context, continuation) strings -> (summed log-prob, continuation token count), shared contexts once."""
+def group_pairs(tokenizer, pairs: list[tuple[str, str]]) -> tuple[list, list[tuple[int, int]]]:
+    """Encoded pairs grouped by context: ([(context ids, [continuation ids])], slot of each pair)."""
     encoded = encode_pairs(tokenizer, pairs)
     index: dict[tuple, int] = {}
     groups: list[tuple[list[int], list[list[int]]]] = []
@@ -258,6 +272,12 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], **kwargs) -> 
             groups.append((ctx, []))
         slot.append((g, len(groups[g][1])))
         groups[g][1].append(cont)
+    return groups, slot
+
+
+def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], **kwargs) -> list[tuple[float, int]]:
+    """(context, continuation) strings -> (summed log-prob, continuation token count), shared contexts once."""
+    groups, slot = group_pairs(tokenizer, pairs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores = score_groups(model, groups, pad_id=pad, **kwargs)
     return [(scores[g][k], len(groups[g][1][k])) for g, k in slot]
