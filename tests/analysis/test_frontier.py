@@ -80,6 +80,22 @@ def test_a_verdict_is_checked_under_every_definition_of_forgetting(tmp_path, mon
         frontier.compare("smoke", "open-platypus", forgetting="perplexity")
 
 
+def test_cost_counts_a_runs_training_once_for_its_points(tmp_path, monkeypatch):
+    from cfsam.analysis import report
+
+    monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path))
+    exps = specs.expand("smoke")
+    names = [f"open-platypus-adamw-lr0.001-s1234-{k}of4" for k in (1, 2)]
+    for k, name in enumerate(names):
+        e = _entry(exps[name], name, own=2.0, s1=1.0)
+        e["train"] = {"run_id": "r1", "train_seconds": 100.0, "total_steps": 10}  # one run, two snapshots
+        e["provenance"]["wall_s"] = 130.0 if k == 0 else 20.0
+        write_json_atomic(tmp_path / "smoke" / f"{name}.json", e)
+    c = report.cost("smoke", names)
+    assert c.loc[names[1], "train_s"] == 100.0  # each point says what its run took
+    assert c.loc["total", "train_s"] == 100.0 and c.loc["total", "wall_s"] == 150.0  # the total trains once
+
+
 def test_no_matched_learning_when_a_method_never_learns(tmp_path, monkeypatch):
     monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path))
     exps = specs.expand("smoke")
@@ -91,6 +107,10 @@ def test_no_matched_learning_when_a_method_never_learns(tmp_path, monkeypatch):
             write_json_atomic(tmp_path / "smoke" / f"{name}.json", _entry(exps[name], name, own=own, s1=1.1))
     table = frontier.compare("smoke", "open-platypus", n_boot=20)
     assert len(table) == 1 and table["verdict"].iloc[0].startswith("no common learning")
+    nl = frontier.never_learned(frontier.points("smoke"))
+    assert nl[["family", "seed"]].values.tolist() == [["sam", 1234]]
+    assert nl["own loss rose by up to"].iloc[0] == pytest.approx(0.04)
+    assert nl["forgetting at the end"].iloc[0] == pytest.approx(0.1)
 
 
 def test_permutation_spearman_by_hand():

@@ -282,6 +282,21 @@ def points(preset: str) -> pd.DataFrame:
     return out
 
 
+def never_learned(points: pd.DataFrame) -> pd.DataFrame:
+    """The runs whose own held-out loss never fell below the stage-1 model's at any point: (dataset, family,
+    setting, seed), with the largest rise of that loss and the forgetting at the end point."""
+    if points.empty:
+        return pd.DataFrame()
+    keys = ["dataset", "family", "setting", "seed"]
+    rows = []
+    for key, g in points.groupby(keys):
+        if g["learning"].max() <= 0:
+            end = g.loc[g["at"].idxmax()]
+            rows.append({**dict(zip(keys, key)), "own loss rose by up to": -g["learning"].min(),
+                         "forgetting at the end": end["forgetting"]})
+    return pd.DataFrame(rows)
+
+
 def curves(points: pd.DataFrame) -> dict[tuple, tuple[np.ndarray, np.ndarray]]:
     """Every (dataset, family, seed)'s Pareto front, for plotting."""
     return {(ds, fam, seed): pareto_curve(g["learning"].to_numpy(), g["forgetting"].to_numpy())

@@ -272,15 +272,19 @@ def cost(preset: str, names: list[str], *, total: bool = True) -> pd.DataFrame:
     """What each experiment cost on its machine, the one cost table: wall time of the whole experiment
     (training what was not cached yet, merging, measuring), of training its model (steps, seconds per step,
     tokens/s, peak memory) and of its eval scoring; with ``total`` a last row sums the times, which is what
-    the preset took, run in the order of ``run-missing``."""
-    rows = []
+    the preset took, run in the order of ``run-missing``. The points measured along one run (snapshots) share
+    its training: the total counts it once."""
+    rows, trained = [], set()
     for name, entry in load_results(preset, names).items():
         if entry["status"] != "ok":
             continue
         prov, t = entry.get("provenance", {}), entry.get("train") or {}
         steps = t.get("total_steps")  # Wise-FT merges and base models train nothing themselves
+        first = t.get("run_id") not in trained
+        trained.add(t.get("run_id"))
         rows.append({"experiment": name, "optimizer": (t.get("config") or {}).get("optimizer"),
                      "wall_s": prov.get("wall_s"), "train_s": t.get("train_seconds", np.nan), "steps": steps,
+                     "_counted_train_s": t.get("train_seconds", np.nan) if first else np.nan,
                      "s_per_step": t["train_seconds"] / steps if steps else np.nan,
                      "tokens_per_s": t.get("tokens_per_s", np.nan),
                      "peak_memory_GB": (t.get("peak_memory_bytes") or np.nan) / 1e9,
@@ -289,8 +293,10 @@ def cost(preset: str, names: list[str], *, total: bool = True) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame()
     df = pd.DataFrame(rows).set_index("experiment")
+    counted = df.pop("_counted_train_s")
     if total:
-        sums = df[["wall_s", "train_s", "eval_s"]].sum(min_count=1)
-        df.loc["total"] = {**sums.to_dict(), "device": "", "cpu": "", "optimizer": ""}
+        sums = df[["wall_s", "eval_s"]].sum(min_count=1)
+        df.loc["total"] = {**sums.to_dict(), "train_s": counted.sum(min_count=1), "device": "", "cpu": "",
+                           "optimizer": ""}
     df[["wall_min", "train_min", "eval_min"]] = df[["wall_s", "train_s", "eval_s"]].astype(float) / 60
     return df
