@@ -52,6 +52,12 @@ def test_sam_forgets_less_at_matched_learning_on_synthetic_points(tmp_path, monk
     assert table["learning level"].tolist() == pytest.approx([0.1, 0.2, 0.3])
     assert table["Δ forgetting"].tolist() == pytest.approx([-0.1, -0.2, -0.3])
     assert (table["verdict"] == "sam: less forgetting").all()
+    # the paper's claims at matched learning (claims.yaml's `frontier`): only those with both families present
+    cv = frontier.claim_verdicts("smoke", n_boot=50).set_index("claim")
+    assert list(cv.index) == ["forgetting", "sam-mitigates"]
+    assert cv.loc["forgetting", "Δ forgetting"] == pytest.approx(0.4)  # F_adamw(0.2) = 0.4 against nothing
+    assert cv.loc["sam-mitigates", "Δ forgetting"] == pytest.approx(-0.2)
+    assert (cv["outcome"] == "reproduced").all()
 
 
 def test_a_verdict_is_checked_under_every_definition_of_forgetting(tmp_path, monkeypatch):

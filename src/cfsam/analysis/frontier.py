@@ -196,18 +196,23 @@ def _curves(points: pd.DataFrame, family: str) -> dict[int, tuple[np.ndarray, np
     return {seed: pareto_curve(g["learning"].to_numpy(), g["forgetting"].to_numpy()) for seed, g in sub.groupby("seed")}
 
 
+_NOTHING = (np.array([0.0, np.inf]), np.array([0.0, 0.0]))  # family "none": the stage-1 model forgets nothing
+
+
 def compare(preset: str, dataset: str, a: str = "adamw", b: str = "sam", *, levels=(0.25, 0.5, 0.75),
             n_boot: int = 1000, seed: int = 0, forgetting: str = "heldout", collected=None) -> pd.DataFrame:
     """Δ forgetting (b - a) at matched learning: one row per level, given as a fraction of the learning both
     methods reach on every seed; the point estimate, a 95 % bootstrap interval (held-out examples, eval
-    items and seeds resampled) and the verdict. ``forgetting``: one of ``FORGETTING``."""
+    items and seeds resampled) and the verdict. ``forgetting``: one of ``FORGETTING``; ``a="none"`` compares
+    b with the stage-1 model (no forgetting at any learning)."""
     if forgetting not in FORGETTING:
         raise ValueError(f"unknown forgetting measure {forgetting!r}; allowed: {', '.join(FORGETTING)}")
     entries, table = collected or collect(preset)
     if table.empty:
         return pd.DataFrame()
     table = table[(table["dataset"] == dataset) & table["family"].isin([a, b])]
-    seeds = sorted(set(table[table["family"] == a]["seed"]) & set(table[table["family"] == b]["seed"]))
+    seeds = sorted(set(table[table["family"] == b]["seed"]) &
+                   (set(table[table["family"] == a]["seed"]) if a != "none" else set(table["seed"])))
     if not seeds:
         return pd.DataFrame()
     table = table[table["seed"].isin(seeds)]
@@ -216,7 +221,7 @@ def compare(preset: str, dataset: str, a: str = "adamw", b: str = "sam", *, leve
 
     def delta(draws, seed_draw):
         pts = measures(entries, table, draws, forgetting)
-        ca, cb = _curves(pts, a), _curves(pts, b)
+        ca, cb = (_curves(pts, a) if a != "none" else {s: _NOTHING for s in seeds}), _curves(pts, b)
         reach = min(min(ca[s][0].max(), cb[s][0].max()) for s in seeds)
         out = []
         for frac in levels:
@@ -280,6 +285,36 @@ def points(preset: str) -> pd.DataFrame:
         for m in EVAL_KEYS:
             out[f"ability fall ({m})"] = measures(entries, table, forgetting=m)["forgetting"]
     return out
+
+
+def claim_verdicts(preset: str, *, level: float = 0.5, n_boot: int = 500, seed: int = 0) -> pd.DataFrame:
+    """Every claim of ``claims.yaml`` with a ``frontier`` comparison, on every stage-2 set with frontier
+    points: Δ forgetting (b - a) at ``level`` of the common reach, its interval, and whether that is the
+    paper's claim (reproduced), its opposite, inconclusive, or not comparable (no common learning)."""
+    from cfsam.analysis import claims
+
+    collected = collect(preset)
+    if collected[1].empty:
+        return pd.DataFrame()
+    rows = []
+    for claim in claims.registry():
+        f = claim.get("frontier")
+        if not f:
+            continue
+        for ds in collected[1]["dataset"].unique():
+            t = compare(preset, ds, f["a"], f["b"], levels=(level,), n_boot=n_boot, seed=seed, collected=collected)
+            if t.empty:
+                continue
+            r = t.iloc[0]
+            said = str(r["verdict"]).split(": ", 1)[-1]
+            outcome = ("reproduced" if said == f"{f['expect']} forgetting" else
+                       "opposite" if said in ("less forgetting", "more forgetting") else
+                       "inconclusive" if said == "inconclusive" else "not comparable")
+            rows.append({"claim": claim["id"], "paper": claim["claim"], "dataset": ds,
+                         "comparison": f"{f['b']} vs {f['a'] if f['a'] != 'none' else 'the stage-1 model'}",
+                         "learning level": r["learning level"], "Δ forgetting": r["Δ forgetting"], "low": r["low"],
+                         "high": r["high"], "seeds": r["seeds"], "outcome": outcome, "verdict": r["verdict"]})
+    return pd.DataFrame(rows)
 
 
 def never_learned(points: pd.DataFrame) -> pd.DataFrame:
