@@ -58,6 +58,9 @@ def test_sam_forgets_less_at_matched_learning_on_synthetic_points(tmp_path, monk
     assert cv.loc["forgetting", "Δ forgetting"] == pytest.approx(0.4)  # F_adamw(0.2) = 0.4 against nothing
     assert cv.loc["sam-mitigates", "Δ forgetting"] == pytest.approx(-0.2)
     assert (cv["outcome"] == "reproduced").all()
+    lc = frontier.learning_check("smoke", n_boot=20)  # no base model measured: the AdamW reference only
+    assert lc["dataset"].tolist() == ["open-platypus"] and lc["learning"].iloc[0] == pytest.approx(0.4)
+    assert lc["se"].iloc[0] == pytest.approx(0.0) and lc["clears the sizing rule"].all()  # identical examples
 
 
 def test_a_verdict_is_checked_under_every_definition_of_forgetting(tmp_path, monkeypatch):

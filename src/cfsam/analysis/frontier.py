@@ -317,6 +317,50 @@ def claim_verdicts(preset: str, *, level: float = 0.5, n_boot: int = 500, seed: 
     return pd.DataFrame(rows)
 
 
+def _bootstrap_se(fn, sizes: dict, n_boot: int, seed: int) -> float:
+    rng = np.random.default_rng(seed)
+    return float(np.std([fn({k: rng.integers(0, n, n) for k, n in sizes.items()}) for _ in range(n_boot)], ddof=1))
+
+
+def learning_check(preset: str, *, n_boot: int = 500, seed: int = 0, min_nats: float = 0.1,
+                   min_se: float = 4.0) -> pd.DataFrame:
+    """Does each stage learn what it is said to? Stage 1 (base model -> ``frontier-stage1`` on its own
+    held-out set, when the base model is measured) and every AdamW run of the preset's stage-2 learning rate
+    at its end point: the fall of its own held-out loss, a bootstrap standard error over the held-out
+    examples, and whether it clears ``min_nats`` and ``min_se`` standard errors (the study's sizing rule)."""
+    from cfsam.pipeline.presets import load_preset
+
+    entries, table = collect(preset)
+    if table.empty:
+        return pd.DataFrame()
+    start, rows = entries["start"], []
+    s1 = _stage1_set(start)
+    base = load_results(preset, ["base"]).get("base", {}) if "base" in specs.expand(preset) else {}
+    if base.get("status") == "ok" and s1 in (base.get("heldout_loss") or {}):
+        pe_b, pe_s = np.asarray(base["heldout_loss"][s1]["per_example"], float), _per_example(start, s1)
+        if len(pe_b) == len(pe_s):
+            def fall(d, ix=None):
+                ix = d[s1] if d else np.arange(len(pe_b))
+                return _mean(pe_b, ix) - _mean(pe_s, ix)
+            rows.append({"stage": "stage 1 (base -> stage 1)", "dataset": s1, "seed": None, "learning": fall(None),
+                         "se": _bootstrap_se(fall, {s1: len(pe_b)}, n_boot, seed)})
+    lr = load_preset(preset)["stage2"]["lr"]
+    ref = table[(table["family"] == "adamw") & (table["setting"] == lr) & (table["at"] == table["of"])]
+    for _, r in ref.iterrows():
+        pts = ref.loc[[r.name]]
+        n = len(_per_example(start, r["dataset"]))
+
+        def fall(d):
+            return float(measures(entries, pts, d)["learning"].iloc[0])
+        rows.append({"stage": f"stage 2, AdamW lr {lr:g} (end)", "dataset": r["dataset"], "seed": r["seed"],
+                     "learning": fall(None), "se": _bootstrap_se(fall, {r["dataset"]: n, s1: len(_per_example(start, s1))},
+                                                                 n_boot, seed)})
+    out = pd.DataFrame(rows)
+    if not out.empty:
+        out["clears the sizing rule"] = (out["learning"] >= min_nats) & (out["learning"] >= min_se * out["se"])
+    return out
+
+
 def never_learned(points: pd.DataFrame) -> pd.DataFrame:
     """The runs whose own held-out loss never fell below the stage-1 model's at any point: (dataset, family,
     setting, seed), with the largest rise of that loss and the forgetting at the end point."""
