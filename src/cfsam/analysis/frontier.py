@@ -336,9 +336,9 @@ def learning_check(preset: str, *, n_boot: int = 500, seed: int = 0, min_nats: f
     start, rows = entries["start"], []
     s1 = _stage1_set(start)
     base = load_results(preset, ["base"]).get("base", {}) if "base" in specs.expand(preset) else {}
-    if base.get("status") == "ok" and s1 in (base.get("heldout_loss") or {}):
+    if base.get("status") == "ok" and "per_example" in (base.get("heldout_loss") or {}).get(s1, {}):
         pe_b, pe_s = np.asarray(base["heldout_loss"][s1]["per_example"], float), _per_example(start, s1)
-        if len(pe_b) == len(pe_s):
+        if len(pe_b) == len(pe_s):  # the same held-out examples (an entry without per-example losses: no row)
             def fall(d, ix=None):
                 ix = d[s1] if d else np.arange(len(pe_b))
                 return _mean(pe_b, ix) - _mean(pe_s, ix)
