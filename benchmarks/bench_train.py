@@ -22,7 +22,9 @@ length-grouped, as the ``cpu`` study trains (``--order random``: the order witho
   builds the epoch's longest batch and takes one update (SAM every k's first update is a SAM one: its peak is SAM's).
 * Padding: the fraction of padded positions of the batches in the trainer's random order and in the
   length-grouped order (``formatting.length_grouped_order``), over ``--padding-examples`` examples.
-* ``torch.profiler`` on one AdamW update: the operators that take the time.
+* ``torch.profiler`` on one AdamW update: the operators that take the time, and from them what stands
+  between AdamW and the large-mm rate (the matmuls' share of the time and their own rate at the model's
+  shapes; attention; the element-wise rest).
 
 On a shared CPU the times are noisy: compare ratios from one run, not numbers across runs.
 The last printed line is the summary.
@@ -192,7 +194,7 @@ def step_times(args, base, data: list[dict], names: list[str]) -> dict[str, list
     return {name: times for name, (_, _, times) in runs.items()}
 
 
-def profile_update(base, mb) -> None:
+def profile_update(base, mb) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     model = copy.deepcopy(base)
@@ -201,7 +203,12 @@ def profile_update(base, mb) -> None:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         optimizer_step(model, opt, [mb], StepContext(max_grad_norm=1.0))
     print("\ntorch.profiler, one AdamW update (self CPU time, top operators):")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=12))
+    total = sum(e.self_cpu_time_total for e in averages)
+    share = {"mm": sum(e.self_cpu_time_total for e in averages if e.key in ("aten::mm", "aten::addmm", "aten::bmm")),
+             "attention": sum(e.self_cpu_time_total for e in averages if "scaled_dot_product" in e.key)}
+    return {k: v / total for k, v in share.items()}
 
 
 def main() -> None:
@@ -243,8 +250,7 @@ def main() -> None:
     peak_mm = matmul_rate()
     times = step_times(args, base, data, names)
     peak_mm = max(peak_mm, matmul_rate())
-    if not args.no_profile:
-        profile_update(base, data[0])
+    shares = {} if args.no_profile else profile_update(base, data[0])
 
     print(f"\nfp32 matmul rate (2048^3 torch.mm): {peak_mm / 1e9:.1f} GFLOP/s")
     print(f"{'optimizer':14s} {'wall s/update':>14s} {'CPU s/update':>13s} {'tokens/s':>9s} {'useful GFLOP/s':>15s} "
@@ -261,6 +267,17 @@ def main() -> None:
               f"{flops / secs / 1e9:15.1f} {flops / secs / peak_mm:8.1%}")
     print("(tokens/s and FLOP/s on wall time; tokens/s counts an update's real tokens once whatever its passes; "
           "the ratios below are CPU seconds per unit of one-pass work)")
+    if shares:
+        # what stands between AdamW and the large-mm rate: the matmuls' own speed at the model's shapes,
+        # and the time outside them (the profiled update's share of self CPU time)
+        rows = times["adamw"]
+        secs = sum(r[0] for r in rows)
+        adamw_rate = sum(useful_flops(cfg, n_params, mb) for *_, mb in rows) / secs
+        mm_rate = adamw_rate / shares["mm"]
+        print(f"AdamW at {adamw_rate / peak_mm:.1%} of the large-mm rate: matmuls take {shares['mm']:.1%} of an "
+              f"update's CPU time and run at about {mm_rate / 1e9:.0f} GFLOP/s ({mm_rate / peak_mm:.0%} of it) at the "
+              f"model's shapes; attention takes {shares['attention']:.1%}, element-wise and optimizer ops the "
+              f"{1 - shares['mm'] - shares['attention']:.1%} left")
     if mem:
         extra = mem["sam"]["peak_rss"] - mem["adamw"]["peak_rss"]
         print(f"peak RSS: adamw {mem['adamw']['peak_rss'] / 2**20:.0f} MB, sam {mem['sam']['peak_rss'] / 2**20:.0f} MB; "
