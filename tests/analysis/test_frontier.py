@@ -51,7 +51,7 @@ def test_sam_forgets_less_at_matched_learning_on_synthetic_points(tmp_path, monk
     # reach 0.4; levels 0.1, 0.2, 0.3: F_adamw = 2L, F_sam = L, so delta = -L
     assert table["learning level"].tolist() == pytest.approx([0.1, 0.2, 0.3])
     assert table["Δ forgetting"].tolist() == pytest.approx([-0.1, -0.2, -0.3])
-    assert (table["verdict"] == "sam: less forgetting").all()
+    assert (table["verdict"] == "sam: less forgetting").all() and (table["comparable draws"] == 1.0).all()
     # the paper's claims at matched learning (claims.yaml's `frontier`): only those with both families present
     cv = frontier.claim_verdicts("smoke", n_boot=50).set_index("claim")
     assert list(cv.index) == ["forgetting", "sam-mitigates"]
@@ -120,6 +120,24 @@ def test_no_matched_learning_when_a_method_never_learns(tmp_path, monkeypatch):
     assert nl[["family", "seed"]].values.tolist() == [["sam", 1234]]
     assert nl["own loss rose by up to"].iloc[0] == pytest.approx(0.04)
     assert nl["forgetting at the end"].iloc[0] == pytest.approx(0.1)
+
+
+def test_no_verdict_when_most_resamples_share_no_learning(tmp_path, monkeypatch):
+    monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path))
+    exps = specs.expand("smoke")
+    write_json_atomic(tmp_path / "smoke" / "frontier-stage1.json", _entry(exps["frontier-stage1"], "frontier-stage1",
+                                                                         own=2.0, s1=1.0))
+    for k in range(1, 5):
+        for method, own in (("adamw-lr0.001", 2.0 - 0.1 * k), ("sam-rho2", 2.0)):
+            name = f"open-platypus-{method}-s1234-{k}of4"
+            e = _entry(exps[name], name, own=own, s1=1.0 + 0.1 * k)
+            if method == "sam-rho2" and k == 4:  # SAM learns 0.01 nats on average, and loses on half the examples
+                e["heldout_loss"]["open-platypus"]["per_example"] = [[17.0, 10], [22.8, 10]] * 3
+            write_json_atomic(tmp_path / "smoke" / f"{name}.json", e)
+    row = frontier.compare("smoke", "open-platypus", levels=(0.5,), n_boot=200).iloc[0]
+    assert row["learning level"] == pytest.approx(0.005)  # the point estimate has a common reach...
+    assert row["comparable draws"] < 0.95  # ...that many resamples of the held-out examples do not
+    assert row["verdict"].startswith("sam: inconclusive: comparable in only")
 
 
 def test_permutation_spearman_by_hand():

@@ -223,6 +223,8 @@ def compare(preset: str, dataset: str, a: str = "adamw", b: str = "sam", *, leve
         pts = measures(entries, table, draws, forgetting)
         ca, cb = (_curves(pts, a) if a != "none" else {s: _NOTHING for s in seeds}), _curves(pts, b)
         reach = min(min(ca[s][0].max(), cb[s][0].max()) for s in seeds)
+        if not reach > 0:  # in this draw one of them learns nothing: nothing to compare at
+            return np.full(len(levels), np.nan), reach
         out = []
         for frac in levels:
             level = frac * reach
@@ -242,14 +244,16 @@ def compare(preset: str, dataset: str, a: str = "adamw", b: str = "sam", *, leve
         seed_draw = list(rng.choice(seeds, len(seeds), replace=True))
         boots.append(delta(draws, seed_draw)[0])
     boots = np.array(boots)
-    ok = np.isfinite(boots).all(axis=1)  # a draw whose fronts do not reach a level gives no value there
+    ok = np.isfinite(boots).all(axis=1)  # a draw in which the fronts share no learning, or miss a level, gives none
     lo, hi = np.percentile(boots[ok], [2.5, 97.5], axis=0) if ok.any() else (np.full(len(levels), np.nan),) * 2
     rows = []
     for i, frac in enumerate(levels):
         verdict = "less forgetting" if hi[i] < 0 else ("more forgetting" if lo[i] > 0 else "inconclusive")
+        if ok.mean() < 0.95:  # the comparison itself is not stable under resampling: no verdict
+            verdict = f"inconclusive: comparable in only {ok.mean():.0%} of the bootstrap draws"
         rows.append({"dataset": dataset, "comparison": f"{b} vs {a}", "learning level": frac * reach,
                      "share of common reach": frac, "Δ forgetting": point[i], "low": lo[i], "high": hi[i],
-                     "verdict": f"{b}: {verdict}", "seeds": len(seeds),
+                     "verdict": f"{b}: {verdict}", "seeds": len(seeds), "comparable draws": ok.mean(),
                      "resampled": ", ".join(f"{n} ({k[1] if isinstance(k, tuple) else k})" for k, n in sizes.items()),
                      "forgetting measure": forgetting})
     return pd.DataFrame(rows)
@@ -309,7 +313,7 @@ def claim_verdicts(preset: str, *, level: float = 0.5, n_boot: int = 500, seed: 
             said = str(r["verdict"]).split(": ", 1)[-1]
             outcome = ("reproduced" if said == f"{f['expect']} forgetting" else
                        "opposite" if said in ("less forgetting", "more forgetting") else
-                       "inconclusive" if said == "inconclusive" else "not comparable")
+                       "inconclusive" if said.startswith("inconclusive") else "not comparable")
             rows.append({"claim": claim["id"], "paper": claim["claim"], "dataset": ds,
                          "comparison": f"{f['b']} vs {f['a'] if f['a'] != 'none' else 'the stage-1 model'}",
                          "learning level": r["learning level"], "Δ forgetting": r["Δ forgetting"], "low": r["low"],
