@@ -138,6 +138,9 @@ def test_no_verdict_when_most_resamples_share_no_learning(tmp_path, monkeypatch)
     assert row["learning level"] == pytest.approx(0.005)  # the point estimate has a common reach...
     assert row["comparable draws"] < 0.95  # ...that many resamples of the held-out examples do not
     assert row["verdict"].startswith("sam: inconclusive: comparable in only")
+    assert frontier.verdict_kind(row["verdict"]) == "inconclusive"
+    assert frontier.verdict_kind("no common learning: the most both learn on every seed is 0.000 nats") == \
+        "no common learning"
 
 
 def test_permutation_spearman_by_hand():

@@ -259,6 +259,14 @@ def compare(preset: str, dataset: str, a: str = "adamw", b: str = "sam", *, leve
     return pd.DataFrame(rows)
 
 
+def verdict_kind(verdict: str) -> str:
+    """"less forgetting", "more forgetting", "inconclusive" or "no common learning", without its details."""
+    text = str(verdict)
+    if text.startswith("no common learning"):
+        return "no common learning"
+    return text.split(": ", 1)[-1].split(":")[0]
+
+
 def robustness(preset: str, dataset: str, a: str = "adamw", b: str = "sam", *, level: float = 0.5,
                n_boot: int = 500, seed: int = 0) -> pd.DataFrame:
     """The verdict of ``compare`` at one matched-learning level under every definition of forgetting in
@@ -275,7 +283,8 @@ def robustness(preset: str, dataset: str, a: str = "adamw", b: str = "sam", *, l
         rows.append(t)
     out = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
     if not out.empty:
-        out["same verdict as the default"] = out["verdict"] == out["verdict"].iloc[0]
+        kind = out["verdict"].map(verdict_kind)
+        out["same verdict as the default"] = kind == kind.iloc[0]
     return out
 
 
@@ -310,10 +319,10 @@ def claim_verdicts(preset: str, *, level: float = 0.5, n_boot: int = 500, seed: 
             if t.empty:
                 continue
             r = t.iloc[0]
-            said = str(r["verdict"]).split(": ", 1)[-1]
+            said = verdict_kind(r["verdict"])
             outcome = ("reproduced" if said == f"{f['expect']} forgetting" else
                        "opposite" if said in ("less forgetting", "more forgetting") else
-                       "inconclusive" if said.startswith("inconclusive") else "not comparable")
+                       "inconclusive" if said == "inconclusive" else "not comparable")
             rows.append({"claim": claim["id"], "paper": claim["claim"], "dataset": ds,
                          "comparison": f"{f['b']} vs {f['a'] if f['a'] != 'none' else 'the stage-1 model'}",
                          "learning level": r["learning level"], "Δ forgetting": r["Δ forgetting"], "low": r["low"],
