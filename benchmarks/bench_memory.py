@@ -26,13 +26,10 @@ import subprocess
 import sys
 import tempfile
 
+from cfsam.core import memory
+
 MB = 2 ** 20
 PHASES = ("train step", "heldout", "eval", "landscape", "curvature", "run-missing")
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def peak() -> int:
@@ -57,15 +54,15 @@ def worker(args) -> dict:
         with tempfile.TemporaryDirectory() as out:
             train_stage("smollm2-135m", h["datasets"][-1], out, n_train=16, batch_size=8, max_length=h["max_length"],
                         optimizer=args.optimizer, rho=2.0, lr=1e-5, seed=1234, group_by_length=True)
-            marks["after training"] = (peak(), rss())
+            marks["after training"] = (peak(), memory.resident_bytes())
             for k in (1, 2):
                 runner.measure(out, spec)
                 gc.collect()
-                marks[f"after measuring ({k})"] = (peak(), rss())
+                marks[f"after measuring ({k})"] = (peak(), memory.resident_bytes())
         return {"peak_rss": peak(), "marks": marks}
     loaded = models.load_model("smollm2-135m")
     model, tok = loaded.model, loaded.tokenizer
-    marks["loaded"] = (peak(), rss())
+    marks["loaded"] = (peak(), memory.resident_bytes())
     if args.worker == "train step":
         sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
         from bench_train import longest_batch, make_optimizer

@@ -43,6 +43,7 @@ import time
 
 import torch
 
+from cfsam.core import memory
 from cfsam.data import formatting, models
 from cfsam.training import step as train_step
 from cfsam.training.step import StepContext, build_optimizer, optimizer_step
@@ -147,8 +148,7 @@ def worker(args) -> None:
     """Fresh process: peak RSS of load + batch + one update of one optimizer, printed as JSON."""
     loaded = models.load_model(args.model)
     mb = longest_batch(loaded.tokenizer, args.batch, args.max_length, args.order)
-    with open("/proc/self/statm") as f:
-        rss_loaded = int(f.read().split()[1]) * resource.getpagesize()
+    rss_loaded = memory.resident_bytes()
     opt = make_optimizer(loaded.model, args.worker, args.sam_every)
     optimizer_step(loaded.model, opt, [mb], StepContext(max_grad_norm=1.0))
     print(json.dumps({"rss_loaded": rss_loaded, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))

@@ -138,7 +138,9 @@ def measures(entries: dict, table: pd.DataFrame, draws: dict | None = None,
     start = entries["start"]
     stage1_set = _stage1_set(start)
     per_ex = forgetting == "heldout per example"
-    tasks = _suite(entries) if forgetting in EVAL_KEYS else []
+    tasks = []
+    if forgetting in EVAL_KEYS:  # a bootstrap draw names the tasks ``draw_sizes`` checked: not again per draw
+        tasks = [k[1] for k in draws if isinstance(k, tuple)] if draws else _suite(entries)
     if forgetting in EVAL_KEYS and not tasks:
         raise ValueError(f"forgetting measure {forgetting!r} needs eval items in every entry; none are shared")
 
