@@ -163,7 +163,7 @@ def cmd_measure(args) -> int:
 def cmd_run_missing(args) -> int:
     from cfsam.pipeline.runner import run_missing
 
-    run_missing(args.preset, _csv(args.notebooks), _csv(args.only), args.dry_run)
+    run_missing(args.preset, _csv(args.notebooks), _csv(args.only), args.dry_run, args.workers)
     return 0
 
 
@@ -271,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--notebooks", help="comma-separated chapter names (default: all)")
     r.add_argument("--only", help="comma-separated experiment names")
     r.add_argument("--dry-run", action="store_true", help="list what would run")
+    r.add_argument("--workers", type=int, default=1,
+                   help="experiments side by side on this machine, one training run's each (e.g. 8 on one "
+                        "large GPU; default 1)")
     r.set_defaults(func=cmd_run_missing)
 
     for name, check, hint in (("status", False, "cached, stale, damaged and missing experiments of a preset"),

@@ -37,6 +37,8 @@ def test_paper_preset_holds_the_papers_hyper_parameters():
     ({"landscape.seeds": []}, "landscape.seeds=\\[\\] must be a non-empty list"),
     ({"eval.limit": 0}, "eval.limit=0 must be a positive integer"),
     ({"heldout.n": 0}, "heldout.n=0 must be a positive integer"),
+    ({"frontier.full": 3}, r"frontier.full=3 must be between 1 and the number of frontier.datasets \(2\)"),
+    ({"frontier.full": 0}, "frontier.full=0"),
 ])
 def test_bad_presets_are_named(overrides, message):
     with pytest.raises(PresetError, match=message):
@@ -44,9 +46,23 @@ def test_bad_presets_are_named(overrides, message):
 
 
 def test_unknown_preset_and_malformed_file(tmp_path):
-    with pytest.raises(PresetError, match="unknown preset 'gpu'; allowed: cpu-pilot, cpu, paper, smoke"):
+    with pytest.raises(PresetError, match="unknown preset 'gpu'; allowed: cpu-pilot, cpu, h200, paper, smoke"):
         load_preset("gpu")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed")
     with pytest.raises(PresetError, match="not valid YAML"):
         load_preset(bad)
+
+
+def test_frontier_full_gives_the_first_sets_every_seed_and_sweep():
+    """full=1: only the headline set has the second seed; full=2: the next set too, with the same sweeps."""
+    from cfsam.pipeline import specs
+
+    def names(full):
+        p = load_preset("smoke", {"frontier.full": full, "frontier.seeds": [1234, 1235]})
+        return {n for n, e in specs.expand(p).items() if e.get("group") == "frontier"}
+
+    one, two = names(1), names(2)
+    assert "open-platypus-sam-rho2-s1235-4of4" in one and "auto-wiki-sam-rho2-s1235-4of4" not in one
+    assert {n.replace("open-platypus", "auto-wiki") for n in one if n.startswith("open-platypus")} <= two
+    assert one <= two

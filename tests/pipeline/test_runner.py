@@ -1,6 +1,7 @@
 """run-missing under a multi-process launcher, kills and a second process: on the tiny model of `smoke`."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -69,3 +70,49 @@ def test_a_second_process_finds_the_work_done_and_does_not_measure_again(tmp_pat
     monkeypatch.setattr(runner, "measure", measured_twice)
     assert runner.run_one("smoke", "base") is None
     assert not list((tmp_path / "results" / "smoke").glob("*.lock"))  # locks live in the cache
+
+
+def test_groups_keep_a_run_and_its_measurements_together():
+    """One worker per training run: its snapshots and the Wise-FT merges of its tuned side go together,
+    groups and members in the order run-missing would take them."""
+    from cfsam.pipeline import runner
+
+    exps = specs.expand("smoke")
+    names = [n for n, e in exps.items() if e.get("group") == "frontier"]
+    got = runner.groups(exps, names)
+    assert sorted(n for g in got for n in g) == sorted(names)
+    firsts = [names.index(g[0]) for g in got]
+    assert firsts == sorted(firsts) and all([names.index(n) for n in g] == sorted(names.index(n) for n in g)
+                                            for g in got)
+    wise = next(g for g in got if "open-platypus-wiseft-a0.5-s1234" in g)  # merged from the reference run
+    assert specs.last_stage(exps[wise[0]]["run"]) == specs.last_stage(exps["open-platypus-wiseft-a0.5-s1234"]["run"])
+    for g in got:
+        stages = {specs.run_id(specs.last_stage(exps[n]["run"])) if specs.last_stage(exps[n]["run"]) else "base"
+                  for n in g}
+        assert len(stages) == 1, g
+    snaps = next(g for g in got if "open-platypus-adamw-lr0.001-s1234-1of4" in g)
+    assert snaps[:4] == [f"open-platypus-adamw-lr0.001-s1234-{k}of4" for k in range(1, 5)]
+
+
+def test_workers_compute_the_same_entries_and_train_shared_runs_once(tmp_path):
+    """Two workers on three groups that all start from stage 1: stage 1 is trained once (the other worker
+    waits on its lock), and every entry is the spec's."""
+    only = ["frontier-stage1", "open-platypus-adamw-lr0.001-s1234-4of4", "open-platypus-sam-rho2-s1234-4of4"]
+    proc = subprocess.run([sys.executable, "-m", "cfsam", "run-missing", "--preset", "smoke", "--workers", "2",
+                           "--only", ",".join(only)], env=_env(tmp_path), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exps = specs.expand("smoke")
+    for name in only:
+        entry = json.loads((tmp_path / "results" / "smoke" / f"{name}.json").read_text())
+        assert entry["id"] == specs.experiment_id(exps[name])
+    finished = re.findall(r"stage (\w+) finished:", proc.stderr)  # the trainer's last line for each stage
+    assert sorted(finished) == sorted(set(finished)) and len(finished) == 3, finished  # stage 1 + two stage 2
+    assert specs.run_id(exps["frontier-stage1"]["run"]) in finished
+
+
+def test_workers_must_be_positive():
+    from cfsam.pipeline import runner
+
+    with pytest.raises(ValueError, match="workers=0"):
+        runner.run_missing("smoke", workers=0)

@@ -63,12 +63,17 @@ def setup_distributed(mode: str) -> Runtime:
         created = True
     rank = dist.get_rank() if mode != "none" else 0
     world = dist.get_world_size() if mode != "none" else 1
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    device = local_device()
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     return Runtime(mode, rank, world, device, created)
+
+
+def local_device() -> torch.device:
+    """This process's accelerator: its rank's CUDA device when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def wrap_model(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import bz2
 import glob
 import hashlib
-import json
 import logging
 import os
 from functools import lru_cache

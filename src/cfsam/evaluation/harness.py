@@ -4,14 +4,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import torch
 import yaml
 
-from cfsam.core.dist import rank_world
+from cfsam.core.dist import local_device, rank_world
 from cfsam.core.io import write_json_atomic
 from cfsam.data import models
 from cfsam.evaluation import tasks
@@ -65,8 +64,8 @@ def evaluate(model_or_loaded, task_list: list[str] | str, *, limit: int | None =
     model, tok = loaded.model, loaded.tokenizer
     if device is not None:
         model.to(device)
-    elif torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":
-        model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    elif next(model.parameters()).device.type == "cpu":
+        model.to(local_device())
     rank, _ = rank_world()
     settings = {"limit": limit, "seed": seed, "num_fewshot": num_fewshot}
     weights, tok_id = models.weights_hash(model), _tokenizer_id(tok)

@@ -41,7 +41,7 @@ SCHEMA = {
 }
 # sections a preset may leave out
 OPTIONAL = {
-    "frontier": {"datasets": list, "seeds": list, "epochs": NUM, "snapshots": int, "heldout_n": int,
+    "frontier": {"datasets": list, "full": int, "seeds": list, "epochs": NUM, "snapshots": int, "heldout_n": int,
                  "landscape": (dict, bool), "seeded": {"adamw_lr": list, "sam_rho": list},
                  "screen": {"tasks": list, "limit": OPT_INT},
                  "eval": {"tasks": list, "limit": OPT_INT}, "adamw_lr": list, "sam_rho": list, "asam_rho": list,
@@ -179,6 +179,9 @@ def _check_frontier(p: dict) -> None:
     if bad or not f["datasets"]:
         raise PresetError(f"preset key frontier.datasets: unknown dataset {', '.join(map(repr, bad))} or none; "
                           f"allowed: {', '.join(names)}")
+    if not 1 <= f["full"] <= len(f["datasets"]):
+        raise PresetError(f"frontier.full={f['full']!r} must be between 1 and the number of frontier.datasets "
+                          f"({len(f['datasets'])}): how many of them, from the first, get every seed and sweep")
     if f["snapshots"] < 4:
         raise PresetError(f"frontier.snapshots={f['snapshots']} must be >= 4 (learning and forgetting along the run)")
     if not f["seeds"] or not all(isinstance(s, int) and not isinstance(s, bool) for s in f["seeds"]):

@@ -22,16 +22,17 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import transformers
 from filelock import FileLock
 from tqdm.auto import tqdm
 
 from cfsam import __version__
-from cfsam.core.dist import init_group
+from cfsam.core.dist import init_group, local_device
 from cfsam.core import memory
 from cfsam.core.io import write_json_atomic
 from cfsam.data import models, sources
 from cfsam.pipeline.cache import REPO, data_hashes, datasets_of, entry_path, load_results
-from cfsam.pipeline.specs import MEASURE_VERSION, expand, experiment_id, needed, run_id, run_kind
+from cfsam.pipeline.specs import MEASURE_VERSION, expand, experiment_id, last_stage, needed, run_id, run_kind
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def measure(model_ref: str, spec: dict) -> tuple[dict, torch.nn.Module]:
     from cfsam.measurement import curvature, heldout, landscape
 
     loaded = models.load_model(model_ref)
-    loaded.model.eval()
+    loaded.model.eval().to(local_device())  # every phase on the accelerator when there is one
     out: dict = {"heldout_loss": {}, "measure_seconds": {}}
     h = spec.get("heldout", {"datasets": [], "n": 0, "max_length": 256, "seed": 0})
     t = time.time()
@@ -171,8 +172,12 @@ def code_version() -> dict:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    return {"git_commit": git("rev-parse", "HEAD"),
-            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    commit = git("rev-parse", "HEAD")
+    if not commit and os.environ.get("CFSAM_GIT_COMMIT"):
+        # a copy of a clean checkout without .git (a cluster's or an accelerator's staged copy): its sender
+        # names the commit it copied
+        return {"git_commit": os.environ["CFSAM_GIT_COMMIT"], "git_dirty": False, "git_from": "CFSAM_GIT_COMMIT"}
+    return {"git_commit": commit, "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def provenance(started: float, ended: float, exp: dict, model=None) -> dict:
@@ -186,7 +191,7 @@ def provenance(started: float, ended: float, exp: dict, model=None) -> dict:
         "data": data_hashes(exp),
         "model_weights_hash": models.weights_hash(model) if model is not None else None,
         "machine": {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__,
+                    "torch": torch.__version__, "transformers": transformers.__version__,
                     "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"},
         "start": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
         "end": datetime.fromtimestamp(ended, timezone.utc).isoformat(timespec="seconds"),
@@ -226,9 +231,65 @@ def run_one(preset: str, name: str, exp: dict | None = None) -> dict | None:
     return entry
 
 
+def groups(exps: dict[str, dict], names: list[str]) -> list[list[str]]:
+    """The names, grouped by the training run they measure (a run's snapshots, the Wise-FT merges of its
+    tuned side; base models by model), groups and members in their first order: one worker per group
+    trains each run once and measures it along the way."""
+    out: dict[str, list[str]] = {}
+    for name in names:
+        last = last_stage(exps[name]["run"])
+        out.setdefault(run_id(last) if last is not None else f"base:{exps[name]['run'].get('model')}", []).append(name)
+    return list(out.values())
+
+
+def _worker_init(threads: int, level: int) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
+    torch.set_num_threads(threads)
+
+
+def _run_group(preset: str, names: list[str]) -> list[str]:
+    """A worker's share: the group's experiments in order; the names that failed (logged) come back."""
+    exps, failed = expand(preset), []
+    for name in names:
+        try:
+            run_one(preset, name, exps[name])
+        except Exception:  # one broken experiment must not stop the other workers' runs
+            log.exception("experiment %s/%s failed", preset, name)
+            failed.append(name)
+    return failed
+
+
+def _run_parallel(preset: str, exps: dict, todo: list[str], workers: int) -> None:
+    """Several experiments at once on one machine: on a GPU that one small model leaves mostly idle.
+    Each worker takes the next group of experiments (one training run and its measurements); runs that
+    groups share (stage 1) are trained once, under the cache's locks, while the others wait for them."""
+    import concurrent.futures
+    import multiprocessing
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("workers > 1 runs experiments side by side in one process group's place; "
+                         "under a multi-process launcher use workers=1")
+    todo_groups = groups(exps, todo)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    log.info("%d experiments in %d groups on %d workers (%d threads each)", len(todo), len(todo_groups), workers,
+             threads)
+    failed: list[str] = []
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_worker_init,
+                                                initargs=(threads, logging.getLogger().getEffectiveLevel())) as pool:
+        jobs = [pool.submit(_run_group, preset, g) for g in todo_groups]
+        for job in tqdm(concurrent.futures.as_completed(jobs), total=len(jobs), desc=f"run groups ({preset})"):
+            failed += job.result()
+    if failed:
+        raise RuntimeError(f"{len(failed)} experiment(s) failed (see the log): {', '.join(failed)}")
+
+
 def run_missing(preset: str, notebooks: list[str] | None = None, only: list[str] | None = None,
-                dry_run: bool = False) -> list[str]:
-    """Run every needed experiment that is missing, stale or damaged; return their names."""
+                dry_run: bool = False, workers: int = 1) -> list[str]:
+    """Run every needed experiment that is missing, stale or damaged; return their names. ``workers`` > 1
+    runs that many groups of them side by side on this machine (see ``_run_parallel``)."""
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers={workers!r}; it must be a positive number of processes")
     exps = expand(preset)  # a bad preset fails here, before anything runs
     names = only or needed(preset, notebooks)
     unknown = [n for n in names if n not in exps]
@@ -240,6 +301,9 @@ def run_missing(preset: str, notebooks: list[str] | None = None, only: list[str]
     if dry_run:
         for n in todo:
             print(f"{status[n]['status']:8s} {n}")
+        return todo
+    if workers > 1 and len(todo) > 1:
+        _run_parallel(preset, exps, todo, workers)
         return todo
     created = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():

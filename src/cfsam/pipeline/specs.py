@@ -154,9 +154,10 @@ def _share_snapshots(exps: dict) -> None:
 def frontier(p: dict, s1: dict, heldout: dict, ev: dict) -> dict[str, dict]:
     """The learning-forgetting frontier runs: per stage-2 set, AdamW over learning rates, SAM and ASAM over
     rho, rehearsal over fractions (each measured at ``snapshots`` points along the run), and Wise-FT of the
-    reference AdamW run over alpha. The headline set (the first) gets every seed; the others, lighter, the
-    first seed and the ``light`` sweeps; seeds after the first run only the ``seeded`` sweep points. End points carry the landscape (on examples disjoint from the
-    held-out ones that measure forgetting)."""
+    reference AdamW run over alpha. The first ``full`` sets (the headline first) get every seed; the others,
+    lighter, the first seed and the ``light`` sweeps; seeds after the first run only the ``seeded`` sweep
+    points. End points carry the landscape (on examples disjoint from the held-out ones that measure
+    forgetting)."""
     f = p["frontier"]
     n, out = f["snapshots"], {}
     measure = {"eval": {**ev, **f["eval"]}, "heldout": {**heldout, "n": f["heldout_n"]}}
@@ -164,7 +165,7 @@ def frontier(p: dict, s1: dict, heldout: dict, ev: dict) -> dict[str, dict]:
     out["frontier-stage1"] = {"run": s1, "measure": {**measure, "heldout": {
         **measure["heldout"], "datasets": heldout["datasets"] + [d for d in f["datasets"] if d not in heldout["datasets"]]}}}
     for i, ds in enumerate(f["datasets"]):
-        light = i > 0
+        light = i >= f["full"]
         lrs, rhos = (f["light"]["adamw_lr"], f["light"]["sam_rho"]) if light else (f["adamw_lr"], f["sam_rho"])
         ep = {"epochs": f["epochs"]}  # every frontier run: the same schedule; the sweep traces the frontier
         methods = [(f"adamw-lr{lr:g}", {**ep, "lr": lr}, lr in f["seeded"]["adamw_lr"]) for lr in lrs]
