@@ -1,5 +1,6 @@
 """Frontiers: the Pareto front and interpolation by hand, and a matched-learning comparison on synthetic entries."""
 import numpy as np
+import pandas as pd
 import pytest
 
 from cfsam.analysis import frontier
@@ -99,10 +100,16 @@ def test_cost_counts_a_runs_training_once_for_its_points(tmp_path, monkeypatch):
         e = _entry(exps[name], name, own=2.0, s1=1.0)
         e["train"] = {"run_id": "r1", "train_seconds": 100.0, "total_steps": 10}  # one run, two snapshots
         e["provenance"]["wall_s"] = 130.0 if k == 0 else 20.0
+        # side by side: the second starts 30 s into the first (--workers), so the machine is busy 130 s
+        e["provenance"]["start"] = "2026-11-30T00:00:00+00:00" if k == 0 else "2026-11-30T00:00:30+00:00"
+        e["provenance"]["end"] = "2026-11-30T00:02:10+00:00" if k == 0 else "2026-11-30T00:00:50+00:00"
         write_json_atomic(tmp_path / "smoke" / f"{name}.json", e)
     c = report.cost("smoke", names)
     assert c.loc[names[1], "train_s"] == 100.0  # each point says what its run took
     assert c.loc["total", "train_s"] == 100.0 and c.loc["total", "wall_s"] == 150.0  # the total trains once
+    assert c.loc["total", "machine_s"] == 130.0 and c["machine_s"].drop("total").isna().all()
+    assert report._busy_seconds([(pd.Timestamp(0, unit="s"), pd.Timestamp(10, unit="s")),
+                                 (pd.Timestamp(20, unit="s"), pd.Timestamp(25, unit="s"))]) == 15.0  # a gap is idle
 
 
 def test_no_matched_learning_when_a_method_never_learns(tmp_path, monkeypatch):

@@ -116,3 +116,18 @@ def test_workers_must_be_positive():
 
     with pytest.raises(ValueError, match="workers=0"):
         runner.run_missing("smoke", workers=0)
+
+
+def test_a_staged_copy_is_credited_to_the_commit_its_sender_names(monkeypatch):
+    """An accelerator's copy of the tree carried the session's older .git: its entries named that commit, dirty.
+    The launcher's CFSAM_GIT_COMMIT now wins; without it, git says."""
+    from cfsam.pipeline import runner
+
+    runner.code_version.cache_clear()
+    monkeypatch.delenv("CFSAM_GIT_COMMIT", raising=False)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cache.REPO, capture_output=True, text=True).stdout.strip()
+    assert runner.code_version()["git_commit"] == head
+    runner.code_version.cache_clear()
+    monkeypatch.setenv("CFSAM_GIT_COMMIT", "0" * 40)
+    assert runner.code_version() == {"git_commit": "0" * 40, "git_dirty": False, "git_from": "CFSAM_GIT_COMMIT"}
+    runner.code_version.cache_clear()

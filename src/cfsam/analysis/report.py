@@ -268,17 +268,32 @@ def flatness_table(preset: str, names: list[str]) -> pd.DataFrame:
     return frame(preset, names).reindex(columns=["status", *cols])
 
 
+def _busy_seconds(spans: list[tuple[pd.Timestamp, pd.Timestamp]]) -> float:
+    """The length of the union of [start, end] spans: overlaps counted once, gaps not at all."""
+    busy, end = 0.0, None
+    for a, b in sorted(spans):
+        if end is None or a > end:
+            busy, end = busy + (b - a).total_seconds(), b
+        elif b > end:
+            busy, end = busy + (b - end).total_seconds(), b
+    return busy
+
+
 def cost(preset: str, names: list[str], *, total: bool = True) -> pd.DataFrame:
     """What each experiment cost on its machine, the one cost table: wall time of the whole experiment
     (training what was not cached yet, merging, measuring), of training its model (steps, seconds per step,
     tokens/s, peak memory) and of its eval scoring; with ``total`` a last row sums the times, which is what
     the preset took, run in the order of ``run-missing``. The points measured along one run (snapshots) share
-    its training: the total counts it once."""
-    rows, trained = [], set()
+    its training: the total counts it once. ``machine_s`` (total row) is the time a machine was busy with them:
+    the union of their start-to-end spans, less than the sum where ``run-missing --workers`` ran them side by
+    side."""
+    rows, trained, spans = [], set(), []
     for name, entry in load_results(preset, names).items():
         if entry["status"] != "ok":
             continue
         prov, t = entry.get("provenance", {}), entry.get("train") or {}
+        if prov.get("start") and prov.get("end"):
+            spans.append((pd.Timestamp(prov["start"]), pd.Timestamp(prov["end"])))
         steps = t.get("total_steps")  # Wise-FT merges and base models train nothing themselves
         first = t.get("run_id") not in trained
         trained.add(t.get("run_id"))
@@ -298,5 +313,8 @@ def cost(preset: str, names: list[str], *, total: bool = True) -> pd.DataFrame:
         sums = df[["wall_s", "eval_s"]].sum(min_count=1)
         df.loc["total"] = {**sums.to_dict(), "train_s": counted.sum(min_count=1), "device": "", "cpu": "",
                            "optimizer": ""}
-    df[["wall_min", "train_min", "eval_min"]] = df[["wall_s", "train_s", "eval_s"]].astype(float) / 60
+        df["machine_s"] = np.nan
+        df.loc["total", "machine_s"] = _busy_seconds(spans) if spans else np.nan
+    minutes = ["wall_s", "train_s", "eval_s"] + (["machine_s"] if "machine_s" in df else [])
+    df[[m.replace("_s", "_min") for m in minutes]] = df[minutes].astype(float) / 60
     return df

@@ -172,12 +172,12 @@ def code_version() -> dict:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    commit = git("rev-parse", "HEAD")
-    if not commit and os.environ.get("CFSAM_GIT_COMMIT"):
-        # a copy of a clean checkout without .git (a cluster's or an accelerator's staged copy): its sender
-        # names the commit it copied
+    if os.environ.get("CFSAM_GIT_COMMIT"):
+        # a staged copy of a clean checkout (a cluster's, an accelerator's): its sender names the commit it
+        # copied, since the copy's own .git may be missing or older than its files
         return {"git_commit": os.environ["CFSAM_GIT_COMMIT"], "git_dirty": False, "git_from": "CFSAM_GIT_COMMIT"}
-    return {"git_commit": commit, "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    return {"git_commit": git("rev-parse", "HEAD"),
+            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def provenance(started: float, ended: float, exp: dict, model=None) -> dict:
