@@ -1,5 +1,4 @@
 """The committed results read anywhere: a book built without the data mirror and with the Hub offline shows them."""
-import json
 import os
 import re
 import shutil
@@ -8,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from cfsam.core.io import read_json
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -33,7 +34,7 @@ def _build_tab2a(tmp_path, **env_extra) -> str:
 
 
 def test_book_without_the_mirror_shows_the_committed_numbers(tmp_path):
-    entry = json.loads((REPO / "results" / PRESET / "s2-open-platypus-sam.json").read_text())
+    entry = read_json(REPO / "results" / PRESET / "s2-open-platypus-sam.json.gz")
     avg = 100 * entry["eval"]["categories"]["AVG"]["score"]  # read straight from the committed file
     page = _build_tab2a(tmp_path)
     assert f"{avg:.2f}" in page  # the committed AVG of SAM on Open-Platypus, on the page
@@ -43,9 +44,10 @@ def test_book_without_the_mirror_shows_the_committed_numbers(tmp_path):
 def test_a_damaged_entry_shows_on_its_chapter_and_the_chapter_builds(tmp_path):
     results = tmp_path / "results"
     shutil.copytree(REPO / "results" / PRESET, results / PRESET)
-    (results / PRESET / "s2-open-platypus-sam.json").write_text('{"id": "truncated')
+    path = results / PRESET / "s2-open-platypus-sam.json.gz"
+    path.write_bytes(path.read_bytes()[:200])  # a truncated download
     page = _build_tab2a(tmp_path, CFSAM_RESULTS=str(results))
     text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page)).replace(" )", ")")  # the page's words
     assert "(1 damaged)" in text and f"cfsam run-missing --preset {PRESET} --only s2-open-platypus-sam" in text
-    stage1 = json.loads((results / PRESET / "stage1.json").read_text())
+    stage1 = read_json(results / PRESET / "stage1.json.gz")
     assert f"{100 * stage1['eval']['categories']['AVG']['score']:.2f}" in page  # the other rows still shown

@@ -1,4 +1,5 @@
 """The experiment registry, ids and staleness, and the paper-beside-ours tables, on synthetic entries."""
+import gzip
 import json
 
 import numpy as np
@@ -106,11 +107,14 @@ def test_entries_read_without_the_data_and_are_checked_with_it(results, monkeypa
     assert (got["status"], got["data_verified"]) == ("ok", False)
 
 
-@pytest.mark.parametrize("content", [b'{"id": "x", "name": ', b"", b"\xff\xfe{}", b"[]", b"null", None])
-def test_a_damaged_entry_is_named_and_blocks_nothing_else(results, content):
+@pytest.mark.parametrize("content,suffix", [(b'{"id": "x", "name": ', ".json"), (b"", ".json"), (b"\xff\xfe{}", ".json"),
+                                            (b"[]", ".json"), (b"null", ".json"), (None, ".json"),
+                                            (gzip.compress(b'{"id": "x"}')[:12], ".json.gz"),  # truncated
+                                            (b'{"id": "x"}', ".json.gz")])  # not gzip at all
+def test_a_damaged_entry_is_named_and_blocks_nothing_else(results, content, suffix):
     exp = specs.expand("smoke")["base"]
     write_json_atomic(results / "smoke" / "stage1.json", {"id": specs.experiment_id(exp), "spec": exp})
-    path = results / "smoke" / "base.json"
+    path = results / "smoke" / f"base{suffix}"
     if content is None:
         path.mkdir(parents=True)  # a directory in a file's place
     else:
@@ -162,3 +166,22 @@ def test_compare_puts_the_paper_beside_ours_and_recomputes_delta(results):
     assert table.loc["-> ShareGPT (w/o SAM, 2 ep)", ("", "status")] == "missing"
     assert np.isnan(table.loc["-> ShareGPT (w/o SAM, 2 ep)", ("AVG", "ours")])
     assert "missing" in report.missing_note(table, "cpu")
+
+
+def test_entries_are_written_compressed_and_plain_ones_still_read(results):
+    """The runner writes <name>.json.gz; a plain <name>.json (older caches, a copy by hand) reads the same,
+    and the compressed one wins where both are there."""
+    exps = specs.expand("smoke")
+    good = {"id": specs.experiment_id(exps["base"]), "spec": exps["base"], "value": 0.1 + 0.2,
+            "provenance": {"data": cache.data_hashes(exps["base"])}}
+    assert cache.entry_path("smoke", "base").name == "base.json.gz"
+    write_json_atomic(results / "smoke" / "base.json", {**good, "id": "0" * 16})  # stale, plain
+    assert cache.load_results("smoke", ["base"])["base"]["status"] == "stale"
+    write_json_atomic(cache.entry_path("smoke", "base"), good)
+    got = cache.load_results("smoke", ["base"])["base"]
+    assert got["status"] == "ok" and got["value"] == 0.1 + 0.2  # floats exactly as written
+    assert gzip.decompress((results / "smoke" / "base.json.gz").read_bytes()).startswith(b"{")
+    a = (results / "smoke" / "base.json.gz").read_bytes()
+    write_json_atomic(cache.entry_path("smoke", "base"), good)
+    assert (results / "smoke" / "base.json.gz").read_bytes() == a  # no timestamp: same entry, same bytes
+    assert not [r for r in cache.check("smoke") if r["status"] == "orphan"]

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from cfsam.core.io import read_json
 from cfsam.pipeline import cache, specs
 
 pytestmark = [pytest.mark.mirror, pytest.mark.slow]
@@ -25,9 +26,9 @@ def test_run_missing_under_torchrun_keeps_the_ranks_in_step(tmp_path):
                           env=_env(tmp_path), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("base", "stage1"):
-        entry = json.loads((tmp_path / "results" / "smoke" / f"{name}.json").read_text())
+        entry = read_json(tmp_path / "results" / "smoke" / f"{name}.json.gz")
         assert entry["id"] == specs.experiment_id(specs.expand("smoke")[name])
-    stage1 = json.loads((tmp_path / "results" / "smoke" / "stage1.json").read_text())
+    stage1 = read_json(tmp_path / "results" / "smoke" / "stage1.json.gz")
     assert stage1["train"]["world_size"] == 2 and stage1["train"]["dist"] == "ddp"
     # both ranks measured together (the eval items shared), rank 0 wrote: its log says so once per experiment
     assert proc.stderr.count("measuring") == 2
@@ -104,7 +105,7 @@ def test_workers_compute_the_same_entries_and_train_shared_runs_once(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     exps = specs.expand("smoke")
     for name in only:
-        entry = json.loads((tmp_path / "results" / "smoke" / f"{name}.json").read_text())
+        entry = read_json(tmp_path / "results" / "smoke" / f"{name}.json.gz")
         assert entry["id"] == specs.experiment_id(exps[name])
     finished = re.findall(r"stage (\w+) finished:", proc.stderr)  # the trainer's last line for each stage
     assert sorted(finished) == sorted(set(finished)) and len(finished) == 3, finished  # stage 1 + two stage 2

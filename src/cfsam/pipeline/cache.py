@@ -8,12 +8,11 @@ error), never a crash: one bad entry blocks nothing else. Reading needs neither 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
-from cfsam.core.io import config_hash
+from cfsam.core.io import config_hash, read_json
 from cfsam.pipeline.specs import expand, experiment_id
 
 log = logging.getLogger(__name__)
@@ -28,7 +27,18 @@ def results_dir(preset: str) -> Path:
 
 
 def entry_path(preset: str, name: str) -> Path:
-    return results_dir(preset) / f"{name}.json"
+    """Where an experiment's entry is written: gzip-compressed JSON (per-item records make an entry up to
+    a few MB of text, a tenth of that compressed)."""
+    return results_dir(preset) / f"{name}.json.gz"
+
+
+def find_entry(preset: str, name: str) -> Path | None:
+    """The file holding an experiment's entry: the compressed one, else a plain ``.json`` (entries written
+    before compression, or copied by hand), else None."""
+    for path in (entry_path(preset, name), results_dir(preset) / f"{name}.json"):
+        if path.exists():
+            return path
+    return None
 
 
 def missing_command(preset: str, name: str) -> str:
@@ -77,8 +87,8 @@ def data_present() -> bool:
 def read_entry(path: Path) -> dict:
     """A cache file's entry, or ValueError naming the file and what is wrong with it."""
     try:
-        entry = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
+        entry = read_json(path)
+    except (OSError, ValueError) as err:
         raise ValueError(f"{path}: {type(err).__name__}: {err}") from err
     if not isinstance(entry, dict) or "id" not in entry:
         raise ValueError(f"{path}: not a results entry (a JSON object with an id), got {type(entry).__name__}")
@@ -99,9 +109,9 @@ def load_results(preset: str, names: list[str] | None = None, *, verify_data: bo
 
 
 def _status(preset: str, name: str, exp: dict, verify: bool) -> dict:
-    path = entry_path(preset, name)
+    path = find_entry(preset, name)
     command = missing_command(preset, name)
-    if not path.exists():
+    if path is None:
         return {"name": name, "status": "missing", "command": command}
     try:
         entry = read_entry(path)
@@ -130,9 +140,9 @@ def check(preset: str) -> list[dict]:
     rows = [{"name": n, "status": e["status"], "why": e.get("why", ""), "data_verified": e.get("data_verified"),
              "command": e.get("command", "")} for n, e in results.items()]
     folder = results_dir(preset)
-    known = {f"{n}.json" for n in results}
-    for extra in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+    known = {f"{n}{suffix}" for n in results for suffix in (".json", ".json.gz")}
+    for extra in sorted([*folder.glob("*.json"), *folder.glob("*.json.gz")]) if folder.is_dir() else []:
         if extra.name not in known:
-            rows.append({"name": extra.stem, "status": "orphan", "why": f"{extra} is no experiment of {preset}",
+            rows.append({"name": extra.name.split(".json")[0], "status": "orphan", "why": f"{extra} is no experiment of {preset}",
                          "data_verified": None, "command": ""})
     return rows

@@ -224,6 +224,7 @@ def run_one(preset: str, name: str, exp: dict | None = None) -> dict | None:
                          "train": train_metrics, **measured}
                 entry["provenance"] = provenance(started, time.time(), exp, model)
                 write_json_atomic(path, entry)
+                path.with_name(f"{name}.json").unlink(missing_ok=True)  # a stale plain entry it replaces
             del model, measured
         elif _rank() == 0:
             log.info("experiment %s/%s: finished by another process meanwhile", preset, name)

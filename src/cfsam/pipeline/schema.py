@@ -1,4 +1,4 @@
-"""The results schema, once: what every ``results/<preset>/<name>.json`` entry holds (written by the runner).
+"""The results schema, once: what every ``results/<preset>/<name>.json.gz`` entry holds (written by the runner).
 
 TypedDicts document the shape and let a type checker follow it; the JSON itself is plain.
 """
