@@ -66,3 +66,22 @@ def test_frontier_full_gives_the_first_sets_every_seed_and_sweep():
     assert "open-platypus-sam-rho2-s1235-4of4" in one and "auto-wiki-sam-rho2-s1235-4of4" not in one
     assert {n.replace("open-platypus", "auto-wiki") for n in one if n.startswith("open-platypus")} <= two
     assert one <= two
+
+
+def test_frontier_sam_lr_adds_sam_runs_at_other_learning_rates():
+    """SAM over the same radii at another lr, first seed only; the stage-2 lr itself is refused (every SAM
+    run already uses it)."""
+    from cfsam.pipeline import specs
+
+    p = load_preset("smoke", {"frontier.sam_lr": [5.0e-4], "frontier.seeds": [1234, 1235]})
+    exps = specs.expand(p)
+    extra = [n for n in exps if "-lr0.0005-" in n]
+    assert extra == [f"open-platypus-sam-rho2-lr0.0005-s1234-{k}of4" for k in range(1, 5)]
+    d = specs.describe(exps[extra[-1]]["run"])
+    assert (d["optimizer"], d["rho"], d["lr"], d["seed"]) == ("sam", 2.0, 5.0e-4, 1234)
+    base = specs.describe(exps["open-platypus-sam-rho2-s1234-4of4"]["run"])
+    assert base["lr"] == p["stage2"]["lr"]  # the sweep's own SAM runs keep the stage-2 lr
+    with pytest.raises(PresetError, match="frontier.sam_lr: .* is the stage-2 lr"):
+        load_preset("smoke", {"frontier.sam_lr": [p["stage2"]["lr"]]})
+    with pytest.raises(PresetError, match=r"frontier.sam_lr\[0\]=-1"):
+        load_preset("smoke", {"frontier.sam_lr": [-1]})

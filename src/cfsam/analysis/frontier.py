@@ -83,8 +83,8 @@ def collect(preset: str) -> tuple[dict, pd.DataFrame]:
         fam = _family(d)
         setting = {"adamw": d["lr"], "sam": d["rho"], "asam": d["rho"], "rehearsal": d["rehearsal_fraction"],
                    "wise_ft": d["alpha"]}[fam]
-        rows.append({"name": n, "dataset": d["stage2"], "family": fam, "setting": setting, "seed": d["seed"],
-                     "at": d["at"] or 1, "of": d["of"] or 1})
+        rows.append({"name": n, "dataset": d["stage2"], "family": fam, "setting": setting, "lr": d["lr"],
+                     "seed": d["seed"], "at": d["at"] or 1, "of": d["of"] or 1})
     out = {"start": entries[START], **{r["name"]: entries[r["name"]] for r in rows}}
     for e in out.values():  # as arrays once: the bootstrap reads them on every draw
         for rec in (e.get("heldout_loss") or {}).values():
@@ -378,10 +378,10 @@ def learning_check(preset: str, *, n_boot: int = 500, seed: int = 0, min_nats: f
 
 def never_learned(points: pd.DataFrame) -> pd.DataFrame:
     """The runs whose own held-out loss never fell below the stage-1 model's at any point: (dataset, family,
-    setting, seed), with the largest rise of that loss and the forgetting at the end point."""
+    setting, lr, seed), with the largest rise of that loss and the forgetting at the end point."""
     if points.empty:
         return pd.DataFrame()
-    keys = ["dataset", "family", "setting", "seed"]
+    keys = ["dataset", "family", "setting", "lr", "seed"]
     rows = []
     for key, g in points.groupby(keys):
         if g["learning"].max() <= 0:

@@ -44,7 +44,8 @@ OPTIONAL = {
     "frontier": {"datasets": list, "full": int, "seeds": list, "epochs": NUM, "snapshots": int, "heldout_n": int,
                  "landscape": (dict, bool), "seeded": {"adamw_lr": list, "sam_rho": list},
                  "screen": {"tasks": list, "limit": OPT_INT},
-                 "eval": {"tasks": list, "limit": OPT_INT}, "adamw_lr": list, "sam_rho": list, "asam_rho": list,
+                 "eval": {"tasks": list, "limit": OPT_INT}, "adamw_lr": list, "sam_rho": list, "sam_lr": list,
+                 "asam_rho": list,
                  "rehearsal_fraction": list, "wise_ft_alpha": list, "light": {"adamw_lr": list, "sam_rho": list}},
 }
 
@@ -205,7 +206,10 @@ def _check_frontier(p: dict) -> None:
         extra = [v for v in f["seeded"][key] if v not in f[key]]
         if extra:
             raise PresetError(f"frontier.seeded.{key}: {extra} are not in frontier.{key} ({f[key]})")
-    for key in ("adamw_lr", "sam_rho", "asam_rho"):
+    if p["stage2"].get("lr") in f["sam_lr"]:
+        raise PresetError(f"frontier.sam_lr: {p['stage2']['lr']} is the stage-2 lr, which every SAM run of "
+                          "frontier.sam_rho already uses; list only other learning rates")
+    for key in ("adamw_lr", "sam_rho", "sam_lr", "asam_rho"):
         for i, v in enumerate(f[key] + (f["light"][key] if key in f["light"] else [])):
             if not (isinstance(v, NUM) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
                 raise PresetError(f"frontier.{key}[{i}]={v!r} must be a finite number > 0")

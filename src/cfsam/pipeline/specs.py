@@ -175,6 +175,10 @@ def frontier(p: dict, s1: dict, heldout: dict, ev: dict) -> dict[str, dict]:
             methods += [(f"asam-rho{rho:g}", sam(p, **ep, rho=rho, adaptive=True), False) for rho in f["asam_rho"]]
             methods += [(f"rehearsal{fr:g}", {**ep, "rehearsal_from": p["stage1"]["dataset"], "rehearsal_fraction": fr},
                          False) for fr in f["rehearsal_fraction"]]
+            # SAM at other learning rates than the stage-2 one (first seed): is SAM's place on the frontier
+            # its radius, or only the step size it is run at?
+            methods += [(f"sam-rho{rho:g}-lr{lr:g}", sam(p, **ep, rho=rho, adaptive=False, lr=lr), False)
+                        for lr in f["sam_lr"] for rho in rhos]
         for k, seed in enumerate(f["seeds"][:1] if light else f["seeds"]):
             here = {**measure, "heldout": {**measure["heldout"], "datasets": heldout["datasets"] + [ds]}}
             for name, changes, seeded in methods:
