@@ -108,6 +108,12 @@ def load_results(preset: str, names: list[str] | None = None, *, verify_data: bo
     return out
 
 
+def status_of(preset: str, name: str, exp: dict) -> str:
+    """One experiment's status against the spec ``exp`` a running process holds (not the preset file as it
+    reads now: a preset edited while ``run-missing`` runs must neither stop it nor change what it computes)."""
+    return _status(preset, name, exp, data_present())["status"]
+
+
 def _status(preset: str, name: str, exp: dict, verify: bool) -> dict:
     path = find_entry(preset, name)
     command = missing_command(preset, name)

@@ -31,7 +31,7 @@ from cfsam.core.dist import init_group, local_device
 from cfsam.core import memory
 from cfsam.core.io import write_json_atomic
 from cfsam.data import models, sources
-from cfsam.pipeline.cache import REPO, data_hashes, datasets_of, entry_path, load_results
+from cfsam.pipeline.cache import REPO, data_hashes, datasets_of, entry_path, load_results, status_of
 from cfsam.pipeline.specs import MEASURE_VERSION, expand, experiment_id, last_stage, needed, run_id, run_kind
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ def run_one(preset: str, name: str, exp: dict | None = None) -> dict | None:
     path = entry_path(preset, name)
     entry = None
     with _exclusive(models.cache_dir() / "locks" / preset / name):  # locks live in the cache, not in results/
-        if _from_rank0(_rank() == 0 and load_results(preset, [name])[name]["status"] != "ok"):
+        if _from_rank0(_rank() == 0 and status_of(preset, name, exp) != "ok"):
             # every rank measures: the eval items are shared among them (the harness gathers the scores)
             if _rank() == 0:
                 log.info("experiment %s/%s: measuring %s", preset, name, model_ref)
@@ -248,9 +248,9 @@ def _worker_init(threads: int, level: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _run_group(preset: str, names: list[str]) -> list[str]:
+def _run_group(preset: str, exps: dict[str, dict], names: list[str]) -> list[str]:
     """A worker's share: the group's experiments in order; the names that failed (logged) come back."""
-    exps, failed = expand(preset), []
+    failed = []
     for name in names:
         try:
             run_one(preset, name, exps[name])
@@ -278,7 +278,7 @@ def _run_parallel(preset: str, exps: dict, todo: list[str], workers: int) -> Non
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                                 initializer=_worker_init,
                                                 initargs=(threads, logging.getLogger().getEffectiveLevel())) as pool:
-        jobs = [pool.submit(_run_group, preset, g) for g in todo_groups]
+        jobs = [pool.submit(_run_group, preset, {n: exps[n] for n in g}, g) for g in todo_groups]
         for job in tqdm(concurrent.futures.as_completed(jobs), total=len(jobs), desc=f"run groups ({preset})"):
             failed += job.result()
     if failed:
