@@ -156,3 +156,15 @@ def test_permutation_spearman_by_hand():
     assert rho == pytest.approx(1.0) and how == "exact" and p == pytest.approx(2 / 120)
     rho, p, how = frontier.permutation_spearman(range(12), np.arange(12)[::-1], n_resamples=2000)
     assert rho == pytest.approx(-1.0) and p < 0.01 and how == "2000 random pairings"
+
+
+def test_the_papers_own_comparison_is_placed_like_the_frontier_points(tmp_path, monkeypatch):
+    monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path))
+    exps = specs.expand("smoke")
+    for name, own, s1 in (("stage1", 2.0, 1.0), ("s2-open-platypus-adamw", 1.7, 1.3), ("s2-open-platypus-sam", 1.9, 1.1)):
+        write_json_atomic(tmp_path / "smoke" / f"{name}.json", _entry(exps[name], name, own=own, s1=s1))
+    t = frontier.paper_comparison("smoke")
+    assert list(t.index) == ["s2-open-platypus-adamw", "s2-open-platypus-sam"]  # only those computed
+    assert t.loc["s2-open-platypus-adamw", ["learning", "forgetting"]].tolist() == pytest.approx([0.3, 0.3])
+    assert t.loc["s2-open-platypus-sam", ["learning", "forgetting"]].tolist() == pytest.approx([0.1, 0.1])
+    assert t.loc["s2-open-platypus-sam", "epochs"] * 2 == t.loc["s2-open-platypus-adamw", "epochs"]

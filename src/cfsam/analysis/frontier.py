@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from cfsam.pipeline import specs
+from cfsam.pipeline.presets import load_preset
 from cfsam.pipeline.cache import load_results
 
 START = "frontier-stage1"
@@ -288,6 +289,26 @@ def robustness(preset: str, dataset: str, a: str = "adamw", b: str = "sam", *, l
         kind = out["verdict"].map(verdict_kind)
         out["same verdict as the default"] = kind == kind.iloc[0]
     return out
+
+
+def paper_comparison(preset: str) -> pd.DataFrame:
+    """The paper's own comparison beside the frontier: AdamW for the stage-2 epochs, SAM for half of them (the
+    same number of passes) and AdamW for as few, on every stage-2 set, with what each learned and forgot
+    against the same stage-1 model on the same held-out examples as the frontier points. Only those
+    computed (``cfsam run-missing --notebooks tab2a`` computes them)."""
+    from cfsam.analysis import report
+
+    exps = specs.expand(preset)
+    own = [f"s2-{ds}-{m}" for ds in load_preset(preset)["stage2_datasets"] for m in ("adamw", "sam", "adamw-e1")]
+    own = [n for n in own if n in exps]
+    if "stage1" not in exps or not own:
+        return pd.DataFrame()
+    lf = report.learning_and_forgetting(preset, ["stage1", *own])
+    if lf.empty:
+        return lf
+    lf = lf[lf["status"] == "ok"].drop(columns=["status", "adaptive"])
+    return lf.rename(columns={"learned (Δ own held-out loss)": "learning",
+                              "forgot (Δ Alpaca held-out loss)": "forgetting"}).assign(learning=lambda d: -d["learning"])
 
 
 def points(preset: str) -> pd.DataFrame:
