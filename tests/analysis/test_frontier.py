@@ -168,3 +168,14 @@ def test_the_papers_own_comparison_is_placed_like_the_frontier_points(tmp_path, 
     assert t.loc["s2-open-platypus-adamw", ["learning", "forgetting"]].tolist() == pytest.approx([0.3, 0.3])
     assert t.loc["s2-open-platypus-sam", ["learning", "forgetting"]].tolist() == pytest.approx([0.1, 0.1])
     assert t.loc["s2-open-platypus-sam", "epochs"] * 2 == t.loc["s2-open-platypus-adamw", "epochs"]
+
+
+def test_end_points_average_each_settings_last_point_over_seeds():
+    pts = pd.DataFrame([
+        {"dataset": "d", "family": "adamw", "setting": 1e-4, "lr": 1e-4, "seed": 1, "at": 2, "of": 2, "learning": 0.4, "forgetting": 0.1},
+        {"dataset": "d", "family": "adamw", "setting": 1e-4, "lr": 1e-4, "seed": 2, "at": 2, "of": 2, "learning": 0.2, "forgetting": 0.3},
+        {"dataset": "d", "family": "adamw", "setting": 1e-4, "lr": 1e-4, "seed": 3, "at": 1, "of": 2, "learning": 9.0, "forgetting": 9.0},
+        {"dataset": "d", "family": "sam", "setting": 2.0, "lr": 3e-4, "seed": 1, "at": 2, "of": 2, "learning": -0.1, "forgetting": 0.2}])
+    t = frontier.end_points(pts)
+    assert t.loc[("d", "adamw", 1e-4, 1e-4)].tolist() == pytest.approx([2, 0.3, 0.2])  # seed 3 has not ended
+    assert t.loc[("d", "sam", 2.0, 3e-4)].tolist() == pytest.approx([1, -0.1, 0.2])

@@ -397,6 +397,19 @@ def learning_check(preset: str, *, n_boot: int = 500, seed: int = 0, min_nats: f
     return out
 
 
+def end_points(points: pd.DataFrame) -> pd.DataFrame:
+    """Where each setting ends: learning and forgetting at a run's last point, averaged over the seeds that
+    reached it (how many: ``seeds``), per (dataset, family, setting, lr); Wise-FT merges are end points."""
+    if points.empty:
+        return pd.DataFrame()
+    ends = points[points["at"] == points["of"]]
+    keys = ["dataset", "family", "setting", "lr"]
+    cols = ["learning", "forgetting"] + [c for c in ends if c.startswith("ability fall")]
+    out = ends.groupby(keys, sort=False)[cols].mean()
+    out.insert(0, "seeds", ends.groupby(keys, sort=False)["seed"].nunique())
+    return out
+
+
 def never_learned(points: pd.DataFrame) -> pd.DataFrame:
     """The runs whose own held-out loss never fell below the stage-1 model's at any point: (dataset, family,
     setting, lr, seed), with the largest rise of that loss and the forgetting at the end point."""
