@@ -314,6 +314,8 @@ def test_hvp_in_micro_batches_of_rows_equals_whole_batches(monkeypatch):
     assert ((flat[1] - flat[100]).norm() / flat[100].norm()).item() < 1e-10
     with pytest.raises(ValueError, match="rows=0"):
         heldout.split_rows(batches, 0)
+    assert curvature.hvp_rows(torch.device("cpu")) == curvature.HVP_ROWS
+    assert curvature.hvp_rows(torch.device("meta")) == curvature.HVP_ROWS_ACCELERATOR  # any accelerator
 
 
 # ------------------------------------------------------------------------------------------ plots
