@@ -179,3 +179,33 @@ def test_end_points_average_each_settings_last_point_over_seeds():
     t = frontier.end_points(pts)
     assert t.loc[("d", "adamw", 1e-4, 1e-4)].tolist() == pytest.approx([2, 0.3, 0.2])  # seed 3 has not ended
     assert t.loc[("d", "sam", 2.0, 3e-4)].tolist() == pytest.approx([1, -0.1, 0.2])
+
+
+def test_tables_show_settings_as_written_and_measures_at_their_precision():
+    from cfsam.analysis import report
+
+    df = pd.DataFrame({"lr": [5e-05, 3e-4], "learning": [0.41234, np.nan]},
+                      index=pd.Index([0.05, 2.0], name="setting"))
+    html = report.show(df, 3).to_html()
+    for shown in (">5e-05<", ">0.0003<", ">0.05<", ">2<", ">0.412<", ">–<"):
+        assert shown in html, shown
+    assert ">0.000<" not in html
+
+
+def test_sam_gradients_compare_the_step_at_w_and_at_the_ascent_point(tmp_path, monkeypatch):
+    monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path))
+    exps = specs.expand("smoke")
+    write_json_atomic(tmp_path / "smoke" / "frontier-stage1.json", _entry(exps["frontier-stage1"], "frontier-stage1",
+                                                                         own=2.0, s1=1.0))
+    for k in range(1, 5):
+        name = f"open-platypus-sam-rho2-s1234-{k}of4"
+        e = _entry(exps[name], name, own=2.0 - 0.05 * k, s1=1.1)
+        e["train"] = {"grad_norm": [2.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+                      "sam_grad_norm": [20.0, 10.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]}
+        write_json_atomic(tmp_path / "smoke" / f"{name}.json", e)
+    t = frontier.sam_gradients("smoke")
+    assert len(t) == 1 and t["rho"].iloc[0] == 2.0  # one row per run, from its end point
+    assert t["|g(w+e)|, first quarter"].iloc[0] == pytest.approx(15.0)  # steps 1-2 of 8
+    assert t["ratio, first quarter"].iloc[0] == pytest.approx(7.5)  # (10 + 5) / 2
+    assert t["ratio, whole run"].iloc[0] == pytest.approx((10 + 5 + 6 * 2) / 8)
+    assert t["learning at the end"].iloc[0] == pytest.approx(0.2)

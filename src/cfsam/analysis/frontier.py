@@ -410,6 +410,32 @@ def end_points(points: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def sam_gradients(preset: str) -> pd.DataFrame:
+    """Why a SAM run may not learn: per SAM/ASAM run, the gradient norm at the weights w and at the ascent
+    point w + e that SAM steps with (the trainer logs both every step), over the first quarter of the run and
+    the whole of it. Where curvature along the gradient times rho dwarfs the gradient, the step follows the
+    sharp direction the ascent found rather than the task's."""
+    pts = points(preset)
+    if pts.empty:
+        return pd.DataFrame()
+    ends = pts[pts["family"].isin(["sam", "asam"]) & (pts["at"] == pts["of"])]
+    entries = load_results(preset, list(ends["name"]))
+    rows = []
+    for _, r in ends.iterrows():
+        t = entries[r["name"]].get("train") or {}
+        pairs = [(a, b) for a, b in zip(t.get("grad_norm") or [], t.get("sam_grad_norm") or [])
+                 if a is not None and b is not None]
+        if not pairs:
+            continue
+        clean, at_e = np.asarray(pairs, dtype=float).T
+        q = max(1, len(clean) // 4)
+        rows.append({"dataset": r["dataset"], "family": r["family"], "rho": r["setting"], "lr": r["lr"],
+                     "seed": r["seed"], "|g(w)|, first quarter": clean[:q].mean(),
+                     "|g(w+e)|, first quarter": at_e[:q].mean(), "ratio, first quarter": (at_e[:q] / clean[:q]).mean(),
+                     "ratio, whole run": (at_e / clean).mean(), "learning at the end": r["learning"]})
+    return pd.DataFrame(rows)
+
+
 def never_learned(points: pd.DataFrame) -> pd.DataFrame:
     """The runs whose own held-out loss never fell below the stage-1 model's at any point: (dataset, family,
     setting, lr, seed), with the largest rise of that loss and the forgetting at the end point."""

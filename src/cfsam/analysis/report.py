@@ -254,9 +254,24 @@ class _Shown(Styler):
         return f'<div class="cfsam-table">{self.to_html()}</div>{link}'
 
 
+# settings spanning decades (a learning rate of 5e-05 is not 0.000), shown as written in the presets
+AS_WRITTEN = ("lr", "setting", "rho", "alpha", "rehearsal_fraction")
+
+
 def show(df: pd.DataFrame, precision: int = 2, name: str = "table"):
-    """A results table formatted for the book (NaN shown as a dash), with a link to download it as ``name``.csv."""
+    """A results table formatted for the book (NaN shown as a dash; settings as written, ``AS_WRITTEN``), with
+    a link to download it as ``name``.csv."""
     styled = _Shown(df).format(precision=precision, na_rep="–")
+
+    def written(v):
+        return f"{v:g}" if isinstance(v, (int, float, np.floating)) and v == v else ("–" if v != v else str(v))
+
+    cols = [c for c in df.columns if c in AS_WRITTEN and pd.api.types.is_numeric_dtype(df[c])]
+    if cols:
+        styled = styled.format(written, subset=cols)
+    for level, label in enumerate(df.index.names):
+        if label in AS_WRITTEN:
+            styled = styled.format_index(written, level=level)
     styled.csv_name = name
     return styled
 
