@@ -209,3 +209,9 @@ def test_sam_gradients_compare_the_step_at_w_and_at_the_ascent_point(tmp_path, m
     assert t["ratio, first quarter"].iloc[0] == pytest.approx(7.5)  # (10 + 5) / 2
     assert t["ratio, whole run"].iloc[0] == pytest.approx((10 + 5 + 6 * 2) / 8)
     assert t["learning at the end"].iloc[0] == pytest.approx(0.2)
+
+
+def test_sam_gradient_sentence_ranks_the_ratio_against_learning():
+    t = pd.DataFrame({"ratio, first quarter": [1.4, 6.0, 12.0, 20.0], "learning at the end": [0.4, 0.3, -0.1, -0.2]})
+    assert frontier.sam_gradient_sentence(t).endswith("is -1.00.")  # larger ratio, less learning, every time
+    assert frontier.sam_gradient_sentence(t.iloc[:2]) == ""  # too few runs to rank

@@ -436,6 +436,17 @@ def sam_gradients(preset: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def sam_gradient_sentence(table: pd.DataFrame) -> str:
+    """What ``sam_gradients`` shows across runs: how the ratio |g(w+e)| / |g(w)| ranks against learning."""
+    if len(table) < 3:
+        return ""
+    from scipy.stats import spearmanr
+
+    r = spearmanr(table["ratio, first quarter"], table["learning at the end"]).statistic
+    return (f"Across these {len(table)} SAM runs, the rank correlation (Spearman) of |g(w+e)| / |g(w)| over the "
+            f"first quarter with the learning at the end is {r:+.2f}.")
+
+
 def never_learned(points: pd.DataFrame) -> pd.DataFrame:
     """The runs whose own held-out loss never fell below the stage-1 model's at any point: (dataset, family,
     setting, lr, seed), with the largest rise of that loss and the forgetting at the end point."""
