@@ -62,8 +62,18 @@ def reference(optimizer, adaptive=False):
 
 
 def read_weights(engine):
-    """What the forward reads: per parameter the ZeRO-3 partition, else the full replicated tensor."""
-    return [(p.ds_tensor if hasattr(p, "ds_tensor") else p.data).detach().clone() for p in engine.module.parameters()]
+    """What the forward reads: per parameter the ZeRO-3 partition (its real elements), else the full tensor."""
+    return [(p.ds_tensor.narrow(0, 0, zero.real_numel(p)) if hasattr(p, "ds_tensor") else p.data).detach().clone()
+            for p in engine.module.parameters()]
+
+
+def poison_padding(engine):
+    """NaN in the padding of every ZeRO-3 partition: DeepSpeed leaves it uninitialised (torch.empty), and
+    what it held decided, now and then, whether ASAM's norm was NaN. Nothing may read it."""
+    for p in engine.module.parameters():
+        if hasattr(p, "ds_tensor"):
+            n = zero.real_numel(p)
+            p.ds_tensor.narrow(0, n, p.ds_tensor.numel() - n).fill_(float("nan"))
 
 
 def distance(a, b, sharded):
@@ -86,6 +96,7 @@ def run(stage, optimizer, adaptive=False):
     model = make_model()
     client = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
     engine = zero.initialize(model, client, zero.engine_config(stage, 4, 1, world, None))
+    poison_padding(engine)
     zsam = zero.ZeroSAM(engine, rho=RHO, adaptive=adaptive) if optimizer == "sam" else None
     radii, reported, restore_err = [], [], []
     for x, y in batches():

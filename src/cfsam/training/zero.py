@@ -29,6 +29,7 @@ restarting gradient accumulation. tests/dist/sam_deepspeed.py checks both agains
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from cfsam.core.sam import global_norm
 
@@ -91,12 +92,22 @@ def _weights_and_grads(engine) -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
             continue
         if stage == 3:
             g = safe_get_local_grad(p)
-            out.append((p.ds_tensor, g.view(p.ds_tensor.shape)))
+            n = real_numel(p)
+            out.append((p.ds_tensor.narrow(0, 0, n), g.view(p.ds_tensor.shape).narrow(0, 0, n)))
         else:
             g = safe_get_full_grad(p)
             if g is not None:
                 out.append((p.data, g.view(p.shape)))
     return out, stage == 3
+
+
+def real_numel(p) -> int:
+    """How many of a ZeRO-3 parameter's local partition ``ds_tensor`` are weights. The last partition is
+    padded to the common size, and DeepSpeed leaves that padding uninitialised (torch.empty): it may hold
+    inf or NaN, which ASAM's |w| * g turned into a NaN norm now and then. Only the real elements enter."""
+    size = p.ds_tensor.ds_numel
+    start = size * dist.get_rank(group=getattr(p, "ds_process_group", None))
+    return max(0, min(size, p.ds_numel - start))
 
 
 def grad_norm(engine) -> torch.Tensor:
