@@ -35,11 +35,18 @@ def _entry(exp, name, own, s1, n=6, gold=None, acc=0.5):
     return out
 
 
-def test_sam_forgets_less_at_matched_learning_on_synthetic_points(tmp_path, monkeypatch):
+def _with_stage1(tmp_path, monkeypatch, **losses):
+    """The smoke preset's experiments, with a results cache in tmp_path holding its stage-1 model (own set's
+    held-out loss 2.0, stage-1 set's 1.0 unless given)."""
     monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path))
     exps = specs.expand("smoke")
-    write_json_atomic(tmp_path / "smoke" / "frontier-stage1.json", _entry(exps["frontier-stage1"], "frontier-stage1",
-                                                                         own=2.0, s1=1.0))
+    write_json_atomic(tmp_path / "smoke" / "frontier-stage1.json",
+                      _entry(exps["frontier-stage1"], "frontier-stage1", **{"own": 2.0, "s1": 1.0, **losses}))
+    return exps
+
+
+def test_sam_forgets_less_at_matched_learning_on_synthetic_points(tmp_path, monkeypatch):
+    exps = _with_stage1(tmp_path, monkeypatch)
     for k in range(1, 5):  # AdamW: learns 0.1 k, forgets 0.2 k; SAM: learns 0.1 k, forgets 0.1 k
         for method, slope in (("adamw-lr0.001", 0.2), ("sam-rho2", 0.1)):
             name = f"open-platypus-{method}-s1234-{k}of4"
@@ -113,10 +120,7 @@ def test_cost_counts_a_runs_training_once_for_its_points(tmp_path, monkeypatch):
 
 
 def test_no_matched_learning_when_a_method_never_learns(tmp_path, monkeypatch):
-    monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path))
-    exps = specs.expand("smoke")
-    write_json_atomic(tmp_path / "smoke" / "frontier-stage1.json", _entry(exps["frontier-stage1"], "frontier-stage1",
-                                                                         own=2.0, s1=1.0))
+    exps = _with_stage1(tmp_path, monkeypatch)
     for k in range(1, 5):  # SAM's own loss rises: it learns nothing
         for method, own in (("adamw-lr0.001", 2.0 - 0.1 * k), ("sam-rho2", 2.0 + 0.01 * k)):
             name = f"open-platypus-{method}-s1234-{k}of4"
@@ -130,10 +134,7 @@ def test_no_matched_learning_when_a_method_never_learns(tmp_path, monkeypatch):
 
 
 def test_no_verdict_when_most_resamples_share_no_learning(tmp_path, monkeypatch):
-    monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path))
-    exps = specs.expand("smoke")
-    write_json_atomic(tmp_path / "smoke" / "frontier-stage1.json", _entry(exps["frontier-stage1"], "frontier-stage1",
-                                                                         own=2.0, s1=1.0))
+    exps = _with_stage1(tmp_path, monkeypatch)
     for k in range(1, 5):
         for method, own in (("adamw-lr0.001", 2.0 - 0.1 * k), ("sam-rho2", 2.0)):
             name = f"open-platypus-{method}-s1234-{k}of4"
@@ -193,10 +194,7 @@ def test_tables_show_settings_as_written_and_measures_at_their_precision():
 
 
 def test_sam_gradients_compare_the_step_at_w_and_at_the_ascent_point(tmp_path, monkeypatch):
-    monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path))
-    exps = specs.expand("smoke")
-    write_json_atomic(tmp_path / "smoke" / "frontier-stage1.json", _entry(exps["frontier-stage1"], "frontier-stage1",
-                                                                         own=2.0, s1=1.0))
+    exps = _with_stage1(tmp_path, monkeypatch)
     for k in range(1, 5):
         name = f"open-platypus-sam-rho2-s1234-{k}of4"
         e = _entry(exps[name], name, own=2.0 - 0.05 * k, s1=1.1)
