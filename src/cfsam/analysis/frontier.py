@@ -364,8 +364,6 @@ def learning_check(preset: str, *, n_boot: int = 500, seed: int = 0, min_nats: f
     held-out set, when the base model is measured) and every AdamW run of the preset's stage-2 learning rate
     at its end point: the fall of its own held-out loss, a bootstrap standard error over the held-out
     examples, and whether it clears ``min_nats`` and ``min_se`` standard errors (the study's sizing rule)."""
-    from cfsam.pipeline.presets import load_preset
-
     entries, table = collect(preset)
     if table.empty:
         return pd.DataFrame()
