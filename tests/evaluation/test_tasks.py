@@ -59,6 +59,32 @@ def test_subsample_is_seeded_sorted_and_sized():
         tasks.subsample(10, 0, 1, "x")
 
 
+def test_stratified_subsample_spreads_evenly_over_groups():
+    from collections import Counter
+    groups = ["a"] * 100 + ["b"] * 50 + ["c"] * 2 + ["d"] * 30
+    pick = tasks.stratified_subsample(groups, 41, 1234, "mmlu")
+    assert pick == sorted(set(pick)) and len(pick) == 41
+    assert pick == tasks.stratified_subsample(groups, 41, 1234, "mmlu")
+    n = Counter(groups[i] for i in pick)
+    # c has only 2: the other 39 spread over a, b, d as 13 each (by hand)
+    assert n == {"a": 13, "b": 13, "c": 2, "d": 13}
+    # fewer items than groups: one each from a seeded choice of groups
+    few = Counter(groups[i] for i in tasks.stratified_subsample(groups, 3, 1234, "mmlu"))
+    assert sorted(few.values()) == [1, 1, 1]
+    assert tasks.stratified_subsample(groups, None, 1, "x") == list(range(len(groups)))
+    with pytest.raises(ValueError, match="limit"):
+        tasks.stratified_subsample(groups, 0, 1, "x")
+
+
+def test_mmlu_items_are_stratified_by_subject():
+    from collections import Counter
+    items, n = tasks.load_items("mmlu", limit=200)
+    per = Counter(it.group for it in items)
+    assert n == MANIFEST_COUNTS["mmlu"] and len(items) == 200
+    assert len(per) == 57 and set(per.values()) == {3, 4}  # 200 = 57 * 3 + 29
+    assert tasks.sampling("mmlu") == "stratified" and tasks.sampling("copa") == "random"
+
+
 def test_hellaswag_ctx_matches_lm_eval_preprocess():
     from lm_eval.tasks.hellaswag.utils import preprocess
 

@@ -85,3 +85,14 @@ def test_frontier_sam_lr_adds_sam_runs_at_other_learning_rates():
         load_preset("smoke", {"frontier.sam_lr": [p["stage2"]["lr"]]})
     with pytest.raises(PresetError, match=r"frontier.sam_lr\[0\]=-1"):
         load_preset("smoke", {"frontier.sam_lr": [-1]})
+
+
+def test_only_evals_with_a_stratified_task_say_so_in_their_spec():
+    """MMLU draws its items by subject: the evals that list it name that (so entries measured on the
+    earlier random draw turn stale), the others keep their spec and id."""
+    from cfsam.pipeline import specs
+
+    exps = specs.expand(load_preset("smoke", {"frontier.screen.tasks": ["mmlu", "copa"]}))
+    assert exps["screen"]["measure"]["eval"]["stratified"] == ["mmlu"]
+    assert exps["base"]["measure"]["eval"]["stratified"] == ["mmlu"]  # the paper's suite
+    assert "stratified" not in exps["frontier-stage1"]["measure"]["eval"]  # copa, arc_c

@@ -10,7 +10,9 @@ lm-evaluation-harness task config, how one record becomes one item:
 * ``contexts`` + ``continuation``: the other shape (WinoGrande): one context per choice, a shared
   continuation
 * ``target_delimiter`` (default " ") joins context and continuation; ``filter`` keeps some records;
-  ``group`` (an expression) labels records (MMLU subjects); ``fewshot`` says where examples come from
+  ``group`` (an expression) labels records (MMLU subjects); ``sample: stratified`` draws a ``limit``
+  subsample evenly over the groups (each subject counts alike in a macro mean); ``fewshot`` says where
+  examples come from
 * ``category`` (the paper's DK / Understanding / Reasoning / Exams, or ``extra``), ``paper`` and
   ``order`` (its column name and place in the paper's tables), ``primary`` (the metric its category
   average uses: acc, acc_norm, acc_tok or mc2), ``variant`` (how this differs from the paper's set),
@@ -236,6 +238,44 @@ def subsample(n: int, limit: int | None, seed: int, name: str) -> list[int]:
     return sorted(random.Random(f"{seed}:{name}").sample(range(n), limit))
 
 
+def stratified_subsample(groups: list[str], limit: int | None, seed: int, name: str) -> list[int]:
+    """Deterministic seeded subsample of ``limit`` indices of ``groups`` (sorted), spread as evenly as the
+    groups allow: every group gets ``limit // n_groups`` (or all it has), a seeded choice of groups one more,
+    and what small groups cannot take goes to the others the same way."""
+    n = len(groups)
+    if limit is None or limit >= n:
+        return list(range(n))
+    if limit < 1:
+        raise ValueError(f"limit must be a positive number of items, got {limit}")
+    rng = random.Random(f"{seed}:{name}:stratified")
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    order = sorted(members)
+    rng.shuffle(order)  # which groups get the remainder
+    take, left = dict.fromkeys(order, 0), limit
+    while left:
+        open_ = [g for g in order if take[g] < len(members[g])]
+        share = max(left // len(open_), 1)
+        for g in open_:
+            extra = min(share, len(members[g]) - take[g], left)
+            take[g] += extra
+            left -= extra
+            if not left:
+                break
+    return sorted(i for g in order for i in rng.sample(members[g], take[g]))
+
+
+def sampling(name: str) -> str:
+    """How ``limit`` items of the task are drawn: "random" or "stratified" (by its ``group``)."""
+    spec = task_spec(name)
+    how = spec.get("sample", "random")
+    if how not in ("random", "stratified") or (how == "stratified" and not spec.get("group")):
+        raise ValueError(f"task {name!r}: sample {how!r} is not allowed; use 'random', or 'stratified' with a "
+                         "'group' expression")
+    return how
+
+
 def load_items(name: str, *, limit: int | None = None, seed: int = 1234,
                num_fewshot: int = 0) -> tuple[list[Item], int]:
     """The task's items (a seeded subsample of ``limit`` when given) and the full item count."""
@@ -244,7 +284,8 @@ def load_items(name: str, *, limit: int | None = None, seed: int = 1234,
         raise ValueError(f"num_fewshot must be >= 0, got {num_fewshot}")
     records = _records(spec, spec["split"])
     render = _Renderer(spec)
-    chosen = subsample(len(records), limit, seed, name)
+    chosen = (stratified_subsample([r["group"] for r in records], limit, seed, name)
+              if sampling(name) == "stratified" else subsample(len(records), limit, seed, name))
     pool, fs = records, spec.get("fewshot", {})
     if num_fewshot and fs.get("split"):
         pool = _records(spec, fs["split"])

@@ -11,6 +11,7 @@ An *experiment* is one model state (a *run*) and what is measured on it. A run i
 from __future__ import annotations
 
 from cfsam.core.io import config_hash
+from cfsam.evaluation import tasks
 from cfsam.pipeline.presets import load_preset
 from cfsam.training import config as train_config
 
@@ -73,13 +74,21 @@ def experiment_id(exp: dict) -> str:
     return config_hash({"run": canonical_run(exp["run"]), "measure": exp["measure"], "measure_version": MEASURE_VERSION})
 
 
+def eval_measure(ev: dict) -> dict:
+    """What an eval measures: tasks, limit, seed, and which of the tasks draw their items by group
+    (``stratified``, only when some do: the ids of the others stay as they were)."""
+    out = {"tasks": list(ev["tasks"]), "limit": ev["limit"], "seed": ev["seed"]}
+    strat = [t for t in out["tasks"] if tasks.sampling(t) == "stratified"]
+    return {**out, "stratified": strat} if strat else out
+
+
 def expand(preset: str | dict) -> dict[str, dict]:
     """Every named experiment of a preset: {name: {"run": run, "measure": what to measure}}."""
     p = load_preset(preset) if isinstance(preset, str) else preset
     max_length, seed = p["train"].get("max_length", train_config.DEFAULTS["max_length"]), \
         p["train"].get("seed", train_config.DEFAULTS["seed"])
     heldout = {"datasets": [p["stage1"]["dataset"]], "n": p["heldout"]["n"], "max_length": max_length, "seed": seed}
-    ev = {"tasks": list(p["eval"]["tasks"]), "limit": p["eval"]["limit"], "seed": seed}
+    ev = eval_measure({**p["eval"], "seed": seed})
     out: dict[str, dict] = {}
 
     def add(name, run, landscape=False, sets=()):
@@ -117,7 +126,7 @@ def expand(preset: str | dict) -> dict[str, dict]:
     if "frontier" in p:
         f = p["frontier"]
         # which tasks the base model is above chance on: the frontier's general-ability suite is chosen from it
-        out["screen"] = {"run": {"model": p["model"]}, "measure": {"eval": {**f["screen"], "seed": seed}}}
+        out["screen"] = {"run": {"model": p["model"]}, "measure": {"eval": eval_measure({**f["screen"], "seed": seed})}}
         out.update(frontier(p, stage1(p, p["model"]), heldout, ev))
     _share_snapshots(out)
     return out
@@ -160,7 +169,7 @@ def frontier(p: dict, s1: dict, heldout: dict, ev: dict) -> dict[str, dict]:
     forgetting)."""
     f = p["frontier"]
     n, out = f["snapshots"], {}
-    measure = {"eval": {**ev, **f["eval"]}, "heldout": {**heldout, "n": f["heldout_n"]}}
+    measure = {"eval": eval_measure({**ev, **f["eval"]}), "heldout": {**heldout, "n": f["heldout_n"]}}
     # every curve starts at the stage-1 model: its held-out losses on every set, its general ability
     out["frontier-stage1"] = {"run": s1, "measure": {**measure, "heldout": {
         **measure["heldout"], "datasets": heldout["datasets"] + [d for d in f["datasets"] if d not in heldout["datasets"]]}}}
