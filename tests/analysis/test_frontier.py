@@ -213,3 +213,12 @@ def test_sam_gradient_sentence_ranks_the_ratio_against_learning():
     t = pd.DataFrame({"ratio, first quarter": [1.4, 6.0, 12.0, 20.0], "learning at the end": [0.4, 0.3, -0.1, -0.2]})
     assert frontier.sam_gradient_sentence(t).endswith("is -1.00.")  # larger ratio, less learning, every time
     assert frontier.sam_gradient_sentence(t.iloc[:2]) == ""  # too few runs to rank
+
+
+def test_screen_sentence_names_tasks_left_out_and_held_without_warrant():
+    """smoke's suite is [copa]: a screen where copa is at chance and arc_c above it says both."""
+    table = pd.DataFrame({"above chance": [False, True]}, index=["copa", "arc_c"])
+    text = frontier.screen_sentence("smoke", table)
+    assert text.startswith("Above chance by their interval: arc_c (1 of 2 screened).")
+    assert "not in the suite: arc_c;" in text and "without being above chance here: copa." in text
+    assert frontier.screen_sentence("smoke", pd.DataFrame()) == ""

@@ -488,6 +488,25 @@ def screen(preset: str) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("task")
 
 
+def screen_sentence(preset: str, table: pd.DataFrame) -> str:
+    """Which screened tasks are above chance, which of them the frontier's suite uses, and any it leaves out
+    or holds without the screen's warrant."""
+    if table.empty or "above chance" not in table:
+        return ""
+    suite = load_preset(preset)["frontier"]["eval"]["tasks"]
+    above = [t for t in table.index if table.loc[t, "above chance"] == True]  # noqa: E712 (NaN: not scored)
+    text = (f"Above chance by their interval: {', '.join(above) or 'none'} ({len(above)} of {len(table)} screened). "
+            f"The frontier's suite: {', '.join(suite)}.")
+    left, unwarranted = [t for t in above if t not in suite], [t for t in suite if t in table.index and t not in above]
+    if left:
+        text += (f" Also above chance but not in the suite: {', '.join(left)}; the suite was fixed in the"
+                 " preset before this screen and the first frontier run were computed, and widening it now would make"
+                 " every computed point stale.")
+    if unwarranted:
+        text += f" In the suite without being above chance here: {', '.join(unwarranted)}."
+    return text
+
+
 FLATNESS = {"SC": ("flatness", "SC"), "AG": ("flatness", "AG"), "MAG": ("flatness", "MAG"),
             "Hessian top eigenvalue": ("curvature", "hessian_top_eigenvalue"),
             "Hessian trace": ("curvature", "hessian_trace"), "SAM sharpness": ("curvature", "sam_sharpness")}
