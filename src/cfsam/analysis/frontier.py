@@ -415,11 +415,11 @@ def sam_gradients(preset: str) -> pd.DataFrame:
     point w + e that SAM steps with (the trainer logs both every step), over the first quarter of the run and
     the whole of it. Where curvature along the gradient times rho dwarfs the gradient, the step follows the
     sharp direction the ascent found rather than the task's."""
-    pts = points(preset)
-    if pts.empty:
+    entries, table = collect(preset)
+    if table.empty:
         return pd.DataFrame()
+    pts = measures(entries, table)
     ends = pts[pts["family"].isin(["sam", "asam"]) & (pts["at"] == pts["of"])]
-    entries = load_results(preset, list(ends["name"]))
     rows = []
     for _, r in ends.iterrows():
         t = entries[r["name"]].get("train") or {}
