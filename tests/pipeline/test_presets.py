@@ -96,3 +96,13 @@ def test_only_evals_with_a_stratified_task_say_so_in_their_spec():
     assert exps["screen"]["measure"]["eval"]["stratified"] == ["mmlu"]
     assert exps["base"]["measure"]["eval"]["stratified"] == ["mmlu"]  # the paper's suite
     assert "stratified" not in exps["frontier-stage1"]["measure"]["eval"]  # copa, arc_c
+
+
+def test_eval_stratify_false_keeps_random_items_and_the_earlier_ids():
+    """A preset whose entries were computed before MMLU was stratified says ``eval.stratify: false``."""
+    from cfsam.pipeline import specs
+
+    exps = specs.expand(load_preset("smoke", {"eval.stratify": False}))
+    assert "stratified" not in exps["base"]["measure"]["eval"]
+    with pytest.raises(PresetError, match="eval.stratify"):
+        load_preset("smoke", {"eval.stratify": "yes"})

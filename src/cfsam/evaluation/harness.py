@@ -48,12 +48,13 @@ def _as_loaded(model_or_loaded) -> models.Loaded:
 
 
 def evaluate(model_or_loaded, task_list: list[str] | str, *, limit: int | None = None, seed: int = 1234,
-             num_fewshot: int = 0, batch_size: int = 16, max_batch_tokens: int = 16384,
+             num_fewshot: int = 0, stratify: bool = True, batch_size: int = 16, max_batch_tokens: int = 16384,
              cache_dir: str | Path | None = None, use_cache: bool = True, progress: bool = True,
              device: str | torch.device | None = None) -> dict:
     """Evaluate a model on tasks by name ('paper' and 'all' expand); returns a JSON-able dict.
 
-    ``limit`` takes a seeded subsample of that many items per task. Results are cached per task under
+    ``limit`` takes a seeded subsample of that many items per task (by group where the task says
+    ``sample: stratified``, unless ``stratify`` is False). Results are cached per task under
     ``cache_dir`` (default ``$CFSAM_CACHE/eval``) unless ``use_cache`` is False. The model runs on
     ``device`` if given, else on CUDA (this rank's) when there is one, else where it is.
     """
@@ -67,7 +68,7 @@ def evaluate(model_or_loaded, task_list: list[str] | str, *, limit: int | None =
     elif next(model.parameters()).device.type == "cpu":
         model.to(local_device())
     rank, _ = rank_world()
-    settings = {"limit": limit, "seed": seed, "num_fewshot": num_fewshot}
+    settings = {"limit": limit, "seed": seed, "num_fewshot": num_fewshot, **({} if stratify else {"stratify": False})}
     weights, tok_id = models.weights_hash(model), _tokenizer_id(tok)
     cache = Path(cache_dir) if cache_dir else models.cache_dir() / "eval"
     results = {"model": {"name": loaded.name, "source": loaded.source, "weights_hash": weights},
@@ -75,7 +76,7 @@ def evaluate(model_or_loaded, task_list: list[str] | str, *, limit: int | None =
     todo: dict[str, tuple[list[tasks.Item], int, str]] = {}
     for name in names:
         try:
-            items, n_total = tasks.load_items(name, limit=limit, seed=seed, num_fewshot=num_fewshot)
+            items, n_total = tasks.load_items(name, limit=limit, seed=seed, num_fewshot=num_fewshot, stratify=stratify)
         except tasks.TaskMissing as err:  # only a set not had here; a damaged file raises DataError, naming it
             log.warning("%s: missing (%s)", name, err)
             results["tasks"][name] = {"status": "missing", "task": name, "reason": str(err),

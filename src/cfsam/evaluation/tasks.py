@@ -277,15 +277,16 @@ def sampling(name: str) -> str:
 
 
 def load_items(name: str, *, limit: int | None = None, seed: int = 1234,
-               num_fewshot: int = 0) -> tuple[list[Item], int]:
-    """The task's items (a seeded subsample of ``limit`` when given) and the full item count."""
+               num_fewshot: int = 0, stratify: bool = True) -> tuple[list[Item], int]:
+    """The task's items (a seeded subsample of ``limit`` when given: by group where the task says
+    ``sample: stratified`` and ``stratify`` holds) and the full item count."""
     spec = task_spec(name)
     if num_fewshot < 0:
         raise ValueError(f"num_fewshot must be >= 0, got {num_fewshot}")
     records = _records(spec, spec["split"])
     render = _Renderer(spec)
     chosen = (stratified_subsample([r["group"] for r in records], limit, seed, name)
-              if sampling(name) == "stratified" else subsample(len(records), limit, seed, name))
+              if stratify and sampling(name) == "stratified" else subsample(len(records), limit, seed, name))
     pool, fs = records, spec.get("fewshot", {})
     if num_fewshot and fs.get("split"):
         pool = _records(spec, fs["split"])

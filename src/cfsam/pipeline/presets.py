@@ -35,7 +35,7 @@ SCHEMA = {
     "wise_ft": {"alpha": NUM},
     "rho_sweep": list,
     "heldout": {"n": int},
-    "eval": {"tasks": list, "limit": OPT_INT},
+    "eval": {"tasks": list, "limit": OPT_INT, "stratify": bool},
     "landscape": {"dataset": str, "grid": int, "span": NUM, "n_examples": int, "batch_size": int,
                   "seeds": list, "filter_norm": bool, "hessian_iters": int, "hutchinson_probes": int},
 }

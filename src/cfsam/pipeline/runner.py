@@ -137,7 +137,7 @@ def measure(model_ref: str, spec: dict) -> tuple[dict, torch.nn.Module]:
     memory.release()
     t = time.time()
     ev = spec["eval"]
-    out["eval"] = evaluate(loaded, ev["tasks"], limit=ev["limit"], seed=ev["seed"])
+    out["eval"] = evaluate(loaded, ev["tasks"], limit=ev["limit"], seed=ev["seed"], stratify=bool(ev.get("stratified")))
     out["measure_seconds"]["eval"] = round(time.time() - t, 1)
     memory.release()
     if "landscape" in spec:

@@ -78,7 +78,7 @@ def eval_measure(ev: dict) -> dict:
     """What an eval measures: tasks, limit, seed, and which of the tasks draw their items by group
     (``stratified``, only when some do: the ids of the others stay as they were)."""
     out = {"tasks": list(ev["tasks"]), "limit": ev["limit"], "seed": ev["seed"]}
-    strat = [t for t in out["tasks"] if tasks.sampling(t) == "stratified"]
+    strat = [t for t in out["tasks"] if ev.get("stratify", True) and tasks.sampling(t) == "stratified"]
     return {**out, "stratified": strat} if strat else out
 
 
