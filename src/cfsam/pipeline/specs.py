@@ -76,9 +76,10 @@ def experiment_id(exp: dict) -> str:
 
 def eval_measure(ev: dict) -> dict:
     """What an eval measures: tasks, limit, seed, and which of the tasks draw their items by group
-    (``stratified``, only when some do: the ids of the others stay as they were)."""
+    (``stratified``: where ``ev["stratify"]``, the preset's ``eval.stratify``, holds and some do; the ids of
+    the others stay as they were)."""
     out = {"tasks": list(ev["tasks"]), "limit": ev["limit"], "seed": ev["seed"]}
-    strat = [t for t in out["tasks"] if ev.get("stratify", True) and tasks.sampling(t) == "stratified"]
+    strat = [t for t in out["tasks"] if ev["stratify"] and tasks.sampling(t) == "stratified"]
     return {**out, "stratified": strat} if strat else out
 
 
@@ -126,7 +127,7 @@ def expand(preset: str | dict) -> dict[str, dict]:
     if "frontier" in p:
         f = p["frontier"]
         # which tasks the base model is above chance on: the frontier's general-ability suite is chosen from it
-        out["screen"] = {"run": {"model": p["model"]}, "measure": {"eval": eval_measure({**f["screen"], "seed": seed})}}
+        out["screen"] = {"run": {"model": p["model"]}, "measure": {"eval": eval_measure({**f["screen"], "seed": seed, "stratify": p["eval"]["stratify"]})}}
         out.update(frontier(p, stage1(p, p["model"]), heldout, ev))
     _share_snapshots(out)
     return out
@@ -169,7 +170,7 @@ def frontier(p: dict, s1: dict, heldout: dict, ev: dict) -> dict[str, dict]:
     forgetting)."""
     f = p["frontier"]
     n, out = f["snapshots"], {}
-    measure = {"eval": eval_measure({**ev, **f["eval"]}), "heldout": {**heldout, "n": f["heldout_n"]}}
+    measure = {"eval": eval_measure({**ev, **f["eval"], "stratify": p["eval"]["stratify"]}), "heldout": {**heldout, "n": f["heldout_n"]}}
     # every curve starts at the stage-1 model: its held-out losses on every set, its general ability
     out["frontier-stage1"] = {"run": s1, "measure": {**measure, "heldout": {
         **measure["heldout"], "datasets": heldout["datasets"] + [d for d in f["datasets"] if d not in heldout["datasets"]]}}}
