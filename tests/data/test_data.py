@@ -51,6 +51,16 @@ def test_substitutes_and_variants_are_labelled():
         sources.raw_files("race_high")
 
 
+def test_shared_sources_are_the_stand_ins_common_records():
+    # independent of the registry's substitute lists: compare the records themselves
+    def texts(name):
+        return {t["prompt"] + t["response"] for r in formatting.load_records(name, "all") for t in r["turns"]}
+    assert texts("open-platypus") <= texts("metamathqa")
+    assert texts("alpaca").isdisjoint(texts("metamathqa"))
+    names = ["alpaca", "metamathqa", "open-platypus", "sharegpt", "auto-wiki"]
+    assert sources.shared_sources(names) == [("metamathqa", "open-platypus", ["math"])]
+
+
 def test_heldout_split_is_disjoint_fixed_and_five_percent():
     train, held = formatting.load_records("alpaca", "train"), formatting.load_records("alpaca", "heldout")
     assert set(train["id"]).isdisjoint(held["id"])

@@ -238,8 +238,11 @@ def preset_note(preset: str) -> str:
     labels = [f"{s}: {sources.label(s)}" for s in sets if sources.label(s)]
     warn = ("**Smoke preset: a tiny random model. These numbers exercise the pipeline; they are not results.** "
             if preset == "smoke" else "")
+    shared = [f"{a} and {b} both draw on {', '.join(f'`{c}`' for c in common)}, so their results are related, not independent"
+              for a, b, common in sources.shared_sources(sets)]
     return (f"{warn}Preset `{preset}` ({p['description']}); model `{p['model']}`. "
-            + ("Data stand-ins: " + "; ".join(labels) + "." if labels else ""))
+            + ("Data stand-ins: " + "; ".join(labels) + "." if labels else "")
+            + (" Here " + "; ".join(shared) + "." if shared else ""))
 
 
 class _Shown(Styler):

@@ -83,6 +83,20 @@ def label(name: str) -> str | None:
     return spec.get("variant")
 
 
+def shared_sources(names: list[str]) -> list[tuple[str, str, list[str]]]:
+    """Pairs of these training sets whose stand-ins here draw on a common source set, with what they share:
+    their results are related, not independent replications (MetaMathQA's and Open-Platypus's both hold MATH)."""
+    if not use_mirror():
+        return []
+
+    def parts(name: str) -> set[str]:
+        spec = dataset_spec(name)
+        return set(spec["substitute"]["sets"]) if "substitute" in spec else {name}
+
+    return [(a, b, sorted(parts(a) & parts(b))) for i, a in enumerate(names) for b in names[i + 1:]
+            if parts(a) & parts(b)]
+
+
 def splits(name: str) -> list[str]:
     return list(dataset_spec(name).get("files", {}))
 
