@@ -133,4 +133,43 @@ def test_check_reads_the_cache_and_reports_missing_runs_as_not_run(tmp_path, mon
     assert gap["held-out stage-1 loss: pairs the paper's way"] == "1 of 1"  # 2.0 -> 2.5: more forgotten
     assert table.loc["sam-mitigates", "held-out stage-1 loss: pairs the paper's way"] == "–"
     pairs = claims.compare_pairs("cpu", [("s2-open-platypus-adamw", "s2-auto-wiki-adamw")], n_boot=50)
-    assert pairs.iloc[0]["Δ held-out stage-1 loss"] == pytest.approx(0.5)
+    assert pairs.iloc[0][claims.HELDOUT] == pytest.approx(0.5)
+    assert gap[f"verdict ({claims.HELDOUT.split(' (')[0]})"] == "no interval"  # means only: no per-example losses
+
+
+def test_heldout_loss_interval_is_a_paired_bootstrap_over_the_examples(tmp_path, monkeypatch):
+    """Per-example held-out losses give the stage-1 loss an interval: a constant rise of 0.5 nats per token
+    in every example is 0.5 in every replicate (a point interval), and noise gives an interval around the
+    ratio of sums computed by hand; a lower loss is the paper's way for a claim that b keeps more."""
+    monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path))
+    rng = np.random.default_rng(5)
+    recs = {n: _records(n, rng, 10, 0.5) for n in PAPER_TASKS}
+    tokens = rng.integers(5, 50, size=40).astype(float)
+    base = rng.uniform(1.5, 2.5, size=40) * tokens
+    noisy = base + rng.normal(0.0, 0.3, size=40) * tokens
+    runs = {"s2-metamathqa-adamw": base + 0.5 * tokens, "s2-metamathqa-sam": base,
+            "s2-open-platypus-adamw": base, "s2-open-platypus-sam": noisy}
+    for name, summed in runs.items():
+        exp = specs.expand("cpu")[name]
+        pe = np.stack([summed, tokens], axis=1)
+        entry = {**_entry(recs), "id": specs.experiment_id(exp), "name": name, "spec": exp,
+                 "provenance": {"data": cache.data_hashes(exp)},
+                 "heldout_loss": {"alpaca": {"loss": summed.sum() / tokens.sum(), "per_example": pe.tolist()}}}
+        write_json_atomic(tmp_path / "cpu" / f"{name}.json", entry)
+    pairs = claims.compare_pairs("cpu", [("s2-metamathqa-adamw", "s2-metamathqa-sam"),
+                                         ("s2-open-platypus-adamw", "s2-open-platypus-sam")], n_boot=400)
+    h = claims.HELDOUT
+    shift = pairs.loc["s2-metamathqa-adamw → s2-metamathqa-sam"]
+    assert shift[h] == pytest.approx(-0.5) and shift[f"{h} low"] == pytest.approx(-0.5) and shift[f"{h} high"] == pytest.approx(-0.5)
+    noise = pairs.loc["s2-open-platypus-adamw → s2-open-platypus-sam"]
+    assert noise[h] == pytest.approx((noisy.sum() - base.sum()) / tokens.sum())
+    assert noise[f"{h} low"] < noise[h] < noise[f"{h} high"]
+    pooled = pairs.loc["pooled (mean of pairs)"]
+    assert pooled[h] == pytest.approx((shift[h] + noise[h]) / 2)
+    # one draw of the examples for both pairs: the pooled replicates are (-0.5 + the noisy pair's) / 2
+    assert pooled[f"{h} low"] == pytest.approx((-0.5 + noise[f"{h} low"]) / 2)
+    table = claims.check("cpu", ["sam-mitigates"], n_boot=400)
+    row = table.loc["sam-mitigates"]  # SAM's loss is lower: the paper's way, where the interval excludes zero
+    expected = "reproduced" if pooled[f"{h} high"] < 0 else "inconclusive"
+    assert row[f"verdict ({h.split(' (')[0]})"] == expected
+    assert "by Δ held-out stage-1 loss: " in claims.summary(table)

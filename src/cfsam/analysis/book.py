@@ -66,9 +66,13 @@ def claims_sentence(preset: str, where: str) -> str:
         if row is None or row[verdict_col] == "not run":
             parts.append(f"*{c['id']}* not checked" + ("" if pairs else " (this preset has no such runs)"))
             continue
-        loss_way = row["held-out stage-1 loss: pairs the paper's way"]
+        h = claims.HELDOUT
+        h_ci, h_verdict = row[f"{h} 95% CI"], row[f"verdict ({h.split(' (')[0]})"]
+        way = row["held-out stage-1 loss: pairs the paper's way"]
+        loss = (f"held-out Alpaca loss Δ {row[h]:+.3f} nats, 95 % CI {h_ci}, {h_verdict}" if h_ci != "–" else
+                f"held-out Alpaca loss the paper's way in {way} pairs")
         parts.append(f"*{c['id']}* {row[verdict_col]} (Δ AVG {row[avg]:+.2f} points, 95 % CI {row[avg + ' 95% CI']}; "
-                     f"held-out Alpaca loss the paper's way in {loss_way} pairs)")
+                     f"{loss})")
     out = f"The paper's claims on {where}, on our runs: " + "; ".join(parts) + "."
     lacking = _lacking(preset, runs)
     return out + (f" No current result yet for {_listed(lacking)}: compute them with "
@@ -135,8 +139,8 @@ def cost_sentence(cost: pd.DataFrame) -> str:
 
 
 def verdicts_sentence(verdicts: pd.DataFrame) -> str:
-    """The claims reproduced, and those found opposite, by either measure of ``claims.check``."""
+    """The claims reproduced, and those found opposite, by any measure of ``claims.check``."""
     cols = [c for c in verdicts if c.startswith("verdict")]
     named = {v: [cid for cid, row in verdicts.iterrows() if v in set(row[cols])] for v in ("reproduced", "opposite")}
-    return (f"Reproduced by either measure: {', '.join(named['reproduced']) or 'none'}; "
+    return (f"Reproduced by any measure: {', '.join(named['reproduced']) or 'none'}; "
             f"opposite: {', '.join(named['opposite']) or 'none'}; the other claims are inconclusive or not run here.")

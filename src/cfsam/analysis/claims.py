@@ -13,9 +13,12 @@ its subjects), so the point estimate is exactly the Delta the tables print. Two 
   times the choices' mean length, so that a long choice is not improbable merely for being long
   (csl_dev's two texts differ by a whole keyword line, HellaSwag's endings by many tokens).
 
-The held-out losses (stage-1 data, and the stage-2 set's own) are means over a fixed held-out slice and
-are reported beside them without an interval (the cache stores means, not per-example losses); per
-claim, the number of its pairs whose stage-1 loss moves the paper's way (down for "b keeps more").
+The held-out stage-1 (Alpaca) loss is the third measure: every run of a preset scores the same held-out
+examples, so a replicate resamples them (the same draw for every pair) and recomputes each run's token
+mean; its verdict flips the sign of the claim (a model that keeps more has a lower loss). Entries computed
+before the cache stored per-example losses have its Δ without an interval; for those, the count of pairs
+whose loss moves the paper's way is what is left. The held-out loss on b's own stage-2 set (down is
+learning) is shown beside each pair.
 
 The claims themselves are data (``registry/claims.yaml``): which runs each compares and which way the
 paper says the difference goes. A verdict is ``reproduced`` when the 95% interval lies on the paper's
@@ -35,6 +38,7 @@ from cfsam.evaluation.metrics import paper_avg
 from cfsam.pipeline import specs
 
 MEASURES = {"score": ("Δ AVG (points)", 100.0), "gold_choice_logprob": ("Δ gold log-prob among choices (nats)", 1.0)}
+HELDOUT = "Δ held-out stage-1 loss (nats)"
 VERDICTS = ("reproduced", "opposite", "inconclusive", "not run")
 
 
@@ -109,6 +113,25 @@ def avg_with_bootstrap(entries: list[dict], measure: str = "score", *, n_boot: i
     return point, boots
 
 
+def _token_means(per_example: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """The token-mean loss of each replicate: draws (n_boot, n) of rows of (summed loss, tokens)."""
+    return per_example[draws, 0].sum(axis=-1) / per_example[draws, 1].sum(axis=-1)
+
+
+def _heldout_pair(ea: dict, eb: dict, dataset: str, draws: dict, rng, n_boot: int) -> np.ndarray | None:
+    """Bootstrap replicates of b's minus a's held-out token-mean loss on ``dataset``, or None without the
+    per-example losses of the same examples in both (the token counts must agree)."""
+    pe = [e["heldout_loss"][dataset].get("per_example") for e in (ea, eb)]
+    if any(p is None for p in pe):
+        return None
+    pa, pb = (np.asarray(p, dtype=float) for p in pe)
+    if pa.shape != pb.shape or not np.array_equal(pa[:, 1], pb[:, 1]):
+        return None
+    if len(pa) not in draws:  # one draw of the examples for every pair: the pooled interval stays paired
+        draws[len(pa)] = rng.integers(0, len(pa), size=(n_boot, len(pa)))
+    return _token_means(pb, draws[len(pa)]) - _token_means(pa, draws[len(pa)])
+
+
 def verdict(low: float, high: float, expect: str) -> str:
     """``expect`` is the paper's sign of (b - a): 'up' or 'down'."""
     if np.isnan(low) or np.isnan(high):
@@ -157,14 +180,26 @@ def compare_pairs(preset: str, pairs: list[tuple[str, str]], *, n_boot: int = 20
             lo, hi = np.percentile(np.mean(boot_diffs, axis=0), [2.5, 97.5])
             rows.setdefault("pooled (mean of pairs)", {"a": "", "b": ""}).update(
                 {label: float(np.mean(diffs)), f"{label} low": lo, f"{label} high": hi})
+    rng, draws, loss_diffs, loss_boots = np.random.default_rng(seed), {}, [], []
     for key, row in rows.items():
         if row["a"] in entries and row["b"] in entries:
-            la, lb = entries[row["a"]]["heldout_loss"], entries[row["b"]]["heldout_loss"]
-            stage1 = entries[row["a"]]["spec"]["measure"]["heldout"]["datasets"][0]  # stage 1's set comes first
-            row["Δ held-out stage-1 loss"] = lb[stage1]["loss"] - la[stage1]["loss"]
-            own = specs.describe(entries[row["b"]]["spec"]["run"])["stage2"]
+            ea, eb = entries[row["a"]], entries[row["b"]]
+            la, lb = ea["heldout_loss"], eb["heldout_loss"]
+            stage1 = ea["spec"]["measure"]["heldout"]["datasets"][0]  # stage 1's set comes first
+            row[HELDOUT] = lb[stage1]["loss"] - la[stage1]["loss"]
+            bd = _heldout_pair(ea, eb, stage1, draws, rng, n_boot)
+            if bd is not None:
+                row[f"{HELDOUT} low"], row[f"{HELDOUT} high"] = np.percentile(bd, [2.5, 97.5])
+                loss_boots.append(bd)
+            loss_diffs.append(row[HELDOUT])
+            own = specs.describe(eb["spec"]["run"])["stage2"]
             if own and own in la and own in lb and own != stage1:
                 row["Δ held-out loss on b's stage-2 set"] = lb[own]["loss"] - la[own]["loss"]
+    if len(loss_diffs) > 1:
+        pooled = rows.setdefault("pooled (mean of pairs)", {"a": "", "b": ""})
+        pooled[HELDOUT] = float(np.mean(loss_diffs))
+        if len(loss_boots) == len(loss_diffs):  # an interval only when every pair has one
+            pooled[f"{HELDOUT} low"], pooled[f"{HELDOUT} high"] = np.percentile(np.mean(loss_boots, axis=0), [2.5, 97.5])
     return pd.DataFrame(list(rows.values()), index=pd.Index(list(rows), name="a → b"))
 
 
@@ -190,9 +225,16 @@ def check(preset: str, claim_ids: list[str] | None = None, *, n_boot: int = 2000
             row[label] = d
             row[f"{label} 95% CI"] = f"[{lo:+.2f}, {hi:+.2f}]" if not np.isnan(lo) else "–"
             row[f"verdict ({label.split(' (')[0]})"] = verdict(lo, hi, claim["expect"])
-        # the held-out loss has no interval (means only are cached): count the pairs that move its way
+        # a lower loss is the paper's "keeps more": the loss's verdict takes the claim's sign flipped
+        d, lo, hi = (float(summary.get(k, np.nan)) for k in (HELDOUT, f"{HELDOUT} low", f"{HELDOUT} high"))
+        row[HELDOUT] = d
+        row[f"{HELDOUT} 95% CI"] = f"[{lo:+.3f}, {hi:+.3f}]" if not np.isnan(lo) else "–"
+        flipped = "down" if claim["expect"] == "up" else "up"
+        row[f"verdict ({HELDOUT.split(' (')[0]})"] = (verdict(lo, hi, flipped) if not np.isnan(lo) else
+                                                      "no interval" if not np.isnan(d) else "not run")
+        # entries without per-example losses have no interval: count the pairs that move the paper's way
         pair_rows = table.drop(index="pooled (mean of pairs)", errors="ignore")
-        loss = pair_rows.get("Δ held-out stage-1 loss", pd.Series(dtype=float)).dropna()
+        loss = pair_rows.get(HELDOUT, pd.Series(dtype=float)).dropna()
         agree = int(((loss < 0) if claim["expect"] == "up" else (loss > 0)).sum())
         row["held-out stage-1 loss: pairs the paper's way"] = f"{agree} of {len(loss)}" if len(loss) else "–"
         rows.append(row)
@@ -202,8 +244,9 @@ def check(preset: str, claim_ids: list[str] | None = None, *, n_boot: int = 2000
 def summary(table: pd.DataFrame) -> str:
     """One sentence counting the verdicts of ``check``'s table, per measure."""
     parts = []
-    for label, _ in MEASURES.values():
+    for label in [m[0] for m in MEASURES.values()] + [HELDOUT]:
         col = f"verdict ({label.split(' (')[0]})"
         counts = table[col].value_counts() if col in table else pd.Series(dtype=int)
-        parts.append(f"by {label.split(' (')[0]}: " + ", ".join(f"{int(counts.get(v, 0))} {v}" for v in VERDICTS))
+        kinds = VERDICTS + (("no interval",) if counts.get("no interval", 0) else ())
+        parts.append(f"by {label.split(' (')[0]}: " + ", ".join(f"{int(counts.get(v, 0))} {v}" for v in kinds))
     return f"Of the paper's {len(table)} claims, " + "; ".join(parts) + "."
