@@ -95,6 +95,19 @@ def test_groups_keep_a_run_and_its_measurements_together():
     assert snaps[:4] == [f"open-platypus-adamw-lr0.001-s1234-{k}of4" for k in range(1, 5)]
 
 
+def test_run_missing_takes_the_experiments_of_one_training_run_together(tmp_path, monkeypatch):
+    """The paper-table run that is a frontier run's end (AdamW, 1 epoch) is measured beside that run's
+    snapshots, not after every other experiment: its training is shared while the cache lives."""
+    from cfsam.pipeline import runner
+
+    monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path))  # empty: everything is missing
+    only = ["open-platypus-adamw-lr0.001-s1234-1of4", "s2-open-platypus-adamw", "s2-open-platypus-adamw-e1",
+            "open-platypus-adamw-lr0.001-s1234-2of4"]
+    exps = specs.expand("smoke")
+    assert specs.run_id(specs.last_stage(exps[only[2]]["run"])) == specs.run_id(specs.last_stage(exps[only[0]]["run"]))
+    assert runner.run_missing("smoke", only=only, dry_run=True) == [only[0], only[2], only[3], only[1]]
+
+
 def test_workers_compute_the_same_entries_and_train_shared_runs_once(tmp_path):
     """Two workers on two groups that both need stage 1: stage 1 is trained once (the second worker waits on
     its lock), and every entry is the spec's."""

@@ -297,7 +297,9 @@ def run_missing(preset: str, notebooks: list[str] | None = None, only: list[str]
     if unknown:
         raise ValueError(f"unknown experiment(s) {', '.join(unknown)} in preset {preset!r}; allowed: {', '.join(exps)}")
     status = load_results(preset, names)
-    todo = [n for n in names if status[n]["status"] != "ok"]
+    # experiments that measure one training run go one after another (headline first, as listed): a run
+    # is trained once while its cache lives, which on a machine that a session lends is that session only
+    todo = [n for g in groups(exps, [n for n in names if status[n]["status"] != "ok"]) for n in g]
     log.info("preset %s: %d experiments needed, %d to run", preset, len(names), len(todo))
     if dry_run:
         for n in todo:
