@@ -167,6 +167,19 @@ def test_permutation_spearman_by_hand():
     assert how == "2000 random pairings" and p < 0.01
 
 
+def test_permutation_spearman_matches_scipys_test_of_spearmanr():
+    """The vectorised statistic (Pearson's r of the ranks) gives scipy's own p-value for spearmanr, with ties,
+    over every pairing and over the same random pairings."""
+    rng = np.random.default_rng(7)
+    for n, resamples in ((6, np.inf), (12, 3000), (20, 3000)):
+        x, y = rng.normal(size=n).round(1), rng.normal(size=n)
+        x[:3], y[2:4] = x[0], y[2]  # ties in both
+        ref = stats.permutation_test((x,), lambda a: stats.spearmanr(a, y).statistic, permutation_type="pairings",
+                                     n_resamples=resamples, alternative="two-sided", random_state=0)
+        rho, p, _ = frontier.permutation_spearman(x, y, n_resamples=3000)
+        assert rho == pytest.approx(stats.spearmanr(x, y).statistic) and p == pytest.approx(ref.pvalue), n
+
+
 def test_exact_spearman_null_against_enumeration():
     """The dynamic program's null of D against every permutation, by hand for 3 and by itertools for 9, and
     the p-value it gives against the enumerated one (scipy's two-sided convention: twice the smaller tail)."""
