@@ -88,8 +88,11 @@ def test_a_verdict_is_checked_under_every_definition_of_forgetting(tmp_path, mon
     pts = frontier.points("smoke").set_index("name")
     assert pts.loc["open-platypus-adamw-lr0.001-s1234-2of4", "ability fall (gold log-prob)"] == pytest.approx(0.4)
     assert pts.loc["open-platypus-adamw-lr0.001-s1234-2of4", "ability fall (accuracy)"] == pytest.approx(0.0)
-    table = frontier.robustness("smoke", "open-platypus", n_boot=30).set_index("forgetting measure")
-    assert list(table.index) == list(frontier.FORGETTING)
+    full = frontier.robustness("smoke", "open-platypus", n_boot=30)
+    assert full["forgetting measure"].tolist() == [*frontier.FORGETTING, "heldout"]
+    assert full["frontier from"].iloc[-1] == frontier.SETTINGS["every seed"]  # one seed: the same points
+    assert full["same verdict as the default"].iloc[-1] and full["Δ forgetting"].iloc[-1] == pytest.approx(-0.2)
+    table = full.iloc[:-1].set_index("forgetting measure")
     # level 0.2 (half of the common reach 0.4): F_adamw = 2L, F_sam = L by both losses and the gold log-prob
     for m in ("heldout", "heldout per example", "gold log-prob"):
         assert table.loc[m, "Δ forgetting"] == pytest.approx(-0.2), m
@@ -99,6 +102,34 @@ def test_a_verdict_is_checked_under_every_definition_of_forgetting(tmp_path, mon
     assert not table.loc["accuracy", "same verdict as the default"]  # the flip is flagged
     with pytest.raises(ValueError, match="unknown forgetting measure 'perplexity'; allowed: heldout"):
         frontier.compare("smoke", "open-platypus", forgetting="perplexity")
+
+
+def test_fronts_from_only_the_settings_every_seed_ran(tmp_path, monkeypatch):
+    """The first seed also runs the sweep's extra points (AdamW at 5e-5 here): they improve its AdamW front
+    only. Per k of 4: AdamW 3e-4 learns 0.1 k and forgets 0.2 k, AdamW 5e-5 learns 0.1 k and forgets 0.05 k,
+    SAM 0.5 learns 0.1 k and forgets 0.1 k. At half the common reach 0.4 (L = 0.2): seed 1234's Δ is
+    0.2 - 0.1 = +0.1 with every setting, seed 1235's is 0.2 - 0.4 = -0.2; with the settings both ran, -0.2 on both."""
+    monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path))
+    exps = specs.expand("cpu")
+    write_json_atomic(tmp_path / "cpu" / "frontier-stage1.json",
+                      _entry(exps["frontier-stage1"], "frontier-stage1", own=2.0, s1=1.0))
+    runs = [("adamw-lr0.0003", 0.2, (1234, 1235)), ("adamw-lr5e-05", 0.05, (1234,)), ("sam-rho0.5", 0.1, (1234, 1235))]
+    for method, slope, seeds in runs:
+        for seed in seeds:
+            for k in range(1, 5):
+                name = f"metamathqa-{method}-s{seed}-{k}of4"
+                write_json_atomic(tmp_path / "cpu" / f"{name}.json",
+                                  _entry(exps[name], name, own=2.0 - 0.1 * k, s1=1.0 + slope * k))
+    every = frontier.compare("cpu", "metamathqa", levels=(0.5,), n_boot=200).iloc[0]
+    assert every["Δ forgetting"] == pytest.approx((0.1 - 0.2) / 2) and every["seeds"] == 2
+    assert every["low"] == pytest.approx(-0.2) and every["high"] == pytest.approx(0.1)  # seeds resampled
+    common = frontier.compare("cpu", "metamathqa", levels=(0.5,), n_boot=200, settings="every seed").iloc[0]
+    assert common["Δ forgetting"] == pytest.approx(-0.2) and common["verdict"] == "sam: less forgetting"
+    rob = frontier.robustness("cpu", "metamathqa", n_boot=200)
+    last = rob.iloc[-1]
+    assert last["frontier from"] == frontier.SETTINGS["every seed"] and not last["same verdict as the default"]
+    with pytest.raises(ValueError, match="unknown settings 'some'; allowed: all, every seed"):
+        frontier.compare("cpu", "metamathqa", settings="some")
 
 
 def test_cost_counts_a_runs_training_once_for_its_points(tmp_path, monkeypatch):

@@ -204,14 +204,22 @@ def _curves(points: pd.DataFrame, family: str) -> dict[int, tuple[np.ndarray, np
 _NOTHING = (np.array([0.0, np.inf]), np.array([0.0, 0.0]))  # family "none": the stage-1 model forgets nothing
 
 
+SETTINGS = {"all": "every setting a seed ran",
+            "every seed": "only the settings every seed ran"}  # the first seed also runs the sweep's extra points
+
+
 def compare(preset: str, dataset: str, a: str = "adamw", b: str = "sam", *, levels=(0.25, 0.5, 0.75),
-            n_boot: int = 1000, seed: int = 0, forgetting: str = "heldout", collected=None) -> pd.DataFrame:
+            n_boot: int = 1000, seed: int = 0, forgetting: str = "heldout", settings: str = "all",
+            collected=None) -> pd.DataFrame:
     """Δ forgetting (b - a) at matched learning: one row per level, given as a fraction of the learning both
     methods reach on every seed; the point estimate, a 95 % bootstrap interval (held-out examples, eval
-    items and seeds resampled) and the verdict. ``forgetting``: one of ``FORGETTING``; ``a="none"`` compares
-    b with the stage-1 model (no forgetting at any learning)."""
+    items and seeds resampled) and the verdict. ``forgetting``: one of ``FORGETTING``; ``settings``: one of
+    ``SETTINGS``, which points build each seed's front (with "every seed", every seed's front is built from the
+    same sweep); ``a="none"`` compares b with the stage-1 model (no forgetting at any learning)."""
     if forgetting not in FORGETTING:
         raise ValueError(f"unknown forgetting measure {forgetting!r}; allowed: {', '.join(FORGETTING)}")
+    if settings not in SETTINGS:
+        raise ValueError(f"unknown settings {settings!r}; allowed: {', '.join(SETTINGS)}")
     entries, table = collected or collect(preset)
     if table.empty:
         return pd.DataFrame()
@@ -221,6 +229,10 @@ def compare(preset: str, dataset: str, a: str = "adamw", b: str = "sam", *, leve
     if not seeds:
         return pd.DataFrame()
     table = table[table["seed"].isin(seeds)]
+    if settings == "every seed":
+        ran = table.groupby(["family", "setting"])["seed"].agg(set)
+        keep = {k for k, v in ran.items() if set(seeds) <= v}
+        table = table[[k in keep for k in zip(table["family"], table["setting"])]]
     entries = {k: v for k, v in entries.items() if k == "start" or k in set(table["name"])}
     sizes = draw_sizes(entries, dataset, forgetting)
 
@@ -241,7 +253,8 @@ def compare(preset: str, dataset: str, a: str = "adamw", b: str = "sam", *, leve
         return pd.DataFrame([{"dataset": dataset, "comparison": f"{b} vs {a}", "learning level": np.nan,
                               "share of common reach": np.nan, "Δ forgetting": np.nan, "low": np.nan, "high": np.nan,
                               "verdict": f"no common learning: the most both learn on every seed is {reach:.3f} nats",
-                              "seeds": len(seeds), "resampled": "", "forgetting measure": forgetting}])
+                              "seeds": len(seeds), "resampled": "", "forgetting measure": forgetting,
+                              "frontier from": SETTINGS[settings]}])
     rng = np.random.default_rng(seed)
     boots = []
     for _ in range(n_boot):
@@ -260,7 +273,7 @@ def compare(preset: str, dataset: str, a: str = "adamw", b: str = "sam", *, leve
                      "share of common reach": frac, "Δ forgetting": point[i], "low": lo[i], "high": hi[i],
                      "verdict": f"{b}: {verdict}", "seeds": len(seeds), "comparable draws": ok.mean(),
                      "resampled": ", ".join(f"{n} ({k[1] if isinstance(k, tuple) else k})" for k, n in sizes.items()),
-                     "forgetting measure": forgetting})
+                     "forgetting measure": forgetting, "frontier from": SETTINGS[settings]})
     return pd.DataFrame(rows)
 
 
@@ -275,16 +288,17 @@ def verdict_kind(verdict: str) -> str:
 def robustness(preset: str, dataset: str, a: str = "adamw", b: str = "sam", *, level: float = 0.5,
                n_boot: int = 500, seed: int = 0) -> pd.DataFrame:
     """The verdict of ``compare`` at one matched-learning level under every definition of forgetting in
-    ``FORGETTING``, and whether it agrees with the default's (a verdict must not flip with the definition)."""
+    ``FORGETTING``, and with each seed's front built from only the settings every seed ran (``SETTINGS``);
+    whether each agrees with the default's (a verdict must not flip with the definition)."""
     collected = collect(preset)
     rows = []
-    for measure in FORGETTING:
+    for measure, settings in [(m, "all") for m in FORGETTING] + [("heldout", "every seed")]:
         try:
             t = compare(preset, dataset, a, b, levels=(level,), n_boot=n_boot, seed=seed, forgetting=measure,
-                        collected=collected)
+                        settings=settings, collected=collected)
         except ValueError as err:  # e.g. no eval items shared: say so in the table
             t = pd.DataFrame([{"dataset": dataset, "comparison": f"{b} vs {a}", "verdict": f"not computable: {err}",
-                               "forgetting measure": measure}])
+                               "forgetting measure": measure, "frontier from": SETTINGS[settings]}])
         rows.append(t)
     out = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
     if not out.empty:
