@@ -154,6 +154,34 @@ def test_cost_counts_a_runs_training_once_for_its_points(tmp_path, monkeypatch):
                                  (pd.Timestamp(20, unit="s"), pd.Timestamp(25, unit="s"))]) == 15.0  # a gap is idle
 
 
+def test_missing_cost_times_each_phase_and_trains_each_run_once(tmp_path, monkeypatch):
+    """One current point: held-out losses on 2 sets in 6 s (3 s a set), eval in 2 s, 4 AdamW steps in 10 s.
+    A fresh machine trains each missing run once: 4 steps of 2.5 s for a frontier run; the paper's Rehearsal
+    run (2 epochs of 16 examples plus round(0.1 * 16 / 0.9) = 2 replayed, in batches of 4) 10 steps."""
+    from cfsam.analysis import report
+
+    exps = _with_stage1(tmp_path, monkeypatch)
+    done = "open-platypus-adamw-lr0.001-s1234-1of4"
+    e = _entry(exps[done], done, own=1.9, s1=1.1)
+    e["measure_seconds"] = {"heldout": 6.0, "eval": 2.0}
+    e["train"] = {"config": {"optimizer": "adamw"}, "total_steps": 4, "train_seconds": 10.0}
+    write_json_atomic(tmp_path / "smoke" / f"{done}.json", e)
+    names = [done, "open-platypus-adamw-lr0.001-s1234-2of4", "open-platypus-wiseft-a0.5-s1234",
+             "s2-auto-wiki-adamw-e1", "rehearsal-open-platypus-adamw", "open-platypus-sam-rho2-s1234-1of4"]
+    t = report.missing_cost("smoke", names)
+    assert done not in t.index and len(t) == 5
+    assert t.loc[names[1], ["train_s", "measure_s"]].tolist() == [10.0, 8.0]  # its run is retrained, once
+    assert t.loc[names[2], ["train_s", "wall_s"]].tolist() == [0.0, 8.0]  # merged from that run: trained already
+    assert t.loc[names[3], "train_s"] == 10.0  # another set's run, 4 steps
+    assert t.loc[names[3], "like"] == "1 of 2 phases"  # held-out losses timed on other sets; the paper's eval not
+    assert t.loc["rehearsal-open-platypus-adamw", "train_s"] == 25.0
+    assert np.isnan(t.loc["rehearsal-open-platypus-adamw", "measure_s"])  # the paper's suite: nothing like it yet
+    assert np.isnan(t.loc[names[5], "train_s"]) and t.loc[names[5], "measure_s"] == 8.0  # no SAM run timed yet
+    said = report.missing_cost_sentence(t)
+    assert said.startswith(f"The 5 experiments still missing here would take about {26 / 3600:.1f} hours "
+                           "(2 of them; 3 have no like experiment")
+
+
 def test_no_matched_learning_when_a_method_never_learns(tmp_path, monkeypatch):
     exps = _with_stage1(tmp_path, monkeypatch)
     for k in range(1, 5):  # SAM's own loss rises: it learns nothing

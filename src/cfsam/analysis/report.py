@@ -9,6 +9,7 @@ held-out loss) show effects that accuracy at chance cannot.
 from __future__ import annotations
 
 import base64
+import json
 import html
 
 import numpy as np
@@ -226,6 +227,72 @@ def flatness_vs_forgetting(preset: str, names: list[str], *, n_boot: int = 2000,
         rows.append({"measure": m, "runs": len(runs), "spearman": spearmanr(x, forgot).statistic,
                      "ci_low": lo, "ci_high": hi})
     return pd.DataFrame(rows).set_index("measure")
+
+
+def _steps(stage: dict) -> int:
+    """Optimizer steps of a resolved training stage: its examples (with a rehearsal mix's replayed ones, as
+    ``formatting.mix_rehearsal`` counts them) in batches, times its epochs."""
+    n, f = stage["n_train"], stage.get("rehearsal_fraction") or 0.0
+    n += round(f * n / (1.0 - f)) if f else 0
+    return -(-n // (stage["batch_size"] * stage["grad_accum"])) * stage["epochs"]
+
+
+def missing_cost(preset: str, names: list[str]) -> pd.DataFrame:
+    """What the experiments of ``names`` without a current result would take, estimated from the current ones
+    (on the machines that computed them): each measurement phase (held-out losses, eval, landscape) at the
+    median seconds of the current entries that ran the same phase spec, and, for the first experiment of
+    each training run (a fresh machine trains every run once; ``run-missing`` takes a run's experiments
+    together), the run's steps at the median seconds per step of the current runs with its optimizer.
+    NaN where no like experiment is current yet (``like`` says how many phases had one)."""
+    exps = {n: e for n, e in specs.expand(preset).items() if n in set(names)}
+    entries = load_results(preset, list(exps))
+    done = [e for e in entries.values() if e["status"] == "ok"]
+    def like(phase: str, spec) -> tuple[tuple, int]:
+        """A phase's key for "the same work", and how many units of it the spec asks for: held-out losses
+        cost the same per set, whichever the sets are."""
+        if phase == "heldout" and isinstance(spec, dict):
+            return (phase, json.dumps({k: v for k, v in spec.items() if k != "datasets"}, sort_keys=True)), \
+                len(spec["datasets"])
+        return (phase, json.dumps(spec, sort_keys=True)), 1
+
+    phase_s: dict[tuple, list[float]] = {}
+    per_step: dict[str, list[float]] = {}
+    for e in done:
+        for phase, sec in (e.get("measure_seconds") or {}).items():
+            key, units = like(phase, e["spec"]["measure"].get(phase))
+            phase_s.setdefault(key, []).append(sec / units)
+        t = e.get("train") or {}
+        if t.get("total_steps") and t.get("train_seconds"):
+            per_step.setdefault((t.get("config") or {}).get("optimizer"), []).append(t["train_seconds"] / t["total_steps"])
+    rows, trained = [], set()
+    for name, exp in exps.items():
+        if entries[name]["status"] == "ok":
+            continue
+        phases = [like(p, v) for p, v in exp["measure"].items() if v]
+        known = [units * np.median(phase_s[key]) for key, units in phases if key in phase_s]
+        measure_s = float(np.sum(known)) if len(known) == len(phases) else np.nan
+        stage, train_s = specs.last_stage(exp["run"]), 0.0
+        if stage is not None and stage["dataset"] != "" and specs.run_id(stage) not in trained:
+            trained.add(specs.run_id(stage))
+            rates = per_step.get(stage["optimizer"])
+            train_s = _steps(stage) * float(np.median(rates)) if rates else np.nan
+        rows.append({"experiment": name, "train_s": train_s, "measure_s": measure_s, "wall_s": train_s + measure_s,
+                     "like": f"{len(known)} of {len(phases)} phases"})
+    return pd.DataFrame(rows).set_index("experiment") if rows else pd.DataFrame()
+
+
+def missing_cost_sentence(table: pd.DataFrame) -> str:
+    """How long the missing experiments would take by ``missing_cost``, and how many it cannot estimate yet."""
+    if table.empty:
+        return ""
+    known = table["wall_s"].dropna()
+    unknown = len(table) - len(known)
+    out = (f"The {len(table)} experiments still missing here would take about {known.sum() / 3600:.1f} hours"
+           + (f" ({len(known)} of them; {unknown} have no like experiment computed yet)" if unknown else "")
+           + ", by the median times of the computed experiments that ran the same measurements and optimizer "
+             "(a fresh machine trains each run once).") if len(known) else (
+        f"The {len(table)} experiments still missing here have no like experiment computed yet to time them by.")
+    return out
 
 
 def preset_note(preset: str) -> str:
