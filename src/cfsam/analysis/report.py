@@ -230,10 +230,11 @@ def flatness_vs_forgetting(preset: str, names: list[str], *, n_boot: int = 2000,
 
 
 def _steps(stage: dict) -> int:
-    """Optimizer steps of a resolved training stage: its examples (with a rehearsal mix's replayed ones, as
-    ``formatting.mix_rehearsal`` counts them) in batches, times its epochs."""
-    n, f = stage["n_train"], stage.get("rehearsal_fraction") or 0.0
-    n += round(f * n / (1.0 - f)) if f else 0
+    """Optimizer steps of a resolved training stage: its examples (with a rehearsal mix's replayed ones) in
+    batches, times its epochs."""
+    from cfsam.data.formatting import rehearsal_count
+
+    n = stage["n_train"] + rehearsal_count(stage["n_train"], stage.get("rehearsal_fraction") or 0.0)
     return -(-n // (stage["batch_size"] * stage["grad_accum"])) * stage["epochs"]
 
 
@@ -247,6 +248,7 @@ def missing_cost(preset: str, names: list[str]) -> pd.DataFrame:
     exps = {n: e for n, e in specs.expand(preset).items() if n in set(names)}
     entries = load_results(preset, list(exps))
     done = [e for e in entries.values() if e["status"] == "ok"]
+
     def like(phase: str, spec) -> tuple[tuple, int]:
         """A phase's key for "the same work", and how many units of it the spec asks for: held-out losses
         cost the same per set, whichever the sets are."""
@@ -272,8 +274,9 @@ def missing_cost(preset: str, names: list[str]) -> pd.DataFrame:
         known = [units * np.median(phase_s[key]) for key, units in phases if key in phase_s]
         measure_s = float(np.sum(known)) if len(known) == len(phases) else np.nan
         stage, train_s = specs.last_stage(exp["run"]), 0.0
-        if stage is not None and stage["dataset"] != "" and specs.run_id(stage) not in trained:
-            trained.add(specs.run_id(stage))
+        rid = specs.run_id(stage) if stage is not None else None  # a base model trains nothing
+        if rid is not None and rid not in trained:
+            trained.add(rid)
             rates = per_step.get(stage["optimizer"])
             train_s = _steps(stage) * float(np.median(rates)) if rates else np.nan
         rows.append({"experiment": name, "train_s": train_s, "measure_s": measure_s, "wall_s": train_s + measure_s,
@@ -287,12 +290,11 @@ def missing_cost_sentence(table: pd.DataFrame) -> str:
         return ""
     known = table["wall_s"].dropna()
     unknown = len(table) - len(known)
-    out = (f"The {len(table)} experiments still missing here would take about {known.sum() / 3600:.1f} hours"
+    return (f"The {len(table)} experiments still missing here would take about {known.sum() / 3600:.1f} hours"
            + (f" ({len(known)} of them; {unknown} have no like experiment computed yet)" if unknown else "")
            + ", by the median times of the computed experiments that ran the same measurements and optimizer "
              "(a fresh machine trains each run once).") if len(known) else (
         f"The {len(table)} experiments still missing here have no like experiment computed yet to time them by.")
-    return out
 
 
 def preset_note(preset: str) -> str:

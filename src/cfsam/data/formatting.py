@@ -148,12 +148,17 @@ def build_dataset(name: str, tokenizer, *, n: int | None = None, seed: int = 123
     return ds
 
 
+def rehearsal_count(n_stage2: int, fraction: float) -> int:
+    """How many stage-1 examples make up ``fraction`` of a mix with ``n_stage2`` stage-2 examples."""
+    return round(fraction * n_stage2 / (1.0 - fraction))
+
+
 def mix_rehearsal(stage2: datasets.Dataset, stage1: datasets.Dataset, fraction: float,
                   seed: int = 1234) -> datasets.Dataset:
     """Stage-2 data plus stage-1 examples making up `fraction` of the mix (Scialom et al. 2022), shuffled."""
     if not 0.0 <= fraction < 1.0:
         raise DataError(f"rehearsal fraction={fraction}; allowed: 0 <= fraction < 1")
-    k = round(fraction * len(stage2) / (1.0 - fraction))
+    k = rehearsal_count(len(stage2), fraction)
     if k > len(stage1):
         raise DataError(f"rehearsal needs {k} stage-1 examples, only {len(stage1)} given")
     if k == 0:
