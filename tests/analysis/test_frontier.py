@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from cfsam.analysis import frontier
+from cfsam.analysis import book, frontier
 from cfsam.core.io import write_json_atomic
 from cfsam.pipeline import cache, specs
 
@@ -64,6 +64,8 @@ def test_sam_forgets_less_at_matched_learning_on_synthetic_points(tmp_path, monk
     assert table["learning level"].tolist() == pytest.approx([0.1, 0.2, 0.3])
     assert table["Δ forgetting"].tolist() == pytest.approx([-0.1, -0.2, -0.3])
     assert (table["verdict"] == "sam: less forgetting").all() and (table["comparable draws"] == 1.0).all()
+    # every family against AdamW on every set: only SAM has points here, so the same three rows
+    pd.testing.assert_frame_equal(frontier.verdicts("smoke", n_boot=50), table)
     # the paper's claims at matched learning (claims.yaml's `frontier`): only those with both families present
     cv = frontier.claim_verdicts("smoke", n_boot=50).set_index("claim")
     assert list(cv.index) == ["forgetting", "sam-mitigates"]
@@ -100,6 +102,11 @@ def test_a_verdict_is_checked_under_every_definition_of_forgetting(tmp_path, mon
     assert table.loc["accuracy", "Δ forgetting"] == pytest.approx(0.0)
     assert table.loc["accuracy", "verdict"] == "sam: inconclusive"
     assert not table.loc["accuracy", "same verdict as the default"]  # the flip is flagged
+    pd.testing.assert_frame_equal(frontier.robustness("smoke", n_boot=30), full)  # every set: the only one
+    assert book.robustness_sentence(full).startswith("SAM's verdict changes with the definition of forgetting: "
+                                                     "on open-platypus, by accuracy with fronts from every setting a "
+                                                     "seed ran, sam: inconclusive")
+    assert "same under every" in book.robustness_sentence(full[full["same verdict as the default"]])
     with pytest.raises(ValueError, match="unknown forgetting measure 'perplexity'; allowed: heldout"):
         frontier.compare("smoke", "open-platypus", forgetting="perplexity")
 
@@ -320,3 +327,34 @@ def test_screen_sentence_names_tasks_left_out_and_held_without_warrant():
     assert text.startswith("Above chance by their interval: arc_c (1 of 2 screened).")
     assert "not in the suite: arc_c;" in text and "without being above chance here: copa." in text
     assert frontier.screen_sentence("smoke", pd.DataFrame()) == ""
+
+
+def test_chapter_sentences_say_each_verdict_and_what_does_not_reproduce():
+    verdicts = pd.DataFrame([
+        {"dataset": "gsm", "comparison": "sam vs adamw", "share of common reach": 0.5, "verdict": "sam: more forgetting"},
+        {"dataset": "gsm", "comparison": "wise_ft vs adamw", "share of common reach": 0.5,
+         "verdict": "wise_ft: less forgetting"},
+        {"dataset": "gsm", "comparison": "asam vs adamw", "share of common reach": np.nan,
+         "verdict": "no common learning: the most both learn on every seed is 0.000 nats"}])
+    never = pd.DataFrame([{"dataset": "gsm", "family": "asam", "setting": 2.0, "lr": 3e-4, "seed": 1234,
+                           "own loss rose by up to": 0.0412, "forgetting at the end": 0.1}])
+    assert book.shortfalls(verdicts, never).split("\n") == [
+        "- gsm, sam vs adamw: sam: more forgetting at 50% of the common reach",
+        "- gsm, asam vs adamw: no common learning: the most both learn on every seed is 0.000 nats",
+        "- asam at 2 (seed 1234) never learned gsm: its own held-out loss rose by up to 0.041 nats, and it forgot "
+        "+0.100 nats of Alpaca by its end"]
+    assert book.shortfalls(verdicts.iloc[1:2], never.iloc[:0]).startswith("Nothing yet")
+    cv = pd.DataFrame([{"claim": "forgetting", "dataset": "gsm", "Δ forgetting": 0.0181, "low": 0.006, "high": 0.03,
+                        "learning level": 0.157, "seeds": 3, "outcome": "reproduced"},
+                       {"claim": "sam-mitigates", "dataset": "gsm", "Δ forgetting": np.nan, "low": np.nan,
+                        "high": np.nan, "learning level": np.nan, "seeds": 1, "outcome": "not comparable"}])
+    assert book.frontier_claims_sentence(cv) == ("The paper's claims at matched learning: *forgetting* on gsm: "
+                                                 "Δ forgetting +0.018 nats [+0.006, +0.030] at 0.157 nats of learning "
+                                                 "(3 seeds), reproduced.")
+    assert book.frontier_claims_sentence(cv.iloc[1:]) == "No matched-learning comparison yet."
+    fvf = pd.DataFrame([{"measure": "SC", "runs": 17, "Spearman rho": -0.75, "p": 0.0008, "ranks": "flatter forgets more"},
+                        {"measure": "trace", "runs": 17, "Spearman rho": -0.03, "p": 0.9, "ranks": "flatter forgets more"}
+                        ]).set_index("measure")
+    assert book.flatness_sentence(fvf) == ("Flatness against forgetting, over 17 end points, SC ranks flatter forgets "
+                                           "more (Spearman -0.75, p 0.0008); not significant: trace.")
+    assert "no flatness measure has p < 0.05" in book.flatness_sentence(fvf.iloc[1:])

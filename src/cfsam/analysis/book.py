@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from cfsam.analysis import claims, report
+from cfsam.analysis import claims, frontier, plots, report
 from cfsam.pipeline import chapters, specs
 from cfsam.pipeline.cache import load_results
 
@@ -144,3 +144,80 @@ def verdicts_sentence(verdicts: pd.DataFrame) -> str:
     named = {v: [cid for cid, row in verdicts.iterrows() if v in set(row[cols])] for v in ("reproduced", "opposite")}
     return (f"Reproduced by any measure: {', '.join(named['reproduced']) or 'none'}; "
             f"opposite: {', '.join(named['opposite']) or 'none'}; the other claims are inconclusive or not run here.")
+
+
+def shortfalls(verdicts: pd.DataFrame, never: pd.DataFrame) -> str:
+    """What does not reproduce, as a Markdown list: every matched-learning comparison of ``frontier.verdicts``
+    that does not show less forgetting, and every run of ``frontier.never_learned``."""
+    def at(share):  # NaN: no common learning, so no level
+        return f" at {share:.0%} of the common reach" if share == share else ""
+
+    lines = [f"- {r.dataset}, {r.comparison}: {r.verdict}{at(r['share of common reach'])}"
+             for _, r in verdicts.iterrows() if not str(r.verdict).endswith("less forgetting")]
+    lines += [f"- {r.family} at {r.setting:g} (seed {r.seed}) never learned {r.dataset}: its own held-out loss rose "
+              f"by up to {r['own loss rose by up to']:.3f} nats, and it forgot {r['forgetting at the end']:+.3f} nats "
+              f"of Alpaca by its end" for _, r in never.iterrows()]
+    return "\n".join(lines) if lines else "Nothing yet: every comparison made so far shows less forgetting."
+
+
+def frontier_claims_sentence(claim_verdicts: pd.DataFrame) -> str:
+    """Each claim's outcome at matched learning (``frontier.claim_verdicts``), with its interval and seeds."""
+    said = [f"*{r.claim}* on {r.dataset}: Δ forgetting {r['Δ forgetting']:+.3f} nats [{r.low:+.3f}, {r.high:+.3f}] "
+            f"at {r['learning level']:.3f} nats of learning ({r.seeds} seed{'s' if r.seeds != 1 else ''}), {r.outcome}"
+            for _, r in claim_verdicts.iterrows() if r["learning level"] == r["learning level"]]
+    return ("The paper's claims at matched learning: " + "; ".join(said) + ".") if said else (
+        "No matched-learning comparison yet.")
+
+
+def robustness_sentence(robustness: pd.DataFrame) -> str:
+    """Whether ``frontier.robustness`` finds a verdict that changes with the definition of forgetting."""
+    if robustness.empty:
+        return ""
+    flips = robustness[~robustness["same verdict as the default"]]
+    if flips.empty:
+        return ("SAM's verdict is the same under every definition of forgetting we checked, and with only the "
+                "settings every seed ran.")
+    return ("SAM's verdict changes with the definition of forgetting: " + "; ".join(
+        f"on {r.dataset}, by {r['forgetting measure']} with fronts from {r['frontier from']}, {r.verdict}"
+        for _, r in flips.iterrows()) + ".")
+
+
+def flatness_sentence(table: pd.DataFrame, alpha: float = 0.05) -> str:
+    """Which way each flatness measure of ``frontier.flatness_vs_forgetting`` ranks forgetting, where its
+    permutation p-value is below ``alpha``, and which are not significant."""
+    if table.empty:
+        return ""
+    sig, rest = table[table["p"] < alpha], table[table["p"] >= alpha]
+    parts = [f"over {int(table['runs'].max())} end points, "]
+    parts += [", ".join(f"{m} ranks {r.ranks} (Spearman {r['Spearman rho']:+.2f}, p {r.p:.2g})"
+                        for m, r in sig.iterrows()) or f"no flatness measure has p < {alpha:g}"]
+    if not rest.empty and not sig.empty:
+        parts.append(f"; not significant: {', '.join(rest.index)}")
+    return "Flatness against forgetting, " + "".join(parts) + "."
+
+
+def larger_study(preset: str, results_dir: str | None = None) -> None:
+    """The frontier chapter's study on a larger preset, compactly: what is missing, the learning check, the
+    frontiers, end points, claims at matched learning, runs that never learned, SAM's gradients, robustness,
+    flatness against forgetting and cost; then what its runs show."""
+    from IPython.display import Markdown, display
+
+    names = open_chapter("frontier", preset, results_dir, missing=True)
+    display(report.show(frontier.learning_check(preset), 3, name=f"learning-check-{preset}"))
+    pts = frontier.points(preset)
+    if pts.empty:
+        return
+    plots.frontier(pts, frontier.curves(pts))
+    cv = frontier.claim_verdicts(preset)
+    rob = frontier.robustness(preset, n_boot=300)
+    fvf = frontier.flatness_vs_forgetting(preset)
+    sg = frontier.sam_gradients(preset)
+    never = frontier.never_learned(pts)
+    for table, name in [(frontier.end_points(pts), "end-points"), (cv.drop(columns=["paper"]), "frontier-claims"),
+                        (never, "never-learned"), (sg, "sam-gradients"), (rob, "frontier-robustness"),
+                        (fvf, "flatness-vs-forgetting"), (report.cost(preset, names), "frontier-cost")]:
+        if not table.empty:
+            display(report.show(table, 1 if name == "frontier-cost" else 3, name=f"{name}-{preset}"))
+    display(Markdown(f"**What the {preset} runs show.** " + " ".join(
+        s for s in (frontier_claims_sentence(cv), robustness_sentence(rob), flatness_sentence(fvf),
+                    frontier.sam_gradient_sentence(sg)) if s)))

@@ -285,26 +285,44 @@ def verdict_kind(verdict: str) -> str:
     return text.split(": ", 1)[-1].split(":")[0]
 
 
-def robustness(preset: str, dataset: str, a: str = "adamw", b: str = "sam", *, level: float = 0.5,
+FAMILIES = ("sam", "asam", "rehearsal", "wise_ft")  # each compared with AdamW at matched learning
+
+
+def verdicts(preset: str, a: str = "adamw", families=FAMILIES, *, n_boot: int = 500, seed: int = 0) -> pd.DataFrame:
+    """``compare`` of every family in ``families`` with ``a``, on every stage-2 set with frontier points: Δ
+    forgetting at a quarter, half and three quarters of the common reach (rows of families without points
+    are left out)."""
+    collected = collect(preset)
+    rows = [compare(preset, ds, a, b, n_boot=n_boot, seed=seed, collected=collected)
+            for ds in (collected[1]["dataset"].unique() if not collected[1].empty else []) for b in families]
+    rows = [t for t in rows if not t.empty]
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+
+
+def robustness(preset: str, dataset: str | None = None, a: str = "adamw", b: str = "sam", *, level: float = 0.5,
                n_boot: int = 500, seed: int = 0) -> pd.DataFrame:
     """The verdict of ``compare`` at one matched-learning level under every definition of forgetting in
     ``FORGETTING``, and with each seed's front built from only the settings every seed ran (``SETTINGS``);
-    whether each agrees with the default's (a verdict must not flip with the definition)."""
+    whether each agrees with the default's (a verdict must not flip with the definition). ``dataset=None``:
+    every stage-2 set with frontier points, one after the other."""
     collected = collect(preset)
-    rows = []
-    for measure, settings in [(m, "all") for m in FORGETTING] + [("heldout", "every seed")]:
-        try:
-            t = compare(preset, dataset, a, b, levels=(level,), n_boot=n_boot, seed=seed, forgetting=measure,
-                        settings=settings, collected=collected)
-        except ValueError as err:  # e.g. no eval items shared: say so in the table
-            t = pd.DataFrame([{"dataset": dataset, "comparison": f"{b} vs {a}", "verdict": f"not computable: {err}",
-                               "forgetting measure": measure, "frontier from": SETTINGS[settings]}])
-        rows.append(t)
-    out = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
-    if not out.empty:
-        kind = out["verdict"].map(verdict_kind)
-        out["same verdict as the default"] = kind == kind.iloc[0]
-    return out
+    sets = [dataset] if dataset else (list(collected[1]["dataset"].unique()) if not collected[1].empty else [])
+    out = []
+    for ds in sets:
+        rows = []
+        for measure, settings in [(m, "all") for m in FORGETTING] + [("heldout", "every seed")]:
+            try:
+                t = compare(preset, ds, a, b, levels=(level,), n_boot=n_boot, seed=seed, forgetting=measure,
+                            settings=settings, collected=collected)
+            except ValueError as err:  # e.g. no eval items shared: say so in the table
+                t = pd.DataFrame([{"dataset": ds, "comparison": f"{b} vs {a}", "verdict": f"not computable: {err}",
+                                   "forgetting measure": measure, "frontier from": SETTINGS[settings]}])
+            rows.append(t)
+        t = pd.concat(rows, ignore_index=True)
+        if not t.empty:
+            kind = t["verdict"].map(verdict_kind)
+            out.append(t.assign(**{"same verdict as the default": kind == kind.iloc[0]}))
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
 
 
 def paper_comparison(preset: str) -> pd.DataFrame:
