@@ -288,13 +288,18 @@ def verdict_kind(verdict: str) -> str:
 FAMILIES = ("sam", "asam", "rehearsal", "wise_ft")  # each compared with AdamW at matched learning
 
 
+def _sets(table: pd.DataFrame) -> list[str]:
+    """The stage-2 sets with frontier points in ``collect``'s table, in their order there."""
+    return list(table["dataset"].unique()) if not table.empty else []
+
+
 def verdicts(preset: str, a: str = "adamw", families=FAMILIES, *, n_boot: int = 500, seed: int = 0) -> pd.DataFrame:
     """``compare`` of every family in ``families`` with ``a``, on every stage-2 set with frontier points: Δ
     forgetting at a quarter, half and three quarters of the common reach (rows of families without points
     are left out)."""
     collected = collect(preset)
     rows = [compare(preset, ds, a, b, n_boot=n_boot, seed=seed, collected=collected)
-            for ds in (collected[1]["dataset"].unique() if not collected[1].empty else []) for b in families]
+            for ds in _sets(collected[1]) for b in families]
     rows = [t for t in rows if not t.empty]
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
 
@@ -306,9 +311,8 @@ def robustness(preset: str, dataset: str | None = None, a: str = "adamw", b: str
     whether each agrees with the default's (a verdict must not flip with the definition). ``dataset=None``:
     every stage-2 set with frontier points, one after the other."""
     collected = collect(preset)
-    sets = [dataset] if dataset else (list(collected[1]["dataset"].unique()) if not collected[1].empty else [])
     out = []
-    for ds in sets:
+    for ds in [dataset] if dataset else _sets(collected[1]):
         rows = []
         for measure, settings in [(m, "all") for m in FORGETTING] + [("heldout", "every seed")]:
             try:
@@ -371,7 +375,7 @@ def claim_verdicts(preset: str, *, level: float = 0.5, n_boot: int = 500, seed: 
         f = claim.get("frontier")
         if not f:
             continue
-        for ds in collected[1]["dataset"].unique():
+        for ds in _sets(collected[1]):
             t = compare(preset, ds, f["a"], f["b"], levels=(level,), n_boot=n_boot, seed=seed, collected=collected)
             if t.empty:
                 continue
