@@ -274,6 +274,9 @@ def test_the_papers_own_comparison_is_placed_like_the_frontier_points(tmp_path, 
     assert t.loc["s2-open-platypus-adamw", ["learning", "forgetting"]].tolist() == pytest.approx([0.3, 0.3])
     assert t.loc["s2-open-platypus-sam", ["learning", "forgetting"]].tolist() == pytest.approx([0.1, 0.1])
     assert t.loc["s2-open-platypus-sam", "epochs"] * 2 == t.loc["s2-open-platypus-adamw", "epochs"]
+    # every example moves alike here, so each resample of the examples gives the point itself
+    assert t.loc["s2-open-platypus-adamw", ["learning low", "learning high", "forgetting low", "forgetting high"]
+                 ].tolist() == pytest.approx([0.3] * 4)
 
 
 def test_end_points_average_each_settings_last_point_over_seeds():

@@ -118,7 +118,7 @@ def _token_means(per_example: np.ndarray, draws: np.ndarray) -> np.ndarray:
     return per_example[draws, 0].sum(axis=-1) / per_example[draws, 1].sum(axis=-1)
 
 
-def _heldout_pair(ea: dict, eb: dict, dataset: str, draws: dict, rng, n_boot: int) -> np.ndarray | None:
+def heldout_pair(ea: dict, eb: dict, dataset: str, draws: dict, rng, n_boot: int) -> np.ndarray | None:
     """Bootstrap replicates of b's minus a's held-out token-mean loss on ``dataset``, or None without the
     per-example losses of the same examples in both (the token counts must agree)."""
     pe = [e["heldout_loss"][dataset].get("per_example") for e in (ea, eb)]
@@ -187,7 +187,7 @@ def compare_pairs(preset: str, pairs: list[tuple[str, str]], *, n_boot: int = 20
             la, lb = ea["heldout_loss"], eb["heldout_loss"]
             stage1 = ea["spec"]["measure"]["heldout"]["datasets"][0]  # stage 1's set comes first
             row[HELDOUT] = lb[stage1]["loss"] - la[stage1]["loss"]
-            bd = _heldout_pair(ea, eb, stage1, draws, rng, n_boot)
+            bd = heldout_pair(ea, eb, stage1, draws, rng, n_boot)
             if bd is not None:
                 row[f"{HELDOUT} low"], row[f"{HELDOUT} high"] = np.percentile(bd, [2.5, 97.5])
                 loss_boots.append(bd)

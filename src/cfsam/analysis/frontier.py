@@ -329,12 +329,13 @@ def robustness(preset: str, dataset: str | None = None, a: str = "adamw", b: str
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
 
 
-def paper_comparison(preset: str) -> pd.DataFrame:
+def paper_comparison(preset: str, *, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
     """The paper's own comparison beside the frontier: AdamW for the stage-2 epochs, SAM for half of them (the
     same number of passes) and AdamW for as few, on every stage-2 set, with what each learned and forgot
-    against the same stage-1 model on the same held-out examples as the frontier points. Only those
-    computed (``cfsam run-missing --notebooks tab2a`` computes them)."""
-    from cfsam.analysis import report
+    against the same stage-1 model on the same held-out examples as the frontier points, each with a 95 %
+    interval from resampling those examples (paired: one draw for both models). Only those computed
+    (``cfsam run-missing --notebooks tab2a`` computes them)."""
+    from cfsam.analysis import claims, report
 
     exps = specs.expand(preset)
     own = [f"s2-{ds}-{m}" for ds in load_preset(preset)["stage2_datasets"] for m in ("adamw", "sam", "adamw-e1")]
@@ -345,8 +346,20 @@ def paper_comparison(preset: str) -> pd.DataFrame:
     if lf.empty:
         return lf
     lf = lf[lf["status"] == "ok"].drop(columns=["status", "adaptive"])
-    return lf.rename(columns={"learned (Δ own held-out loss)": "learning",
-                              "forgot (Δ Alpaca held-out loss)": "forgetting"}).assign(learning=lambda d: -d["learning"])
+    lf = lf.rename(columns={"learned (Δ own held-out loss)": "learning",
+                            "forgot (Δ Alpaca held-out loss)": "forgetting"}).assign(learning=lambda d: -d["learning"])
+    entries = load_results(preset, ["stage1", *lf.index])
+    start, rng, draws = entries["stage1"], np.random.default_rng(seed), {}
+    for col, sign in (("learning", -1), ("forgetting", 1)):  # learning is a fall of the loss
+        bounds = []
+        for name in lf.index:
+            ds = specs.describe(exps[name]["run"])["stage2"] if col == "learning" else _stage1_set(start)
+            bd = claims.heldout_pair(start, entries[name], ds, draws, rng, n_boot)
+            bounds.append(sorted(sign * np.percentile(bd, [2.5, 97.5])) if bd is not None else [np.nan, np.nan])
+        at = lf.columns.get_loc(col) + 1
+        lf.insert(at, f"{col} low", [b[0] for b in bounds])
+        lf.insert(at + 1, f"{col} high", [b[1] for b in bounds])
+    return lf
 
 
 def points(preset: str) -> pd.DataFrame:
