@@ -104,6 +104,12 @@ def test_claims_expand_over_the_presets_datasets_and_sizes():
                                                            ("stage1", "s2-open-platypus-adamw"),
                                                            ("stage1", "s2-sharegpt-adamw"),
                                                            ("stage1", "s2-auto-wiki-adamw")]  # the preset's order
+    # the paper's SAM claims are on ShareGPT, Open-Platypus and MetaMathQA; Auto-Wiki is its task-gap set only
+    assert claims.pairs_of(by_id["sam-mitigates"], "cpu") == [("s2-metamathqa-adamw", "s2-metamathqa-sam"),
+                                                              ("s2-open-platypus-adamw", "s2-open-platypus-sam"),
+                                                              ("s2-sharegpt-adamw", "s2-sharegpt-sam")]
+    assert claims.claim_sets({"stage2": ["sharegpt"]}, ["auto-wiki", "sharegpt"]) == ["sharegpt"]
+    assert claims.claim_sets({}, ["auto-wiki", "sharegpt"]) == ["auto-wiki", "sharegpt"]
     assert claims.pairs_of(by_id["sam-across-sizes"], "cpu") == []  # one size in the cpu preset
     assert len(claims.pairs_of(by_id["sam-across-sizes"], "paper")) == 2
     for claim in claims.registry():  # every name a claim compares is an experiment of the presets
@@ -111,6 +117,21 @@ def test_claims_expand_over_the_presets_datasets_and_sizes():
             assert {n for p in claims.pairs_of(claim, preset) for n in p} <= set(specs.expand(preset)), claim["id"]
     with pytest.raises(ValueError, match="unknown claim.*allowed: forgetting"):
         claims.check("cpu", ["sam-is-magic"])
+
+
+def test_a_claim_on_an_unknown_set_names_it_and_the_allowed_ones(monkeypatch):
+    from cfsam.core import registry as registry_
+
+    real = registry_.entries
+    bad = [{"id": "x", "pairs": [["stage1", "s2-{stage2}-adamw"]], "stage2": ["wikitext"]}]
+    monkeypatch.setattr(registry_, "entries", lambda kind: {"x": bad[0]} if kind == "claims" else real(kind))
+    claims.registry.cache_clear()
+    try:
+        with pytest.raises(registry_.RegistryError, match="unknown dataset 'wikitext'; allowed: .*sharegpt"):
+            claims.registry()
+    finally:
+        monkeypatch.undo()
+        claims.registry.cache_clear()
 
 
 def test_check_reads_the_cache_and_reports_missing_runs_as_not_run(tmp_path, monkeypatch):

@@ -139,6 +139,26 @@ def test_fronts_from_only_the_settings_every_seed_ran(tmp_path, monkeypatch):
         frontier.compare("cpu", "metamathqa", settings="some")
 
 
+def test_sam_claims_stay_on_the_papers_sam_sets(tmp_path, monkeypatch):
+    """Auto-Wiki is the paper's task-gap set, not one of its SAM sets: on it the frontier still compares SAM
+    with AdamW (``verdicts``), but only the forgetting claim is checked there (``claim_verdicts``)."""
+    monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path))
+    exps = specs.expand("cpu")
+    write_json_atomic(tmp_path / "cpu" / "frontier-stage1.json",
+                      _entry(exps["frontier-stage1"], "frontier-stage1", own=2.0, s1=1.0))
+    for ds in ("auto-wiki", "sharegpt"):
+        for method, slope in (("adamw-lr0.0003", 0.2), ("sam-rho0.5", 0.1)):
+            for k in range(1, 5):
+                name = f"{ds}-{method}-s1234-{k}of4"
+                write_json_atomic(tmp_path / "cpu" / f"{name}.json",
+                                  _entry(exps[name], name, own=2.0 - 0.1 * k, s1=1.0 + slope * k))
+    v = frontier.verdicts("cpu", n_boot=50)
+    assert sorted(set(zip(v["dataset"], v["comparison"].str[:3]))) == [("auto-wiki", "sam"), ("sharegpt", "sam")]
+    cv = frontier.claim_verdicts("cpu", n_boot=50)
+    assert sorted(zip(cv["dataset"], cv["claim"])) == [("auto-wiki", "forgetting"), ("sharegpt", "forgetting"),
+                                                        ("sharegpt", "sam-mitigates")]
+
+
 def test_cost_counts_a_runs_training_once_for_its_points(tmp_path, monkeypatch):
     from cfsam.analysis import report
 

@@ -44,7 +44,17 @@ VERDICTS = ("reproduced", "opposite", "inconclusive", "not run")
 
 @lru_cache(maxsize=1)
 def registry() -> list[dict]:
-    return list(registry_.entries("claims").values())
+    """The claims, each one's ``stage2`` (the sets the paper makes it on) checked against the datasets."""
+    out = list(registry_.entries("claims").values())
+    for claim in out:
+        for ds in claim.get("stage2", []):
+            registry_.entry("datasets", ds)  # an unknown set names itself and the allowed ones
+    return out
+
+
+def claim_sets(claim: dict, sets: list[str]) -> list[str]:
+    """Those of ``sets`` the paper makes ``claim`` on (its ``stage2`` list; every set when it has none)."""
+    return [ds for ds in sets if ds in claim.get("stage2", sets)]
 
 
 # ------------------------------------------------------------------------------ the arithmetic
@@ -143,14 +153,15 @@ def verdict(low: float, high: float, expect: str) -> str:
 
 # ------------------------------------------------------------------------------------ claims
 def pairs_of(claim: dict, preset: str) -> list[tuple[str, str]]:
-    """The claim's (a, b) experiment names in this preset, ``{stage2}`` and ``{size}`` expanded."""
+    """The claim's (a, b) experiment names in this preset, ``{stage2}`` (over the claim's sets) and ``{size}``
+    expanded."""
     from cfsam.pipeline.presets import load_preset
 
     p = load_preset(preset)
     sizes = [m for m in p["sizes"] if m != p["model"]]
     out = []
     for a, b in claim["pairs"]:
-        for ds in p["stage2_datasets"] if "{stage2}" in a + b else [None]:
+        for ds in claim_sets(claim, p["stage2_datasets"]) if "{stage2}" in a + b else [None]:
             for size in sizes if "{size}" in a + b else [None]:
                 out.append(tuple(x.format(stage2=ds, size=size) for x in (a, b)))
     return out

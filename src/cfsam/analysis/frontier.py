@@ -376,8 +376,9 @@ def points(preset: str) -> pd.DataFrame:
 
 def claim_verdicts(preset: str, *, level: float = 0.5, n_boot: int = 500, seed: int = 0) -> pd.DataFrame:
     """Every claim of ``claims.yaml`` with a ``frontier`` comparison, on every stage-2 set with frontier
-    points: Δ forgetting (b - a) at ``level`` of the common reach, its interval, and whether that is the
-    paper's claim (reproduced), its opposite, inconclusive, or not comparable (no common learning)."""
+    points that the paper makes the claim on: Δ forgetting (b - a) at ``level`` of the common reach, its
+    interval, and whether that is the paper's claim (reproduced), its opposite, inconclusive, or not comparable
+    (no common learning)."""
     from cfsam.analysis import claims
 
     collected = collect(preset)
@@ -388,7 +389,7 @@ def claim_verdicts(preset: str, *, level: float = 0.5, n_boot: int = 500, seed: 
         f = claim.get("frontier")
         if not f:
             continue
-        for ds in _sets(collected[1]):
+        for ds in claims.claim_sets(claim, _sets(collected[1])):
             t = compare(preset, ds, f["a"], f["b"], levels=(level,), n_boot=n_boot, seed=seed, collected=collected)
             if t.empty:
                 continue
