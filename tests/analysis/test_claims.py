@@ -123,8 +123,8 @@ def test_a_claim_on_an_unknown_set_names_it_and_the_allowed_ones(monkeypatch):
     from cfsam.core import registry as registry_
 
     real = registry_.entries
-    bad = [{"id": "x", "pairs": [["stage1", "s2-{stage2}-adamw"]], "stage2": ["wikitext"]}]
-    monkeypatch.setattr(registry_, "entries", lambda kind: {"x": bad[0]} if kind == "claims" else real(kind))
+    bad = {"x": {"id": "x", "pairs": [["stage1", "s2-{stage2}-adamw"]], "stage2": ["wikitext"]}}
+    monkeypatch.setattr(registry_, "entries", lambda kind: bad if kind == "claims" else real(kind))
     claims.registry.cache_clear()
     try:
         with pytest.raises(registry_.RegistryError, match="unknown dataset 'wikitext'; allowed: .*sharegpt"):
