@@ -68,23 +68,43 @@ def test_frontier_full_gives_the_first_sets_every_seed_and_sweep():
     assert one <= two
 
 
-def test_frontier_sam_lr_adds_sam_runs_at_other_learning_rates():
-    """SAM over the same radii at another lr, first seed only; the stage-2 lr itself is refused (every SAM
-    run already uses it)."""
+def test_frontier_method_lr_tunes_every_method_over_adamws_grid():
+    """SAM, ASAM and rehearsal run at every lr of AdamW's grid (the other lrs first seed only, unless
+    ``seeded.lr`` names them), Wise-FT merges every AdamW lr's end point; a grid that is not AdamW's, or
+    that lists the stage-2 lr again, is refused."""
     from cfsam.pipeline import specs
 
-    p = load_preset("smoke", {"frontier.sam_lr": [5.0e-4], "frontier.seeds": [1234, 1235]})
+    lr2 = load_preset("smoke")["stage2"]["lr"]
+    p = load_preset("smoke", {"frontier.method_lr": [5.0e-4], "frontier.adamw_lr": [5.0e-4, lr2],
+                              "frontier.asam_rho": [1.0], "frontier.rehearsal_fraction": [0.2],
+                              "frontier.seeds": [1234, 1235]})
     exps = specs.expand(p)
-    extra = [n for n in exps if "-lr0.0005-" in n]
-    assert extra == [f"open-platypus-sam-rho2-lr0.0005-s1234-{k}of4" for k in range(1, 5)]
-    d = specs.describe(exps[extra[-1]]["run"])
-    assert (d["optimizer"], d["rho"], d["lr"], d["seed"]) == ("sam", 2.0, 5.0e-4, 1234)
-    base = specs.describe(exps["open-platypus-sam-rho2-s1234-4of4"]["run"])
-    assert base["lr"] == p["stage2"]["lr"]  # the sweep's own SAM runs keep the stage-2 lr
-    with pytest.raises(PresetError, match="frontier.sam_lr: .* is the stage-2 lr"):
-        load_preset("smoke", {"frontier.sam_lr": [p["stage2"]["lr"]]})
-    with pytest.raises(PresetError, match=r"frontier.sam_lr\[0\]=-1"):
-        load_preset("smoke", {"frontier.sam_lr": [-1]})
+    extra = sorted(n for n in exps if "-lr0.0005-" in n and "adamw" not in n)
+    want = sorted(f"open-platypus-{m}-lr0.0005-s1234-{k}of4" for m in ("sam-rho2", "asam-rho1", "rehearsal0.2")
+                  for k in range(1, 5))
+    assert extra == want + ["open-platypus-wiseft-a0.5-lr0.0005-s1234"]
+    for name, (opt, adaptive, frac) in {"sam-rho2": ("sam", False, 0.0), "asam-rho1": ("sam", True, 0.0),
+                                        "rehearsal0.2": ("adamw", None, 0.2)}.items():
+        d = specs.describe(exps[f"open-platypus-{name}-lr0.0005-s1234-4of4"]["run"])
+        assert (d["optimizer"], d["adaptive"], d["rehearsal_fraction"], d["lr"]) == (opt, adaptive, frac, 5.0e-4)
+        same = specs.describe(exps[f"open-platypus-{name}-s1234-4of4"]["run"])
+        assert same["lr"] == lr2 and {**same, "lr": 5.0e-4} == d  # only the lr differs
+    merged = exps["open-platypus-wiseft-a0.5-lr0.0005-s1234"]["run"]["wise_ft"]["stage2"]
+    assert specs.run_id(merged) == specs.run_id(exps["open-platypus-adamw-lr0.0005-s1234-4of4"]["run"]["snapshot"]["run"])
+    # the seeded SAM radius replicates at the seeded lrs only
+    assert "open-platypus-sam-rho2-s1235-4of4" in exps and "open-platypus-sam-rho2-lr0.0005-s1235-4of4" not in exps
+    seeded = specs.expand(load_preset("smoke", {**{k: v for k, v in [("frontier.method_lr", [5.0e-4]),
+                          ("frontier.adamw_lr", [5.0e-4, lr2]), ("frontier.seeds", [1234, 1235])]},
+                          "frontier.seeded.lr": [5.0e-4, lr2]}))
+    assert "open-platypus-sam-rho2-lr0.0005-s1235-4of4" in seeded
+    with pytest.raises(PresetError, match="frontier.method_lr: .* is the stage-2 lr"):
+        load_preset("smoke", {"frontier.method_lr": [lr2]})
+    with pytest.raises(PresetError, match=r"must be AdamW's grid"):
+        load_preset("smoke", {"frontier.method_lr": [5.0e-4]})  # AdamW's grid is the stage-2 lr alone
+    with pytest.raises(PresetError, match=r"frontier.method_lr\[0\]=-1"):
+        load_preset("smoke", {"frontier.method_lr": [-1]})
+    with pytest.raises(PresetError, match=r"frontier.seeded.lr: \[0.5\]"):
+        load_preset("smoke", {"frontier.seeded.lr": [0.5]})
 
 
 def test_only_evals_with_a_stratified_task_say_so_in_their_spec():

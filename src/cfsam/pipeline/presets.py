@@ -42,9 +42,9 @@ SCHEMA = {
 # sections a preset may leave out
 OPTIONAL = {
     "frontier": {"datasets": list, "full": int, "seeds": list, "epochs": NUM, "snapshots": int, "heldout_n": int,
-                 "landscape": (dict, bool), "seeded": {"adamw_lr": list, "sam_rho": list},
+                 "landscape": (dict, bool), "seeded": {"adamw_lr": list, "sam_rho": list, "lr": list},
                  "screen": {"tasks": list, "limit": OPT_INT},
-                 "eval": {"tasks": list, "limit": OPT_INT}, "adamw_lr": list, "sam_rho": list, "sam_lr": list,
+                 "eval": {"tasks": list, "limit": OPT_INT}, "adamw_lr": list, "sam_rho": list, "method_lr": list,
                  "asam_rho": list,
                  "rehearsal_fraction": list, "wise_ft_alpha": list, "light": {"adamw_lr": list, "sam_rho": list}},
 }
@@ -206,13 +206,22 @@ def _check_frontier(p: dict) -> None:
         extra = [v for v in f["seeded"][key] if v not in f[key]]
         if extra:
             raise PresetError(f"frontier.seeded.{key}: {extra} are not in frontier.{key} ({f[key]})")
-    if p["stage2"].get("lr") in f["sam_lr"]:
-        raise PresetError(f"frontier.sam_lr: {p['stage2']['lr']} is the stage-2 lr, which every SAM run of "
-                          "frontier.sam_rho already uses; list only other learning rates")
-    for key in ("adamw_lr", "sam_rho", "sam_lr", "asam_rho"):
+    for key in ("adamw_lr", "sam_rho", "method_lr", "asam_rho"):
         for i, v in enumerate(f[key] + (f["light"][key] if key in f["light"] else [])):
             if not (isinstance(v, NUM) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
                 raise PresetError(f"frontier.{key}[{i}]={v!r} must be a finite number > 0")
+    # every method tuned alike: SAM, ASAM and rehearsal run at the stage-2 lr and at each of method_lr, which
+    # together must be AdamW's grid (a comparison against another method's worst lr proves nothing)
+    lr2 = p["stage2"].get("lr", train_config.DEFAULTS["lr"])
+    if lr2 in f["method_lr"]:
+        raise PresetError(f"frontier.method_lr: {lr2} is the stage-2 lr, at which every method already runs; "
+                          "list only the grid's other learning rates")
+    if sorted([lr2, *f["method_lr"]]) != sorted(f["adamw_lr"]):
+        raise PresetError(f"frontier.method_lr={f['method_lr']} with the stage-2 lr {lr2} must be AdamW's grid "
+                          f"frontier.adamw_lr={f['adamw_lr']}: every method is tuned over the same learning rates")
+    extra = [v for v in f["seeded"]["lr"] if v not in f["adamw_lr"]]
+    if extra:
+        raise PresetError(f"frontier.seeded.lr: {extra} are not in frontier.adamw_lr ({f['adamw_lr']})")
     for key, lo, hi in (("rehearsal_fraction", 0, 1), ("wise_ft_alpha", 0, 1)):
         for v in f[key]:
             if not (isinstance(v, NUM) and lo < v < hi):

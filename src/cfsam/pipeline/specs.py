@@ -163,32 +163,36 @@ def _share_snapshots(exps: dict) -> None:
 
 def frontier(p: dict, s1: dict, heldout: dict, ev: dict) -> dict[str, dict]:
     """The learning-forgetting frontier runs: per stage-2 set, AdamW over learning rates, SAM and ASAM over
-    rho, rehearsal over fractions (each measured at ``snapshots`` points along the run), and Wise-FT of the
-    reference AdamW run over alpha. The first ``full`` sets (the headline first) get every seed; the others,
-    lighter, the first seed and the ``light`` sweeps; seeds after the first run only the ``seeded`` sweep
-    points. End points carry the landscape (on examples disjoint from the held-out ones that measure
-    forgetting)."""
+    rho, rehearsal over fractions (each measured at ``snapshots`` points along the run), and Wise-FT of every
+    AdamW run over alpha. Every method is tuned alike: on the full sets SAM, ASAM and rehearsal run at the
+    stage-2 lr and at each of ``method_lr`` (together AdamW's grid, ``adamw_lr``; the preset checks it), and
+    Wise-FT merges the end of AdamW at each of those lrs. The first ``full`` sets (the headline first) get
+    every seed; the others, lighter, the first seed and the ``light`` sweeps; seeds after the first run only
+    the ``seeded`` sweep points, at the ``seeded.lr`` learning rates. End points carry the landscape (on
+    examples disjoint from the held-out ones that measure forgetting)."""
     f = p["frontier"]
     n, out = f["snapshots"], {}
     measure = {"eval": eval_measure({**ev, **f["eval"], "stratify": p["eval"]["stratify"]}), "heldout": {**heldout, "n": f["heldout_n"]}}
     # every curve starts at the stage-1 model: its held-out losses on every set, its general ability
     out["frontier-stage1"] = {"run": s1, "measure": {**measure, "heldout": {
         **measure["heldout"], "datasets": heldout["datasets"] + [d for d in f["datasets"] if d not in heldout["datasets"]]}}}
+    lr2 = p["stage2"]["lr"]
+    seeded_lrs = f["seeded"].get("lr", [lr2])
     for i, ds in enumerate(f["datasets"]):
         light = i >= f["full"]
         lrs, rhos = (f["light"]["adamw_lr"], f["light"]["sam_rho"]) if light else (f["adamw_lr"], f["sam_rho"])
         ep = {"epochs": f["epochs"]}  # every frontier run: the same schedule; the sweep traces the frontier
         methods = [(f"adamw-lr{lr:g}", {**ep, "lr": lr}, lr in f["seeded"]["adamw_lr"]) for lr in lrs]
-        methods += [(f"sam-rho{rho:g}", sam(p, **ep, rho=rho, adaptive=False), rho in f["seeded"]["sam_rho"])
-                    for rho in rhos]
+        others = [(f"sam-rho{rho:g}", sam(p, **ep, rho=rho, adaptive=False), rho in f["seeded"]["sam_rho"])
+                  for rho in rhos]
         if not light:
-            methods += [(f"asam-rho{rho:g}", sam(p, **ep, rho=rho, adaptive=True), False) for rho in f["asam_rho"]]
-            methods += [(f"rehearsal{fr:g}", {**ep, "rehearsal_from": p["stage1"]["dataset"], "rehearsal_fraction": fr},
-                         False) for fr in f["rehearsal_fraction"]]
-            # SAM at other learning rates than the stage-2 one (first seed): is SAM's place on the frontier
-            # its radius, or only the step size it is run at?
-            methods += [(f"sam-rho{rho:g}-lr{lr:g}", sam(p, **ep, rho=rho, adaptive=False, lr=lr), False)
-                        for lr in f["sam_lr"] for rho in rhos]
+            others += [(f"asam-rho{rho:g}", sam(p, **ep, rho=rho, adaptive=True), False) for rho in f["asam_rho"]]
+            others += [(f"rehearsal{fr:g}", {**ep, "rehearsal_from": p["stage1"]["dataset"], "rehearsal_fraction": fr},
+                        False) for fr in f["rehearsal_fraction"]]
+        # at the stage-2 lr under their plain names (as first computed), at the grid's other lrs with "-lr"
+        methods += [(name, changes, seeded and lr2 in seeded_lrs) for name, changes, seeded in others]
+        methods += [(f"{name}-lr{lr:g}", {**changes, "lr": lr}, seeded and lr in seeded_lrs)
+                    for lr in ([] if light else f["method_lr"]) for name, changes, seeded in others]
         for k, seed in enumerate(f["seeds"][:1] if light else f["seeds"]):
             here = {**measure, "heldout": {**measure["heldout"], "datasets": heldout["datasets"] + [ds]}}
             for name, changes, seeded in methods:
@@ -201,10 +205,16 @@ def frontier(p: dict, s1: dict, heldout: dict, ev: dict) -> dict[str, dict]:
                         over = f["landscape"] if isinstance(f["landscape"], dict) else {}
                         exp["measure"] = {**here, "landscape": {**p["landscape"], **over, "disjoint": True}}
                     out[f"{ds}-{name}-s{seed}-{at}of{n}"] = exp
-            if not light:
-                tuned = stage2(p, s1, ds, seed=seed, **ep)  # the reference AdamW run (the preset's stage-2 lr)
+            if light:
+                continue
+            # Wise-FT of each AdamW run of the grid (the stage-2 lr's under its first name), where this seed ran it
+            for lr in [lr2] + [x for x in lrs if x != lr2]:
+                if k > 0 and lr not in f["seeded"]["adamw_lr"] and lr != lr2:
+                    continue
+                tuned = stage2(p, s1, ds, seed=seed, **ep, **({} if lr == lr2 else {"lr": lr}))
+                tag = "" if lr == lr2 else f"-lr{lr:g}"
                 for alpha in f["wise_ft_alpha"]:
-                    out[f"{ds}-wiseft-a{alpha:g}-s{seed}"] = {
+                    out[f"{ds}-wiseft-a{alpha:g}{tag}-s{seed}"] = {
                         "run": {"wise_ft": {"stage1": s1, "stage2": tuned, "alpha": alpha}}, "measure": here}
     for exp in out.values():
         exp["group"] = "frontier"  # for the analysis; not part of the id (run and measure are)
