@@ -85,8 +85,11 @@ def _trained_on(model) -> str | None:
     """The set a stage directory was trained on, to replay it."""
     if isinstance(model, dict):
         return model.get("dataset")
-    metrics = Path(str(model)) / "metrics.json"
-    return json.loads(metrics.read_text())["config"].get("dataset") if metrics.exists() else None
+    from cfsam.core.registry import model_dir
+
+    folder = model_dir(model)  # a preset's name is the preset, never a folder that shares it
+    metrics = folder / "metrics.json" if folder is not None else None
+    return json.loads(metrics.read_text())["config"].get("dataset") if metrics and metrics.exists() else None
 
 
 def cmd_train(args) -> int:

@@ -58,3 +58,20 @@ def entry(kind: str, name: str) -> dict:
     if name not in reg:
         raise RegistryError(f"unknown {KINDS[kind][1]} {name!r}; allowed: {', '.join(reg)}")
     return reg[name]
+
+
+def model_dir(model) -> Path | None:
+    """The folder a model argument names, or None when it names a model preset.
+
+    A preset's name always means the preset: a folder of that name in the working directory (a Trainer's
+    output ``tiny/``) never replaces it. A folder is taken only when written as a path: with a ``/``, or
+    ``./name``, ``~/name``. A bare name that is neither is an error that says how to write the folder.
+    """
+    text = str(model)
+    if text in names("models"):
+        return None
+    if "/" in text or text.startswith((".", "~")) or Path(text).is_absolute():
+        return Path(text).expanduser()
+    here = f"the folder here is used as ./{text}" if Path(text).is_dir() else f"e.g. ./{text}"
+    raise RegistryError(f"unknown model preset {text!r}; allowed: {', '.join(names('models'))}, or a model "
+                        f"folder written as a path ({here})")

@@ -141,11 +141,20 @@ class Loaded:
     source: str  # where it came from: a directory, a hub id, or "random"
 
 
+def _folder(name_or_dir) -> Path | None:
+    """The model folder an argument names (it must exist), or None for a preset (``registry.model_dir``)."""
+    path = registry_.model_dir(name_or_dir)
+    if path is not None and not path.is_dir():
+        raise ModelUnavailable(f"model folder {path} does not exist (a model is a preset: "
+                               f"{', '.join(registry())}, or a folder written as a path)")
+    return path
+
+
 def load_tokenizer(name_or_dir: str):
     from transformers import AutoTokenizer
 
-    path = Path(name_or_dir)
-    if path.is_dir():
+    path = _folder(name_or_dir)
+    if path is not None:
         tok = _from_dir(AutoTokenizer, path, "tokenizer")
     else:
         spec = model_spec(name_or_dir)
@@ -220,11 +229,12 @@ def _from_hub(cls, spec: dict, name: str, **kwargs):
 
 
 def load_model(name_or_dir: str, dtype: torch.dtype = torch.float32) -> Loaded:
-    """Load a preset or a saved model directory (e.g. a trained stage) with its tokenizer."""
+    """Load a preset or a saved model directory (e.g. a trained stage) with its tokenizer. A preset's name
+    always means the preset; a folder is one written as a path (``./tiny``, ``runs/abc``, absolute)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    path = Path(name_or_dir)
-    if path.is_dir():
+    path = _folder(name_or_dir)
+    if path is not None:
         model = _from_dir(AutoModelForCausalLM, path, "model", dtype=dtype)
         return Loaded(model, load_tokenizer(str(path)), path.name, str(path))
     spec = model_spec(name_or_dir)

@@ -138,8 +138,11 @@ def model_context(model) -> int | None:
     """The longest sequence a model takes, from the registry or its directory's config.json (no loading)."""
     if isinstance(model, dict):
         return model_context(model.get("model"))
-    path = Path(str(model)) / "config.json"
-    if path.exists():
+    if model is None:
+        return None
+    folder = registry.model_dir(model)
+    path = folder / "config.json" if folder is not None else None
+    if path is not None and path.exists():
         try:
             return json.loads(path.read_text()).get("max_position_embeddings")
         except ValueError:
@@ -160,9 +163,16 @@ def _check_dataset(name: str, key: str) -> None:
 def _check_model(model) -> None:
     if isinstance(model, dict):
         resolve(model)  # the stage it continues
-    elif isinstance(model, str) and not Path(model).is_dir() and model not in registry.names('models'):
-        raise SpecError(f"model={model!r}: neither a model directory nor a model preset; presets: "
-                        f"{', '.join(registry.names('models'))}")
+    elif isinstance(model, (str, Path)):
+        try:
+            path = registry.model_dir(model)  # a preset's name is the preset, whatever folder shares it
+        except registry.RegistryError as err:
+            raise SpecError(f"model={str(model)!r}: neither a model directory nor a model preset; presets: "
+                            f"{', '.join(registry.names('models'))}; a folder is written as a path "
+                            f"(./{model})") from err
+        if path is not None and not path.is_dir():
+            raise SpecError(f"model={str(model)!r}: the model folder {path} does not exist; presets: "
+                            f"{', '.join(registry.names('models'))}")
 
 
 def canonical(spec: dict) -> dict:
@@ -201,8 +211,8 @@ def model_ref(model) -> str | dict:
     the sha256 of its weight files: never by path, so a moved or copied cache keeps its ids."""
     if isinstance(model, dict):
         return {"run": run_id(model)}
-    path = Path(str(model))
-    if path.is_dir():
+    path = registry.model_dir(model)
+    if path is not None:
         for marker in ("snapshot.json", "metrics.json", "merge.json"):
             if (path / marker).exists():
                 try:
