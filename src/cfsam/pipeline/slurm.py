@@ -39,8 +39,14 @@ def _job_name(experiment: str) -> str:
     return experiment.replace("/", "--")  # sizes' experiments: tinyllama-1.1b/stage1 -> tinyllama-1.1b--stage1
 
 
+def _trained(run: dict) -> dict:
+    """The run a job trains for ``run``: a snapshot's stage (its snapshots are saved while it trains), else itself."""
+    return run["snapshot"]["run"] if specs.run_kind(run) == "snapshot" else run
+
+
 def _needs(run: dict) -> list[dict]:
     """The runs a run's model is made from: a stage's parent stage, a merge's two stages; none for a base model."""
+    run = _trained(run)
     kind = specs.run_kind(run)
     if kind == "wise_ft":
         return [run["wise_ft"]["stage1"], run["wise_ft"]["stage2"]]
@@ -52,8 +58,10 @@ def _needs(run: dict) -> list[dict]:
 def job_graph(preset: str, notebooks: list[str] | None = None, notebooks_dir: Path | None = None) -> list[dict]:
     """The jobs that compute what the chapters need, along the experiment graph, in topological order.
 
-    One job per run (the experiments measuring the same model, by ``run_id``, share it), one job for every
-    base-model experiment (no training), and last the ``chapters`` job that renders the notebooks. Each job is
+    One job per run (the experiments measuring the same model, by ``run_id``, share it; so do the snapshots
+    saved along one stage, ``*-1of4`` ... ``*-4of4``: the job that trains the stage measures every one of
+    them, and no other job trains it), one job for every base-model experiment (no training), and last the
+    ``chapters`` job that renders the notebooks. Each job is
     ``{"name", "kind": "base" | "run" | "chapters", "experiments", "pulled", "after"}``; ``after`` names the jobs
     it waits for (Slurm ``afterok``): a stage's parent stage, a merge's two stages, and for ``chapters`` every
     other job. A run that the chapters need only as a parent is trained by a job of its own too (measuring the
@@ -65,12 +73,13 @@ def job_graph(preset: str, notebooks: list[str] | None = None, notebooks_dir: Pa
     keep = set().union(*(chapters.chapter_experiments(nb, list(exps), nb_dir) for nb in names))
     by_run: dict[str, list[str]] = {}  # run id -> the preset's experiments of that run, in preset order
     for name, exp in exps.items():
-        by_run.setdefault(specs.run_id(exp["run"]), []).append(name)
+        by_run.setdefault(specs.run_id(_trained(exp["run"])), []).append(name)
 
     jobs: dict[str, dict] = {}  # job key (run id, or "base") -> job
     job_of: dict[str, str] = {}  # run id -> job key
 
     def add(run: dict, pulled: bool) -> None:
+        run = _trained(run)
         rid = specs.run_id(run)
         if rid in job_of:
             return
@@ -97,7 +106,7 @@ def job_graph(preset: str, notebooks: list[str] | None = None, notebooks_dir: Pa
         """The jobs of the nearest ancestors of ``run`` that have a job."""
         out = []
         for parent in _needs(run):
-            key = job_of.get(specs.run_id(parent))
+            key = job_of.get(specs.run_id(_trained(parent)))
             for k in ([key] if key else upstream(parent)):
                 if k not in out:
                     out.append(k)
