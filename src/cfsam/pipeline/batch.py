@@ -26,7 +26,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from cfsam.pipeline import cache, chapters, runner
-from cfsam.pipeline.presets import load_preset
+from cfsam.pipeline.presets import is_path, load_preset, preset_name
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ REQUIRED_PARAMETERS = ("preset", "results_dir")
 
 
 def default_out(preset: str) -> Path:
-    return REPO / "_build" / "batch" / preset
+    return REPO / "_build" / "batch" / preset_name(preset)
 
 
 # ------------------------------------------------------------------------------- what to run
@@ -200,6 +200,8 @@ def main(args) -> int:
 
     notebooks = args.notebooks.split(",") if args.notebooks else None
     params = _parse_params(args.param)
+    if is_path(args.preset):  # absolute: the notebooks run in their own folder, the Slurm jobs in the repository
+        args.preset = str(Path(args.preset).expanduser().resolve())
     if not args.slurm:
         run_local(args.preset, notebooks, out=args.out, notebooks_dir=args.notebooks_dir, dry_run=args.dry_run,
                   parameters=params, compute=args.compute)

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from cfsam.core.io import config_hash, read_json
+from cfsam.pipeline.presets import preset_name
 from cfsam.pipeline.specs import expand, experiment_id
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ STATUSES = ("ok", "stale", "missing", "damaged")
 
 def results_dir(preset: str) -> Path:
     root = Path(os.environ.get("CFSAM_RESULTS", REPO / "results"))
-    return root / preset
+    return root / preset_name(preset)  # a YAML path: its stem, never the path itself
 
 
 def entry_path(preset: str, name: str) -> Path:

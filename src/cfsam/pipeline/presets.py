@@ -58,13 +58,35 @@ def preset_names() -> list[str]:
     return registry.names("presets")
 
 
+def is_path(name_or_path: str | Path) -> bool:
+    """Whether a preset argument is a YAML file's path (else a registered preset's name)."""
+    return Path(name_or_path).suffix in (".yaml", ".yml")
+
+
+def preset_name(name_or_path: str | Path) -> str:
+    """The name a preset's results, locks and jobs are filed under (``results/<name>/``): a registered preset's
+    name, or a YAML file's stem (``/abs/my.yaml`` -> ``my``), never the path itself."""
+    return Path(name_or_path).stem if is_path(name_or_path) else str(name_or_path)
+
+
+def registered_file(name: str) -> Path:
+    return registry.ROOT / registry.KINDS["presets"][0] / f"{name}.yaml"
+
+
 def load_preset(name_or_path: str | Path, overrides: dict | None = None) -> dict:
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") and path.exists():
-        name = path.stem
+    name = preset_name(name_or_path)
+    if is_path(name_or_path):
+        path = Path(name_or_path).expanduser()
+        if not path.is_file():
+            raise PresetError(f"preset file {path} does not exist (a preset is one of {', '.join(preset_names())}, "
+                              "or the path of a YAML file)")
+        own = registered_file(name)
+        if own.exists() and own.resolve() != path.resolve() and own.read_bytes() != path.read_bytes():
+            # its results would go to results/<name>/, over the registered preset's
+            raise PresetError(f"preset file {path} is named like the registered preset {name!r}, whose results "
+                              f"are in results/{name}/; rename it (e.g. {name}-mine.yaml)")
     else:
-        name = str(name_or_path)
-        path = registry.ROOT / registry.KINDS["presets"][0] / f"{name}.yaml"
+        path = registered_file(name)
         if not path.exists():
             raise PresetError(f"unknown preset {name!r}; allowed: {', '.join(preset_names())} (or a YAML path)")
     try:

@@ -32,6 +32,7 @@ from cfsam.core import memory
 from cfsam.core.io import write_json_atomic
 from cfsam.data import models, sources
 from cfsam.pipeline.cache import REPO, data_hashes, datasets_of, entry_path, load_results, status_of
+from cfsam.pipeline.presets import preset_name
 from cfsam.pipeline.specs import MEASURE_VERSION, expand, experiment_id, last_stage, needed, run_id, run_kind
 
 log = logging.getLogger(__name__)
@@ -211,14 +212,14 @@ def run_one(preset: str, name: str, exp: dict | None = None) -> dict | None:
     memory.release()  # the trainer's model, optimizer state and activations are gone: so are their pages
     path = entry_path(preset, name)
     entry = None
-    with _exclusive(models.cache_dir() / "locks" / preset / name):  # locks live in the cache, not in results/
+    with _exclusive(models.cache_dir() / "locks" / preset_name(preset) / name):  # in the cache, not results/
         if _from_rank0(_rank() == 0 and status_of(preset, name, exp) != "ok"):
             # every rank measures: the eval items are shared among them (the harness gathers the scores)
             if _rank() == 0:
                 log.info("experiment %s/%s: measuring %s", preset, name, model_ref)
             measured, model = measure(model_ref, exp["measure"])
             if _rank() == 0:
-                entry = {"id": experiment_id(exp), "name": name, "preset": preset, "spec": exp,
+                entry = {"id": experiment_id(exp), "name": name, "preset": preset_name(preset), "spec": exp,
                          "measure_version": MEASURE_VERSION,
                          "data_labels": {d: sources.label(d) for d in sorted(datasets_of(exp))},
                          "train": train_metrics, **measured}

@@ -13,7 +13,7 @@ import yaml
 
 from cfsam.core.io import write_text_atomic
 from cfsam.pipeline import chapters, specs
-from cfsam.pipeline.presets import load_preset
+from cfsam.pipeline.presets import load_preset, preset_name
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def sbatch_script(preset: str, job: dict, cfg: dict, *, out: Path, notebooks_dir
     hcfg = {k: v for k, v in cfg.items() if not (light and k == "gpus_per_node")}
     if light:  # papermill only: a light default, then the config's `chapters` settings (e.g. a CPU partition)
         hcfg.update({**LIGHT, **(cfg.get("chapters") or {})})
-    header = [f"#SBATCH --job-name=cfsam-{preset}-{name}", f"#SBATCH --output={out}/{name}-%j.log"]
+    header = [f"#SBATCH --job-name=cfsam-{preset_name(preset)}-{name}", f"#SBATCH --output={out}/{name}-%j.log"]
     header += [f"#SBATCH {opt}={hcfg[key]}" for key, opt in SLURM_KEYS.items() if hcfg.get(key) is not None]
     header += [f"#SBATCH {line}" for line in hcfg.get("extra") or []]
     if light:
