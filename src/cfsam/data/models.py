@@ -99,6 +99,7 @@ def _convert(spec: dict, out: Path) -> Path:
     log.info("converting %s to safetensors in %s (one-off, ~30 s)", gguf.name, out)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    match_special_tokens(tok, loaded.config)
     # A plain model built from the config: save_pretrained works on it, unlike on the GGUF-loaded one; the
     # config must lose its quantization_config too, or every model loaded from it refuses save_pretrained.
     config = copy.deepcopy(loaded.config)
@@ -123,14 +124,51 @@ def _convert(spec: dict, out: Path) -> Path:
     return out
 
 
+SPECIAL_TOKENS = ("bos", "eos", "pad")
+
+
+def match_special_tokens(tok, config) -> None:
+    """Give the tokenizer the special tokens that the model's config (the GGUF's own metadata) names.
+
+    transformers 5.17 converts SmolLM2's GGUF tokenizer with eos = pad = ``<|im_start|>`` (id 1; the
+    file says 2, ``<|im_end|>``, and so does the config it builds): every response then ended with a
+    token the model never predicts there (about 9 nats per held-out example; issue 26)."""
+    for kind in SPECIAL_TOKENS:
+        want = getattr(config, f"{kind}_token_id", None)
+        if isinstance(want, int) and getattr(tok, f"{kind}_token_id") != want:
+            token = tok.convert_ids_to_tokens(want)
+            log.warning("the converted tokenizer's %s token is %r (id %s); the model's config says %r (id %d): "
+                        "using the config's", kind, getattr(tok, f"{kind}_token"), getattr(tok, f"{kind}_token_id"),
+                        token, want)
+            setattr(tok, f"{kind}_token", token)
+
+
+def _special_tokens_agree(out: Path, config: dict) -> bool:
+    """Whether a converted tokenizer's bos/eos/pad tokens are the ones the config names by id."""
+    try:
+        tok_config = json.loads((out / "tokenizer_config.json").read_text())
+        added = json.loads((out / "tokenizer.json").read_text()).get("added_tokens", [])
+    except (OSError, ValueError):
+        return True  # a damaged file is the loader's to name (DamagedModelFile), not a reason to convert
+    by_id = {t["id"]: t["content"] for t in added}
+    for kind in SPECIAL_TOKENS:
+        want = config.get(f"{kind}_token_id")
+        have = tok_config.get(f"{kind}_token")
+        have = have.get("content") if isinstance(have, dict) else have
+        if isinstance(want, int) and want in by_id and have is not None and have != by_id[want]:
+            return False
+    return True
+
+
 def _prepared(out: Path) -> bool:
-    """A finished conversion, made by a version that left no quantization_config behind."""
+    """A finished conversion, made by a version that left no quantization_config behind and whose
+    tokenizer ends responses with the model's own EOS (not one converted by transformers 5.17)."""
     try:
         config = json.loads((out / "config.json").read_text())
     except (OSError, ValueError):
         return False
     return (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists() \
-        and "quantization_config" not in config
+        and "quantization_config" not in config and _special_tokens_agree(out, config)
 
 
 @dataclass
