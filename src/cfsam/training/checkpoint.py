@@ -1,9 +1,17 @@
 """What a stage writes: checkpoints of a running stage (model, optimizer, scheduler, scaler, RNG and data
-position; atomic), and the saved models (snapshots along the run, the final model)."""
+position; atomic), and the saved models (snapshots along the run, the final model).
+
+A checkpoint is read without running any code from it (the cache may be copied between machines):
+``torch.load(weights_only=True)`` for the trainer state and RNG files, and DCP's pickled ``.metadata``
+through an unpickler that admits only DCP's own metadata classes. A checkpoint that cannot be read is a
+``DamagedCheckpoint`` naming it and the command that removes it.
+"""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import pickle
 import random
 import shutil
 import warnings
@@ -11,6 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import StorageMeta
 
 from cfsam.core.dist import Runtime, barrier, is_zero, unwrap
 from cfsam.core.io import write_json_atomic
@@ -20,13 +31,21 @@ from cfsam.training import zero
 CKPT_PREFIX = "checkpoint-"
 
 
+class DamagedCheckpoint(ValueError):
+    """A checkpoint that cannot be read (truncated, overwritten, written by an older cfsam): the message names
+    it and the command that removes it; the stage then trains from its start."""
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
     done = [p for p in out_dir.glob(CKPT_PREFIX + "*") if p.is_dir() and p.name[len(CKPT_PREFIX):].isdigit()]
     return max(done, key=lambda p: int(p.name[len(CKPT_PREFIX):]), default=None)
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    # tensors, ints and tuples only, so that weights_only=True reads it back (numpy's key as a tensor)
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -35,7 +54,8 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -63,7 +83,6 @@ def save_checkpoint(out_dir: Path, step: int, model, opt, sched, scaler, history
         model_sd, optim_sd = get_state_dict(model, opt)  # sharded under FSDP2, full otherwise
         with _quiet_dcp():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / "dcp", no_dist=rt.mode == "none")
-    # trusted files written by this code: torch.save keeps RNG tuples and numpy states as they are
     torch.save(_rng_state(), tmp / f"rng-{rt.rank}.pt")
     if rt.rank == 0:
         torch.save({"step": step, "run_id": sid, "scheduler": sched.state_dict(), "history": history,
@@ -80,33 +99,111 @@ def save_checkpoint(out_dir: Path, step: int, model, opt, sched, scaler, history
 
 
 def load_checkpoint(ckpt: Path, model, opt, sched, scaler, sid: str, rt: Runtime) -> dict:
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    remove = f"delete it with `rm -r {ckpt}`"
+    state = _read(ckpt, "trainer_state.pt", lambda: _trainer_state(ckpt / "trainer_state.pt"))
     if state["run_id"] != sid:
-        raise ValueError(f"{ckpt} belongs to run {state['stage_id']}, not {sid}: use another out_dir or delete it")
+        raise ValueError(f"{ckpt} belongs to run {state['run_id']}, not {sid} (another config in the same out "
+                         f"folder): use another --out, or {remove}")
     if is_zero(rt.mode):
         if not (ckpt / "zero").is_dir() or state["world"] != rt.world:
             raise ValueError(f"{ckpt} was not written by DeepSpeed with {rt.world} processes (it has "
                              f"{'a DeepSpeed' if (ckpt / 'zero').is_dir() else 'no DeepSpeed'} checkpoint of "
-                             f"{state['world']}): resume with the same dist and process count, or delete it")
-        model.load_checkpoint(str(ckpt / "zero"), tag="state", load_optimizer_states=True,
-                              load_lr_scheduler_states=False)
+                             f"{state['world']}): resume with the same dist and process count, or {remove}")
+        _read(ckpt, "zero/", lambda: model.load_checkpoint(str(ckpt / "zero"), tag="state", load_optimizer_states=True,
+                                                          load_lr_scheduler_states=False))
     else:
         if not (ckpt / "dcp").is_dir():
-            raise ValueError(f"{ckpt} was written under DeepSpeed: resume with the same dist, or delete it")
+            raise ValueError(f"{ckpt} was written under DeepSpeed: resume with the same dist, or {remove}")
         model_sd, optim_sd = get_state_dict(model, opt)
-        with _quiet_dcp():
-            dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt / "dcp", no_dist=rt.mode == "none")
+        _read(ckpt, "dcp/", lambda: _dcp_load({"model": model_sd, "optim": optim_sd}, ckpt / "dcp", rt))
         set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
     sched.load_state_dict(state["scheduler"])
     if scaler is not None and state["scaler"]:
         scaler.load_state_dict(state["scaler"])
     rng_file = ckpt / f"rng-{rt.rank}.pt"
     if rng_file.exists():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(_read(ckpt, rng_file.name, lambda: torch.load(rng_file, weights_only=True)))
     return state
+
+
+def _trainer_state(path: Path) -> dict:
+    state = torch.load(path, weights_only=True)
+    missing = {"step", "run_id", "scheduler", "history", "scaler", "world"} - set(state if isinstance(state, dict) else ())
+    if missing:
+        raise ValueError(f"not a trainer state (it lacks {', '.join(sorted(missing))})")
+    return state
+
+
+def _read(ckpt: Path, what: str, load):
+    """``load()``, with any failure to read the checkpoint's files as a DamagedCheckpoint naming them."""
+    try:
+        return load()
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except (Exception, CheckpointException) as err:  # pickle, EOF, DCP's assertions, [Errno 22] on a cut shard
+        cause = err
+        if isinstance(err, CheckpointException):  # a BaseException holding each rank's error and traceback
+            cause = next(iter(err.failures.values()), (err,))[0]
+        msg = (str(cause).strip().splitlines() or [""])[0][:200]
+        raise DamagedCheckpoint(f"checkpoint {ckpt} cannot be read ({what}: {type(cause).__name__}: {msg}); delete "
+                                f"it with `rm -r {ckpt}` and run the same command again (the stage then trains "
+                                "from its start)") from err
+
+
+class _NotFromDCP(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "torch/distributed/checkpoint" not in record.pathname.replace(os.sep, "/")
+
+
+def _dcp_load(state_dict: dict, path: Path, rt: Runtime) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import logger as dcp_logger
+
+    # DCP logs a damaged checkpoint's tracebacks to the root logger before it raises: the one-line
+    # DamagedCheckpoint says it all
+    quiet = _NotFromDCP()
+    loggers = [logging.getLogger(), dcp_logger._dcp_logger]
+    for lg in loggers:
+        lg.addFilter(quiet)
+    try:
+        with _quiet_dcp():
+            dcp.load(state_dict, storage_reader=_SafeReader(path), no_dist=rt.mode == "none")
+    finally:
+        for lg in loggers:
+            lg.removeFilter(quiet)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's ``.metadata`` is a pickle: admit DCP's own classes, torch dtypes and sizes, and nothing else
+    (checked before anything is imported or called)."""
+
+    PLAIN = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+             ("pathlib", "WindowsPath"), ("collections", "OrderedDict")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.PLAIN:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module.startswith("torch.distributed.checkpoint.") and "." not in name:
+            found = super().find_class(module, name)
+            if isinstance(found, type) and found.__module__.startswith("torch.distributed.checkpoint."):
+                return found
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+class _SafeReader(FileSystemReader):
+    """torch's FileSystemReader, its metadata read by ``_MetadataUnpickler`` instead of ``pickle.load``."""
+
+    def read_metadata(self, *args, **kwargs):
+        with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 # ------------------------------------------------------------------------ saved models
