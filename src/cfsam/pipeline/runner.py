@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from cfsam import __version__
 from cfsam.core.dist import init_group, local_device
 from cfsam.core import memory
-from cfsam.core.io import write_json_atomic
+from cfsam.core.io import read_json, write_json_atomic
 from cfsam.data import models, sources
 from cfsam.pipeline.cache import REPO, data_hashes, datasets_of, entry_path, load_results, status_of
 from cfsam.pipeline.presets import preset_name
@@ -174,11 +174,29 @@ def code_version() -> dict:
             return ""
 
     if os.environ.get("CFSAM_GIT_COMMIT"):
-        # a staged copy of a clean checkout (a cluster's, an accelerator's): its sender names the commit it
-        # copied, since the copy's own .git may be missing or older than its files
-        return {"git_commit": os.environ["CFSAM_GIT_COMMIT"], "git_dirty": False, "git_from": "CFSAM_GIT_COMMIT"}
+        # a staged copy (a cluster's, an accelerator's): its sender names the commit it copied, and whether
+        # tracked files differed from it (CFSAM_GIT_DIRTY=1), since the copy's own .git may be missing or older
+        return {"git_commit": os.environ["CFSAM_GIT_COMMIT"], "git_dirty": os.environ.get("CFSAM_GIT_DIRTY") == "1",
+                "git_from": "CFSAM_GIT_COMMIT"}
     return {"git_commit": git("rev-parse", "HEAD"),
             "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def device_check() -> dict:
+    """The device self-check this process runs after (``cfsam.measurement.selfcheck``; scripts/offline_gpu):
+    the result file that CFSAM_DEVICE_CHECK names, for provenance; a failed or unreadable one stops the run."""
+    path = os.environ.get("CFSAM_DEVICE_CHECK")
+    if not path:
+        return {}
+    try:
+        result = read_json(path)
+    except (OSError, ValueError) as err:
+        raise RuntimeError(f"CFSAM_DEVICE_CHECK={path} cannot be read ({type(err).__name__}: {err}); run "
+                           "`python -m cfsam.measurement.selfcheck results/cpu/base.json.gz --out FILE` first") from err
+    if not result.get("passed"):
+        raise RuntimeError(f"the device self-check in {path} failed ({'; '.join(result.get('failures', [])[:3])}): "
+                           "this machine does not reproduce the committed reference, so nothing is computed")
+    return {"device_check": result}
 
 
 def provenance(started: float, ended: float, exp: dict, model=None) -> dict:
@@ -188,7 +206,7 @@ def provenance(started: float, ended: float, exp: dict, model=None) -> dict:
     except (OSError, StopIteration):
         pass
     return {
-        "cfsam_version": __version__, **code_version(),
+        "cfsam_version": __version__, **code_version(), **device_check(),
         "data": data_hashes(exp),
         "model_weights_hash": models.weights_hash(model) if model is not None else None,
         "machine": {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
@@ -293,6 +311,7 @@ def run_missing(preset: str, notebooks: list[str] | None = None, only: list[str]
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r}; it must be a positive number of processes")
     exps = expand(preset)  # a bad preset fails here, before anything runs
+    device_check()  # and a failed device self-check
     names = only or needed(preset, notebooks)
     unknown = [n for n in names if n not in exps]
     if unknown:

@@ -41,6 +41,8 @@ class Provenance(TypedDict, total=False):
     cfsam_version: str
     git_commit: str
     git_dirty: bool
+    git_from: str                    # CFSAM_GIT_COMMIT: a staged copy's sender named the commit
+    device_check: dict[str, Any]     # cfsam.measurement.selfcheck's result, where one was run first
     data: dict[str, dict[str, str]]  # sha256 of every data file read; checked where the data is present
     model_weights_hash: str | None
     machine: dict[str, Any]
