@@ -216,13 +216,29 @@ def _from_dir(cls, path: Path, what: str, **kwargs):
     except Exception as err:  # tokenizers' parser raises a bare Exception; json, safetensors, OSError, ...
         bad = _damaged_file(path, what)
         msg = (str(err).strip().splitlines() or [""])[0][:300]
+        runs = (cache_dir() / "runs").resolve()
         if path.resolve().parent == (cache_dir() / "models").resolve():  # a converted preset: convert again
             fix = f"delete {path} and run `cfsam prepare-model {path.name}` to convert it again"
+        elif runs in path.resolve().parents:  # a cached run (a snapshot: its stage's folder): compute it again
+            run = runs / path.resolve().relative_to(runs).parts[0]
+            fix = f"delete it with `rm -r {run}` and run the same command again: it trains (or merges) that run again"
         else:
             fix = f"restore {bad.name if bad else 'it'} (save the {what} again, or rerun the stage that wrote {path})"
         raise DamagedModelFile(f"the {what} in {path} cannot be loaded: "
                                + (f"{bad} is damaged" if bad else "a file there is missing or damaged")
                                + f" ({type(err).__name__}: {msg}); {fix}") from err
+
+
+def damaged_model_file(path: Path) -> Path | None:
+    """The first file of a saved model folder (weights, config, tokenizer) that is missing or does not parse,
+    without loading the weights (safetensors headers only): None when the folder reads as a model."""
+    path = Path(path)
+    for name in ("config.json", "tokenizer_config.json"):
+        if not (path / name).exists():
+            return path / name
+    if not (list(path.glob("*.safetensors")) or list(path.glob("*.bin"))):
+        return path / "model.safetensors"
+    return _damaged_file(path, "model") or _damaged_file(path, "tokenizer")
 
 
 def _damaged_file(path: Path, what: str) -> Path | None:

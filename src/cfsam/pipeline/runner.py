@@ -91,6 +91,7 @@ def materialize(run: dict) -> tuple[str, dict | None]:
         s2, metrics = materialize(w["stage2"])
         out = models.cache_dir() / "runs" / run_id(run)
         with _exclusive(out):
+            _discard_if_damaged(out, "merge.json")
             if _rank() == 0:
                 wise_ft(s1, s2, out, alpha=w["alpha"])
         return str(out), {"stage2": metrics}
@@ -98,6 +99,9 @@ def materialize(run: dict) -> tuple[str, dict | None]:
         snap = run["snapshot"]
         stage = {**snap["run"], "snapshots": snap["of"]}
         out = default_dir(stage) / snapshot_name(snap["at"], snap["of"]) if snap["at"] < snap["of"] else None
+        if out is not None:  # a damaged snapshot: its stage saves it again while it trains again
+            with _exclusive(default_dir(stage)):
+                _discard_if_damaged(out, "snapshot.json", whole=default_dir(stage))
         if out is not None and (default_dir(stage) / "metrics.json").exists() and not (out / "config.json").exists():
             # cached from a run that saved no snapshots (derived data): train it again, saving them
             log.warning("%s holds no %s: training that stage again to save its snapshots", default_dir(stage), out.name)
@@ -112,8 +116,21 @@ def materialize(run: dict) -> tuple[str, dict | None]:
     out = default_dir(run)
     options = {k: v for k, v in run.items() if k not in ("model", "dataset")}  # checkpoint_every: the preset's
     with _exclusive(out):
+        _discard_if_damaged(out, "metrics.json")
         metrics = train_stage(run["model"], run["dataset"], out, **options)
     return str(out), metrics
+
+
+def _discard_if_damaged(folder: Path, marker: str, whole: Path | None = None) -> None:
+    """A finished model (``marker`` written) whose files do not read, a truncated model.safetensors or a broken
+    tokenizer, is never reused: rank 0 removes it (``whole``: the folder it was saved in, a snapshot's stage),
+    so that it is trained or merged again. Headers only: no weights are loaded."""
+    if _rank() == 0 and (folder / marker).exists():
+        bad = models.damaged_model_file(folder)
+        if bad is not None:
+            log.warning("%s is damaged or missing: removing %s to compute it again", bad, whole or folder)
+            shutil.rmtree(whole or folder)
+    _barrier()
 
 
 # ------------------------------------------------------------------------------------ measuring
