@@ -5,6 +5,11 @@ measurement version). The data hashes in its provenance are checked where the da
 mismatch makes it ``stale``; where the data is absent it stays ``ok`` with ``data_verified: False``
 ("data not verified here"). A file that cannot be read is ``damaged`` (with the file and the parse
 error), never a crash: one bad entry blocks nothing else. Reading needs neither the data nor torch.
+
+An entry found wrong after it was written is *retracted* in ``results/<preset>/retracted.yaml`` (by name,
+with its id and its provenance start, and a reason): it reads ``stale`` with that reason until a run
+recomputes it (a new entry has another start), so its numbers are never shown as results and the file
+stays as evidence. A measurement-version change would do the same to every preset's entries.
 """
 from __future__ import annotations
 
@@ -85,6 +90,32 @@ def data_present() -> bool:
     return sources.use_mirror()
 
 
+RETRACTED = "retracted.yaml"
+
+
+def retractions(preset: str) -> dict[str, dict]:
+    """{name: {"id", "start", "reason"}} of a preset's retracted entries (none without the file); a malformed
+    file is a ValueError naming it and the form it must have."""
+    import yaml
+
+    path = results_dir(preset) / RETRACTED
+    if not path.exists():
+        return {}
+    form = "a list of {reason: text, entries: {name: {id: ..., start: ...}}}"
+    try:
+        groups = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"{path}: {type(err).__name__}: {err}; it must be {form}") from err
+    out = {}
+    for group in groups or []:
+        if not (isinstance(group, dict) and isinstance(group.get("reason"), str) and isinstance(group.get("entries"), dict)
+                and all(isinstance(v, dict) and {"id", "start"} <= set(v) for v in group["entries"].values())):
+            raise ValueError(f"{path}: {str(group)[:120]!r} is not {form}")
+        for name, which in group["entries"].items():
+            out[name] = {"id": which["id"], "start": str(which["start"]), "reason": " ".join(group["reason"].split())}
+    return out
+
+
 def read_entry(path: Path) -> dict:
     """A cache file's entry, or ValueError naming the file and what is wrong with it."""
     try:
@@ -101,21 +132,22 @@ def load_results(preset: str, names: list[str] | None = None, *, verify_data: bo
     every one not ok with the ``command`` that recomputes it."""
     exps = expand(preset)
     verify = data_present() if verify_data is None else verify_data
+    retracted = retractions(preset)
     out = {}
     for name in names or list(exps):
         if name not in exps:
             raise ValueError(f"unknown experiment {name!r} in preset {preset!r}; allowed: {', '.join(exps)}")
-        out[name] = _status(preset, name, exps[name], verify)
+        out[name] = _status(preset, name, exps[name], verify, retracted.get(name))
     return out
 
 
 def status_of(preset: str, name: str, exp: dict) -> str:
     """One experiment's status against the spec ``exp`` a running process holds (not the preset file as it
     reads now: a preset edited while ``run-missing`` runs must neither stop it nor change what it computes)."""
-    return _status(preset, name, exp, data_present())["status"]
+    return _status(preset, name, exp, data_present(), retractions(preset).get(name))["status"]
 
 
-def _status(preset: str, name: str, exp: dict, verify: bool) -> dict:
+def _status(preset: str, name: str, exp: dict, verify: bool, retracted: dict | None = None) -> dict:
     path = find_entry(preset, name)
     command = missing_command(preset, name)
     if path is None:
@@ -129,6 +161,8 @@ def _status(preset: str, name: str, exp: dict, verify: bool) -> dict:
     entry.update(status="ok", data_verified=False)
     if entry["id"] != current:
         entry.update(status="stale", why=f"the spec changed (cached id {entry['id']}, current {current})")
+    elif retracted and (retracted["id"], retracted["start"]) == (entry["id"], entry.get("provenance", {}).get("start")):
+        entry.update(status="stale", why=f"retracted ({RETRACTED}): {retracted['reason']}")
     elif verify:
         then, now = entry.get("provenance", {}).get("data", {}), data_hashes(exp)
         changed = sorted(k for k in now if then.get(k) != now[k])
