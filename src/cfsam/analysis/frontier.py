@@ -627,7 +627,9 @@ def flatness_vs_forgetting(preset: str) -> pd.DataFrame:
     for label, (part, key) in FLATNESS.items():
         vals = ends["name"].map(lambda n: (entries[n]["landscape"].get(part) or {}).get(key))
         vals = vals.map(lambda v: v.get("mean") if isinstance(v, dict) else v).astype(float)
-        ok = vals.notna() & ends["forgetting"].notna()
+        # an estimate flagged unconverged (cfsam.measurement.curvature.CONVERGED_TOL) is left out
+        flagged = ends["name"].map(lambda n: (entries[n]["landscape"].get(part) or {}).get(f"{key}_converged") is False)
+        ok = vals.notna() & ends["forgetting"].notna() & ~flagged.astype(bool)
         if ok.sum() < 3:
             continue
         rho, p, how = permutation_spearman(vals[ok], ends.loc[ok, "forgetting"])

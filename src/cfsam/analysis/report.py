@@ -209,11 +209,13 @@ def flatness_vs_forgetting(preset: str, names: list[str], *, n_boot: int = 2000,
     df = df[df["status"] == "ok"]
     if "base" not in df.index or "SC" not in df:
         return pd.DataFrame()
-    runs = df[df["SC"].notna()]
-    forgot = (runs["loss:alpaca"] - df.loc["base", "loss:alpaca"]).to_numpy(float)
+    every = df[df["SC"].notna()]
     rng = np.random.default_rng(seed)
     rows = []
     for m in FLATNESS:
+        # an estimate flagged unconverged (cfsam.measurement.curvature.CONVERGED_TOL) is left out of its measure
+        runs = every[every[f"{m}_converged"] != False] if f"{m}_converged" in every else every  # noqa: E712
+        forgot = (runs["loss:alpaca"] - df.loc["base", "loss:alpaca"]).to_numpy(float)
         if m not in runs or runs[m].isna().any() or len(runs) < 3:
             rows.append({"measure": m, "runs": len(runs), "spearman": np.nan, "ci_low": np.nan, "ci_high": np.nan})
             continue
