@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from cfsam.data import sources
 from cfsam.pipeline import cache
 
 REPO = Path(__file__).resolve().parents[1]
-OUT = REPO / "_build" / "smoke-test"
-pytestmark = [pytest.mark.slow, pytest.mark.mirror]
+# on the fixtures (no mirror) a build of its own: results computed on other data are never mixed
+OUT = REPO / "_build" / ("smoke-test-fixtures" if sources.is_fixture_data() else "smoke-test")
+pytestmark = pytest.mark.slow
 
 
 def smoke_env() -> dict:

@@ -13,7 +13,7 @@ import pytest
 
 from test_book import REPO, smoke_book  # the same build, made once per session
 
-pytestmark = [pytest.mark.slow, pytest.mark.mirror]
+pytestmark = pytest.mark.slow
 CHROMIUM = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
 
 # Runs in the page once MathJax has typeset it; writes what it measured into <pre id="cfsam-check">.

@@ -9,8 +9,6 @@ from cfsam.pipeline import cache
 from cfsam.pipeline import specs
 from cfsam.core.io import write_json_atomic
 
-pytestmark = pytest.mark.mirror
-
 
 def _records(name: str, rng, n: int, p_correct: float) -> list[dict]:
     """Two-choice items (gold 0) of equal length: acc follows p_correct, the log-likelihoods are random."""

@@ -11,7 +11,6 @@ from cfsam.analysis import book, frontier
 from cfsam.core.io import write_json_atomic
 from cfsam.pipeline import cache, specs
 
-pytestmark = pytest.mark.mirror
 
 
 def test_pareto_front_and_interpolation_by_hand():

@@ -6,9 +6,6 @@ import pytest
 from cfsam.data import sources
 from cfsam.data import formatting
 
-pytestmark = pytest.mark.mirror
-
-
 def manifest_counts() -> dict[str, int]:
     """local file -> record count, from the mirror's MANIFEST.md table (independent of our registry)."""
     text = (sources.data_dir() / "MANIFEST.md").read_text()
@@ -35,15 +32,27 @@ def test_every_mirror_file_of_the_registry_loads_with_the_manifest_count():
     assert checked >= 25
 
 
-def test_mmlu_and_math_totals_match_the_manifest():
+def math_train_count(manifest) -> int:
+    return sum(manifest.records(rel) for rel in manifest.rows if rel.startswith("math/") and rel.endswith("_train.json"))
+
+
+def test_mmlu_and_math_totals_match_the_manifest(manifest):
+    mmlu = "mmlu/data/{dev,val,test}/*.csv"  # one row: dev 285 / val 1531 / test 14042 in the mirror
+    assert len(sources.load_raw("mmlu", "test")) == manifest.split_records(mmlu, "test")
+    assert len(sources.load_raw("mmlu", "dev")) == manifest.split_records(mmlu, "dev")
+    assert len(sources.load_raw("math", "train")) == math_train_count(manifest)  # the mirror: 7500
+
+
+@pytest.mark.mirror
+def test_the_mirror_holds_the_full_mmlu_and_math():
     assert len(sources.load_raw("mmlu", "test")) == 14042  # MANIFEST: dev 285 / val 1531 / test 14042
-    assert len(sources.load_raw("mmlu", "dev")) == 285
     assert len(sources.load_raw("math", "train")) == 7500  # MANIFEST notes: MATH train 7500
 
 
-def test_substitutes_and_variants_are_labelled():
+def test_substitutes_and_variants_are_labelled(manifest):
     assert "GSM8K" in sources.label("metamathqa") and "MATH" in sources.label("metamathqa")
-    assert len(formatting.load_records("metamathqa", "all")) == 7473 + 7500
+    assert len(formatting.load_records("metamathqa", "all")) == manifest.records("gsm8k/train.jsonl") + \
+        math_train_count(manifest)  # the mirror: 7473 + 7500
     assert "MATH" in sources.label("open-platypus")
     assert "5,000" in sources.label("alpaca")
     assert sources.label("gsm8k") is None

@@ -1,7 +1,8 @@
 """Issue #12, data and evaluation layers: a damaged file is an error naming it, never a 'missing' task, and
 unreadable paths, an offline Hub and a malformed tokenizer.json end in one clear error, not a traceback.
 
-Each test builds its own mirror under tmp_path from copies of the shared one (which stays read-only)."""
+Each test builds its own mirror under tmp_path from copies of the configured one (the shared mirror or the
+fixtures, which stay read-only)."""
 import os
 import shutil
 from pathlib import Path
@@ -16,7 +17,7 @@ COPA = "superglue/COPA/val.jsonl"
 
 
 def make_mirror(root: Path, *rels: str, manifest: bool = True) -> Path:
-    """A mirror at root holding copies of the shared mirror's files rels (and its MANIFEST.md)."""
+    """A mirror at root holding copies of the configured mirror's files rels (and its MANIFEST.md)."""
     shared = Path(os.environ["CFSAM_DATA_DIR"])
     for rel in rels + (("MANIFEST.md",) if manifest else ()):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -29,29 +30,27 @@ def truncate(path: Path, *, lines: int | None = None, nbytes: int | None = None)
     path.write_bytes(b"".join(data.splitlines(keepends=True)[:lines]) if lines else data[:nbytes])
 
 
-@pytest.mark.mirror
 @pytest.mark.parametrize("cut", ["mid-line", "whole-lines"])
-def test_a_truncated_eval_file_is_an_error_naming_it_not_a_missing_task(cut, tmp_path, monkeypatch):
+def test_a_truncated_eval_file_is_an_error_naming_it_not_a_missing_task(cut, tmp_path, monkeypatch, manifest):
     root = make_mirror(tmp_path, COPA)
-    truncate(root / COPA, **({"nbytes": 9000} if cut == "mid-line" else {"lines": 50}))  # 50 lines parse fine
+    size, n = (root / COPA).stat().st_size, manifest.records(COPA)
+    truncate(root / COPA, **({"nbytes": size // 2} if cut == "mid-line" else {"lines": n // 2}))  # whole lines parse
     monkeypatch.setenv("CFSAM_DATA_DIR", str(root))
     with pytest.raises(sources.DamagedFile, match=rf"task 'copa': dataset 'copa': {root / COPA} is \d+ bytes but "
-                                                  "MANIFEST.md lists 18169.*restore it"):
+                                                  f"MANIFEST.md lists {manifest.bytes(COPA)}.*restore it"):
         tasks.load_items("copa")
     assert sources.availability("copa").startswith(f"damaged: dataset 'copa': {root / COPA}")
 
 
-@pytest.mark.mirror
 def test_a_malformed_file_is_named_without_a_manifest_too(tmp_path, monkeypatch):
     root = make_mirror(tmp_path, COPA, manifest=False)  # no MANIFEST.md: sizes cannot be checked, parsing can
-    truncate(root / COPA, nbytes=9000)
+    truncate(root / COPA, nbytes=(root / COPA).stat().st_size // 2)
     monkeypatch.setenv("CFSAM_DATA_DIR", str(root))
     with pytest.raises(sources.DamagedFile, match=rf"task 'copa': dataset 'copa': malformed file {root / COPA} "
                                                   r"\(ArrowInvalid: JSON parse error"):
         tasks.load_items("copa")
 
 
-@pytest.mark.mirror
 def test_the_bad_file_of_a_many_file_split_is_named(tmp_path, monkeypatch):
     shared = Path(os.environ["CFSAM_DATA_DIR"])
     rels = sorted(str(p.relative_to(shared)) for p in (shared / "mmlu/data/dev").glob("*.csv"))
@@ -63,7 +62,6 @@ def test_the_bad_file_of_a_many_file_split_is_named(tmp_path, monkeypatch):
         sources.load_raw("mmlu", "dev")
 
 
-@pytest.mark.mirror
 def test_only_a_set_the_mirror_lacks_is_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("CFSAM_DATA_DIR", str(make_mirror(tmp_path)))  # MANIFEST.md only
     with pytest.raises(tasks.TaskMissing, match="RACE-high is not in the mirror"):  # the registry says so
@@ -74,11 +72,10 @@ def test_only_a_set_the_mirror_lacks_is_missing(tmp_path, monkeypatch):
     assert not isinstance(err.value, tasks.TaskMissing)
 
 
-@pytest.mark.mirror
 def test_evaluate_raises_on_a_damaged_task_file_instead_of_scoring_without_it(tiny, tmp_path, monkeypatch):
     # the issue's case: COPA truncated, the Reasoning score was BoolQ's alone and the entry looked fine
     root = make_mirror(tmp_path / "mirror", "superglue/BoolQ/val.jsonl", COPA)
-    truncate(root / COPA, nbytes=9000)
+    truncate(root / COPA, nbytes=(root / COPA).stat().st_size // 2)
     monkeypatch.setenv("CFSAM_DATA_DIR", str(root))
     with pytest.raises(sources.DamagedFile, match=f"task 'copa': .*{root / COPA}"):
         harness.evaluate(tiny, ["boolq", "copa", "race_high"], limit=2, cache_dir=tmp_path / "cache", progress=False)
@@ -87,7 +84,6 @@ def test_evaluate_raises_on_a_damaged_task_file_instead_of_scoring_without_it(ti
     assert res["tasks"]["race_high"]["status"] == "missing"  # a set the mirror lacks still is
 
 
-@pytest.mark.mirror
 def test_a_directory_in_a_files_place_is_named(tmp_path, monkeypatch):
     root = make_mirror(tmp_path, "piqa/dev.jsonl")
     (root / COPA).mkdir(parents=True)
@@ -109,16 +105,15 @@ def test_a_directory_in_a_files_place_is_named(tmp_path, monkeypatch):
         formatting.load_records("gsm8k")
 
 
-@pytest.mark.mirror
-def test_a_label_file_that_does_not_match_its_records_is_named(tmp_path, monkeypatch):
+def test_a_label_file_that_does_not_match_its_records_is_named(tmp_path, monkeypatch, manifest):
     root = make_mirror(tmp_path, "piqa/dev.jsonl", "piqa/dev-labels.lst", manifest=False)
-    truncate(root / "piqa/dev-labels.lst", lines=1000)
+    n = manifest.records("piqa/dev.jsonl")  # the mirror: 1838
+    truncate(root / "piqa/dev-labels.lst", lines=n // 2)
     monkeypatch.setenv("CFSAM_DATA_DIR", str(root))
-    with pytest.raises(sources.DamagedFile, match=f"{root / 'piqa/dev-labels.lst'} holds 1000 labels for 1838"):
+    with pytest.raises(sources.DamagedFile, match=f"{root / 'piqa/dev-labels.lst'} holds {n // 2} labels for {n}"):
         tasks.load_items("piqa")
 
 
-@pytest.mark.mirror
 def test_a_record_that_does_not_fit_the_task_names_the_file(tmp_path, monkeypatch):
     root = make_mirror(tmp_path, COPA, manifest=False)
     lines = (root / COPA).read_text().splitlines()

@@ -336,7 +336,6 @@ def test_plots_share_one_colour_scale(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ cfsam measure
-@pytest.mark.mirror
 def test_cfsam_measure_runs_the_presets_measurement_on_one_model(tmp_path, capsys, monkeypatch):
     """The same spec and code as run-missing's (its stage-1 experiment's), on any model."""
     from cfsam import cli

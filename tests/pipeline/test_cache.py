@@ -1,6 +1,7 @@
 """The experiment registry, ids and staleness, and the paper-beside-ours tables, on synthetic entries."""
 import gzip
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from cfsam.pipeline import runner
 from cfsam.pipeline import specs
 from cfsam.core.io import write_json_atomic
 
-pytestmark = pytest.mark.mirror
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"
 
 
 @pytest.fixture
@@ -96,15 +97,28 @@ def test_entries_read_without_the_data_and_are_checked_with_it(results, monkeypa
     exp = specs.expand("smoke")["stage1"]
     entry = {"id": specs.experiment_id(exp), "name": "stage1", "spec": exp, "provenance": {"data": cache.data_hashes(exp)}}
     write_json_atomic(results / "smoke" / "stage1.json", entry)
-    got = cache.load_results("smoke", ["stage1"])["stage1"]
+    got = cache.load_results("smoke", ["stage1"], verify_data=True)["stage1"]  # checked even on the fixtures
     assert (got["status"], got["data_verified"]) == ("ok", True)
     entry["provenance"]["data"]["alpaca"] = {"alpaca_data.json": "0" * 64}
     write_json_atomic(results / "smoke" / "stage1.json", entry)
-    got = cache.load_results("smoke", ["stage1"])["stage1"]
+    got = cache.load_results("smoke", ["stage1"], verify_data=True)["stage1"]
     assert got["status"] == "stale" and "alpaca" in got["why"]
     monkeypatch.delenv("CFSAM_DATA_DIR")  # a clone without the mirror: current, not verified
     got = cache.load_results("smoke", ["stage1"])["stage1"]
     assert (got["status"], got["data_verified"]) == ("ok", False)
+
+
+def test_the_test_fixtures_never_turn_an_entry_stale(results, monkeypatch):
+    """An entry computed on the real data, read where CFSAM_DATA_DIR is the fixtures (as in the tests): current,
+    its data not verified here, as in a clone without the mirror; the committed results stay current."""
+    exp = specs.expand("smoke")["stage1"]
+    entry = {"id": specs.experiment_id(exp), "name": "stage1", "spec": exp,
+             "provenance": {"data": {"alpaca": {"alpaca/alpaca_5000.json": "fc1add24" + "0" * 56}}}}
+    write_json_atomic(results / "smoke" / "stage1.json", entry)
+    monkeypatch.setenv("CFSAM_DATA_DIR", str(FIXTURES))
+    got = cache.load_results("smoke", ["stage1"])["stage1"]
+    assert (got["status"], got["data_verified"]) == ("ok", False)
+    assert not cache.data_present()
 
 
 @pytest.mark.parametrize("content,suffix", [(b'{"id": "x", "name": ', ".json"), (b"", ".json"), (b"\xff\xfe{}", ".json"),

@@ -10,7 +10,7 @@ import pytest
 from cfsam.core.io import read_json
 from cfsam.pipeline import cache, specs
 
-pytestmark = [pytest.mark.mirror, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 
 def _env(tmp_path, **extra):

@@ -18,22 +18,12 @@ from cfsam.training.config import run_id
 from cfsam.training.stage import train_stage
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA_DIR = ROOT.parent / "shared" / "data"
-pytestmark = pytest.mark.skipif(not os.environ.get("CFSAM_DATA_DIR") and not DATA_DIR.exists(),
-                                reason="needs the data mirror")
 # 8 examples, global batch 4, 2 epochs: 4 SAM updates of the tiny model
 KW = dict(optimizer="sam", lr=1e-3, epochs=2, batch_size=4, grad_accum=2, max_length=64, n_train=8, log_every=1)
 
 
-@pytest.fixture(autouse=True)
-def _data_dir(monkeypatch):
-    if not os.environ.get("CFSAM_DATA_DIR"):
-        monkeypatch.setenv("CFSAM_DATA_DIR", str(DATA_DIR))
-
-
 @pytest.fixture(scope="module")
 def tiny_batch():
-    os.environ.setdefault("CFSAM_DATA_DIR", str(DATA_DIR))
     loaded = models.load_model("tiny")
     ds = formatting.build_dataset("alpaca", loaded.tokenizer, n=4, max_length=64)
     return loaded.tokenizer, [ds[i] for i in range(4)]
@@ -115,7 +105,6 @@ def test_fp16_grad_scaler_overflow_skips_then_steps(tiny_batch):
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     """An uninterrupted SAM stage with KW, and the records its callback saw."""
-    os.environ.setdefault("CFSAM_DATA_DIR", str(DATA_DIR))
     out, calls = tmp_path_factory.mktemp("full") / "stage", []
     metrics = train_stage("tiny", "alpaca", out, callback=calls.append, **KW)
     return out, metrics, calls

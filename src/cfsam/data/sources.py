@@ -63,6 +63,16 @@ def data_dir() -> Path | None:
     return Path(d).expanduser() if d else None
 
 
+FIXTURE_MARK = "FIXTURES.md"  # in a data folder: test fixtures (tests/fixtures/data), not the data sets
+
+
+def is_fixture_data() -> bool:
+    """Whether CFSAM_DATA_DIR holds the test fixtures (scripts/make_fixtures.py): the loaders read them as a
+    mirror, but results computed on the real data are never checked against them."""
+    root = data_dir()
+    return root is not None and (root / FIXTURE_MARK).is_file()
+
+
 def use_mirror() -> bool:
     """Mirror when CFSAM_DATA_DIR is set (CFSAM_DATA_SOURCE=hub|mirror overrides)."""
     source = os.environ.get("CFSAM_DATA_SOURCE", "auto")
