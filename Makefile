@@ -4,10 +4,14 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PRESET ?= cpu
-# The local data mirror, when it sits beside the checkout.
+# The local data mirror, when it sits beside the checkout; else the data come from the Hugging Face Hub.
 export CFSAM_DATA_DIR ?= $(if $(wildcard ../shared/data/MANIFEST.md),$(abspath ../shared/data),)
+# The Hub is switched offline only where the mirror is used, or when asked (OFFLINE=1): a machine that can
+# reach the Hub must get the data from it, not OfflineModeIsEnabled.
+ifneq ($(CFSAM_DATA_DIR)$(filter 1,$(OFFLINE)),)
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
+endif
 export TOKENIZERS_PARALLELISM ?= false
 
 BOOK_OUT := _build/$(PRESET)

@@ -248,3 +248,6 @@ def _check_frontier(p: dict) -> None:
         for v in f[key]:
             if not (isinstance(v, NUM) and lo < v < hi):
                 raise PresetError(f"frontier.{key} value {v!r} must lie in ({lo}, {hi})")
+    limit = f["screen"]["limit"]  # the base model's screen reads at most this many items per task
+    if limit is not None and limit < 1:  # an integer or null: the schema says so
+        raise PresetError(f"frontier.screen.limit={limit!r} must be a positive integer, or null for every item")
