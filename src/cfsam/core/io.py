@@ -6,22 +6,52 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import zlib
 from pathlib import Path
 
 
 def write_text_atomic(path: str | Path, text: str, mode: int | None = None) -> Path:
     """Write to a temporary sibling, then rename over the target (atomic on POSIX); a ``.gz`` path is
-    written gzip-compressed (with no timestamp: the same text, the same bytes)."""
+    written gzip-compressed (with no timestamp: the same text, the same bytes). A write that fails (a full
+    disk, a read-only folder) leaves no temporary file and raises ``DiskError`` naming the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     data = text.encode("utf-8")
-    tmp.write_bytes(gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)
-    if mode is not None:
-        tmp.chmod(mode)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)
+        if mode is not None:
+            tmp.chmod(mode)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise disk_error(path, err) from err
     return path
+
+
+class DiskError(OSError):
+    """A file that could not be written: the message names it, the reason and the free space there."""
+
+
+def disk_error(path: str | Path, err: BaseException) -> DiskError:
+    """``err``, met writing ``path``, as one line naming the path, the reason and the free space there."""
+    reason = getattr(err, "strerror", None) or (str(err).strip().splitlines() or [type(err).__name__])[0]
+    out = DiskError(f"cannot write {path}: {reason} ({free_space(Path(path).parent)}); free some space or point "
+                    "CFSAM_RESULTS / CFSAM_CACHE at another disk")
+    out.errno = getattr(err, "errno", None)
+    return out
+
+
+def free_space(path: str | Path) -> str:
+    """``'N GB free on P'`` for the file system holding ``path`` (its nearest existing parent)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return f"{shutil.disk_usage(path).free / 1e9:.2f} GB free on {path}"
+    except OSError:
+        return "free space unknown"
 
 
 def write_json_atomic(path: str | Path, obj) -> Path:

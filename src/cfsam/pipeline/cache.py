@@ -177,7 +177,8 @@ def _status(preset: str, name: str, exp: dict, verify: bool, retracted: dict | N
 
 
 def check(preset: str) -> list[dict]:
-    """Every entry of a preset with its status, and any result file that belongs to no experiment."""
+    """Every entry of a preset with its status, any result file that belongs to no experiment, and any
+    temporary file a cut-short write left."""
     results = load_results(preset)
     rows = [{"name": n, "status": e["status"], "why": e.get("why", ""), "data_verified": e.get("data_verified"),
              "command": e.get("command", "")} for n, e in results.items()]
@@ -187,4 +188,9 @@ def check(preset: str) -> list[dict]:
         if extra.name not in known:
             rows.append({"name": extra.name.split(".json")[0], "status": "orphan", "why": f"{extra} is no experiment of {preset}",
                          "data_verified": None, "command": ""})
+    # what an atomic write leaves when it is cut short (a kill, a full disk): never an entry, always safe to
+    # delete once no run-missing is writing there
+    for tmp in sorted(folder.glob(".*.tmp")) if folder.is_dir() else []:
+        rows.append({"name": tmp.name, "status": "temporary", "data_verified": None, "command": "",
+                     "why": f"a partial file of a write that was cut short: delete it with `rm {tmp}`"})
     return rows

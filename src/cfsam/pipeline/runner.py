@@ -31,6 +31,7 @@ from cfsam.core.dist import init_group, local_device
 from cfsam.core import memory
 from cfsam.core.io import read_json, write_json_atomic
 from cfsam.data import models, sources
+from cfsam.pipeline import preflight
 from cfsam.pipeline.cache import REPO, data_hashes, datasets_of, entry_path, load_results, status_of
 from cfsam.pipeline.presets import preset_name
 from cfsam.pipeline.specs import MEASURE_VERSION, expand, experiment_id, last_stage, needed, run_id, run_kind
@@ -342,6 +343,7 @@ def run_missing(preset: str, notebooks: list[str] | None = None, only: list[str]
         for n in todo:
             print(f"{status[n]['status']:8s} {n}")
         return todo
+    preflight.check(preset, exps, todo)  # what would stop the run part way, before its first experiment
     if workers > 1 and len(todo) > 1:
         _run_parallel(preset, exps, todo, workers)
         return todo

@@ -1,0 +1,82 @@
+"""What would stop ``run-missing`` part way, checked before its first experiment: the results folder and the
+model cache can be written, and every experiment's data sizes fit its data (``n_train``, the rehearsal
+share, the held-out and landscape examples). The preset's keys are checked when it loads
+(``presets.load_preset``) and every stage spec when the experiment ids are computed; what is left needs the
+data's record counts, read here once per set (the records are cached for the training that follows).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from cfsam.core.io import free_space
+from cfsam.data import formatting, models
+from cfsam.pipeline.cache import results_dir
+from cfsam.pipeline.specs import _stage_runs
+from cfsam.training.config import resolve
+
+
+class PreflightError(ValueError):
+    """Something that would stop the run later, named with the value and what would fit."""
+
+
+def check(preset: str, exps: dict[str, dict], names: list[str]) -> None:
+    """Every check below, over the experiments ``names`` of ``exps``; raises PreflightError on the first."""
+    if not names:
+        return
+    writable(results_dir(preset), "the results folder", "CFSAM_RESULTS")
+    writable(models.cache_dir() / "runs", "the model cache", "CFSAM_CACHE")
+    data_sizes(exps, names)
+
+
+def writable(folder: Path, what: str, env: str) -> None:
+    """``folder`` exists (made if not) and takes a file: tried with a small one that is removed again."""
+    probe = folder / f".write-check.{os.getpid()}.tmp"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"cfsam")
+        probe.unlink()
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+        raise PreflightError(f"{what} {folder} cannot be written ({err.strerror or err}; "
+                             f"{free_space(folder)}): set {env} to a writable folder") from err
+
+
+def data_sizes(exps: dict[str, dict], names: list[str]) -> None:
+    """Each experiment asks no more examples of a set than the set has (its records before tokenising: an
+    upper bound on the usable ones, so what passes here can still fall short by the truncated examples)."""
+    counts: dict[tuple[str, str], int] = {}
+
+    def records(name: str, split: str) -> int:
+        if (name, split) not in counts:
+            counts[name, split] = len(formatting.load_records(name, split))
+        return counts[name, split]
+
+    def need(name: str, split: str, n: int, what: str, exp: str) -> None:
+        have = records(name, split)
+        if n > have:
+            raise PreflightError(f"experiment {exp}: {what}={n} but {name!r} has only {have} {split} examples; "
+                                 f"lower {what} to at most {have}")
+
+    for exp in names:
+        spec = exps[exp]
+        for stage in _stage_runs(spec["run"]):
+            kw = resolve(stage)
+            if not isinstance(kw["dataset"], str):
+                continue
+            n = kw["n_train"] or records(kw["dataset"], "train")
+            need(kw["dataset"], "train", n, "n_train", exp)
+            if kw["rehearsal_fraction"] > 0 and isinstance(kw["rehearsal_from"], str):
+                k = formatting.rehearsal_count(n, kw["rehearsal_fraction"])
+                need(kw["rehearsal_from"], "train", k, f"the rehearsal share ({kw['rehearsal_fraction']} of {n})",
+                     exp)
+        h = spec["measure"].get("heldout")
+        for ds in (h or {}).get("datasets", []):
+            need(ds, "heldout", h["n"], "heldout.n", exp)
+        ls = spec["measure"].get("landscape")
+        if ls:
+            skip = h["n"] if h and ls.get("disjoint") and ls["dataset"] in h["datasets"] else 0
+            need(ls["dataset"], "heldout", skip + ls["n_examples"],
+                 "landscape.n_examples" + (f" (after the {skip} held-out ones)" if skip else ""), exp)
