@@ -7,10 +7,61 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from cfsam.analysis import book, frontier
+from cfsam.analysis import book, frontier, verdicts
 from cfsam.core.io import write_json_atomic
 from cfsam.pipeline import cache, specs
 
+
+
+def test_step_front_by_hand():
+    """The conservative front: the least forgetting among the points that learned at least that much."""
+    curve = frontier.pareto_curve([1.0, 2.0], [0.5, 1.0])
+    assert frontier.forgetting_at(curve, 1.5, "step") == 1.0 and frontier.forgetting_at(curve, 1.5) == 0.75
+    assert frontier.forgetting_at(curve, 0.5, "step") == 0.5 and frontier.forgetting_at(curve, 0.5) == 0.25
+    assert frontier.forgetting_at(curve, 1.0, "step") == 0.5 and np.isnan(frontier.forgetting_at(curve, 2.5, "step"))
+
+
+def test_verdicts_combine_views_and_read_the_papers_direction():
+    V, E = verdicts.Verdict, frontier.Effect
+    assert verdicts.outcome(E.LESS, "less") is V.REPRODUCED and verdicts.outcome(E.MORE, "less") is V.OPPOSITE
+    assert verdicts.outcome(E.INCONCLUSIVE, "more") is V.INCONCLUSIVE
+    assert verdicts.outcome(E.NO_COMMON, "less") is V.NOT_COMPARABLE and verdicts.outcome(None, "less") is V.NOT_COMPARABLE
+    assert verdicts.combine(V.OPPOSITE, V.OPPOSITE) is V.OPPOSITE
+    assert verdicts.combine(V.REPRODUCED, V.OPPOSITE) is V.DEPENDS
+    assert verdicts.combine(V.REPRODUCED, V.INCONCLUSIVE) is V.DEPENDS  # one view decisive, the other not
+    assert verdicts.combine(V.INCONCLUSIVE, V.NOT_COMPARABLE) is V.INCONCLUSIVE
+    assert E.of(-0.2, -0.1) is E.LESS and E.of(0.1, 0.2) is E.MORE and E.of(-0.1, 0.1) is E.INCONCLUSIVE
+
+
+def test_a_claim_that_depends_on_the_view_and_a_set_that_fails_the_sizing_rule(tmp_path, monkeypatch):
+    """Per k of 4 on MetaMathQA: AdamW 3e-4 learns 0.1 k and forgets 0.3 k, AdamW 1e-4 learns 0.1 k and
+    forgets 0.05 k, SAM 0.5 (at 3e-4) learns 0.1 k and forgets 0.1 k. At matched learning L = 0.2 AdamW's
+    front is its 1e-4 run: Δ = 0.2 - 0.1 = +0.1 (opposite); at the same lr (3e-4) SAM forgets 0.2 k less, mean
+    -0.5 (reproduced): the verdict depends on the view. On ShareGPT the AdamW reference learns 0.05 nats: no
+    verdict there."""
+    monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path))
+    exps = specs.expand("cpu")
+    write_json_atomic(tmp_path / "cpu" / "frontier-stage1.json",
+                      _entry(exps["frontier-stage1"], "frontier-stage1", own=2.0, s1=1.0))
+    runs = [("metamathqa", "adamw-lr0.0003", 0.1, 0.3), ("metamathqa", "adamw-lr0.0001", 0.1, 0.05),
+            ("metamathqa", "sam-rho0.5", 0.1, 0.1), ("sharegpt", "adamw-lr0.0003", 0.0125, 0.1),
+            ("sharegpt", "sam-rho0.5", 0.0125, 0.05)]
+    for ds, method, learn, slope in runs:
+        for k in range(1, 5):
+            name = f"{ds}-{method}-s1234-{k}of4"
+            write_json_atomic(tmp_path / "cpu" / f"{name}.json",
+                              _entry(exps[name], name, own=2.0 - learn * k, s1=1.0 + slope * k))
+    cv = verdicts.claim_verdicts("cpu", n_boot=50).set_index(["claim", "dataset"])
+    row = cv.loc[("sam-mitigates", "metamathqa")]
+    assert row["Δ forgetting"] == pytest.approx(0.1) and row["matched learning"] is verdicts.Verdict.OPPOSITE
+    assert row["same-lr Δ"] == pytest.approx(-0.5) and row["same lr"] is verdicts.Verdict.REPRODUCED
+    assert (row["lr"], row["b setting"]) == (3.0e-4, 0.5)
+    assert row["verdict"] is verdicts.Verdict.DEPENDS
+    share = cv.loc[("sam-mitigates", "sharegpt")]
+    assert share["verdict"] is verdicts.Verdict.NOT_COMPARABLE and "learned 0.050" in share["reason"]
+    # the same-lr table: SAM 0.5 against AdamW at 3e-4, point by point
+    t = verdicts.same_lr_table("cpu", n_boot=20).set_index("dataset")
+    assert t.loc["metamathqa", "Δ forgetting"] == pytest.approx(-0.5) and t.loc["metamathqa", "pairs"] == 4
 
 
 def test_pareto_front_and_interpolation_by_hand():
@@ -66,11 +117,18 @@ def test_sam_forgets_less_at_matched_learning_on_synthetic_points(tmp_path, monk
     # every family against AdamW on every set: only SAM has points here, so the same three rows
     pd.testing.assert_frame_equal(frontier.verdicts("smoke", n_boot=50), table)
     # the paper's claims at matched learning (claims.yaml's `frontier`): only those with both families present
-    cv = frontier.claim_verdicts("smoke", n_boot=50).set_index("claim")
+    cv = verdicts.claim_verdicts("smoke", n_boot=50).set_index("claim")
     assert list(cv.index) == ["forgetting", "sam-mitigates"]
     assert cv.loc["forgetting", "Δ forgetting"] == pytest.approx(0.4)  # F_adamw(0.2) = 0.4 against nothing
     assert cv.loc["sam-mitigates", "Δ forgetting"] == pytest.approx(-0.2)
-    assert (cv["outcome"] == "reproduced").all()
+    # the same lr, point by point: SAM forgets 0.1 k less at each k (mean over k = 1..4: -0.25), learns as much;
+    # AdamW against the stage-1 model forgets 0.2 k (mean 0.5)
+    assert cv.loc["sam-mitigates", "same-lr Δ"] == pytest.approx(-0.25)
+    assert cv.loc["sam-mitigates", "same-lr Δ learning"] == pytest.approx(0.0)
+    assert cv.loc["forgetting", "same-lr Δ"] == pytest.approx(0.5)
+    assert (cv["verdict"] == verdicts.Verdict.REPRODUCED).all() and (cv["step front"] == verdicts.Verdict.REPRODUCED).all()
+    names = set(cv.loc["sam-mitigates", "entries"].split())  # every entry it read, by its file's name
+    assert names == {f"open-platypus-{m}-s1234-{k}of4" for m in ("adamw-lr0.001", "sam-rho2") for k in range(1, 5)}
     lc = frontier.learning_check("smoke", n_boot=20)  # no base model measured: the AdamW reference only
     assert lc["dataset"].tolist() == ["open-platypus"] and lc["learning"].iloc[0] == pytest.approx(0.4)
     assert lc["se"].iloc[0] == pytest.approx(0.0) and lc["clears the sizing rule"].all()  # identical examples
@@ -90,10 +148,11 @@ def test_a_verdict_is_checked_under_every_definition_of_forgetting(tmp_path, mon
     assert pts.loc["open-platypus-adamw-lr0.001-s1234-2of4", "ability fall (gold log-prob)"] == pytest.approx(0.4)
     assert pts.loc["open-platypus-adamw-lr0.001-s1234-2of4", "ability fall (accuracy)"] == pytest.approx(0.0)
     full = frontier.robustness("smoke", "open-platypus", n_boot=30)
-    assert full["forgetting measure"].tolist() == [*frontier.FORGETTING, "heldout"]
-    assert full["frontier from"].iloc[-1] == frontier.SETTINGS["every seed"]  # one seed: the same points
-    assert full["same verdict as the default"].iloc[-1] and full["Δ forgetting"].iloc[-1] == pytest.approx(-0.2)
-    table = full.iloc[:-1].set_index("forgetting measure")
+    assert full["forgetting measure"].tolist() == [*frontier.FORGETTING, "heldout", "heldout"]
+    assert full["frontier from"].iloc[-2] == frontier.SETTINGS["every seed"]  # one seed: the same points
+    assert full["front"].iloc[-1] == "step" and full["Δ forgetting"].iloc[-1] == pytest.approx(-0.2)  # on its points
+    assert full["same verdict as the default"].iloc[-2:].all() and full["Δ forgetting"].iloc[-2] == pytest.approx(-0.2)
+    table = full.iloc[:-2].set_index("forgetting measure")
     # level 0.2 (half of the common reach 0.4): F_adamw = 2L, F_sam = L by both losses and the gold log-prob
     for m in ("heldout", "heldout per example", "gold log-prob"):
         assert table.loc[m, "Δ forgetting"] == pytest.approx(-0.2), m
@@ -132,7 +191,7 @@ def test_fronts_from_only_the_settings_every_seed_ran(tmp_path, monkeypatch):
     common = frontier.compare("cpu", "metamathqa", levels=(0.5,), n_boot=200, settings="every seed").iloc[0]
     assert common["Δ forgetting"] == pytest.approx(-0.2) and common["verdict"] == "sam: less forgetting"
     rob = frontier.robustness("cpu", "metamathqa", n_boot=200)
-    last = rob.iloc[-1]
+    last = rob.iloc[-2]
     assert last["frontier from"] == frontier.SETTINGS["every seed"] and not last["same verdict as the default"]
     with pytest.raises(ValueError, match="unknown settings 'some'; allowed: all, every seed"):
         frontier.compare("cpu", "metamathqa", settings="some")
@@ -153,7 +212,7 @@ def test_sam_claims_stay_on_the_papers_sam_sets(tmp_path, monkeypatch):
                                   _entry(exps[name], name, own=2.0 - 0.1 * k, s1=1.0 + slope * k))
     v = frontier.verdicts("cpu", n_boot=50)
     assert sorted(set(zip(v["dataset"], v["comparison"].str[:3]))) == [("auto-wiki", "sam"), ("sharegpt", "sam")]
-    cv = frontier.claim_verdicts("cpu", n_boot=50)
+    cv = verdicts.claim_verdicts("cpu", n_boot=50)
     assert sorted(zip(cv["dataset"], cv["claim"])) == [("auto-wiki", "forgetting"), ("sharegpt", "forgetting"),
                                                         ("sharegpt", "sam-mitigates")]
 
@@ -216,6 +275,7 @@ def test_no_matched_learning_when_a_method_never_learns(tmp_path, monkeypatch):
             write_json_atomic(tmp_path / "smoke" / f"{name}.json", _entry(exps[name], name, own=own, s1=1.1))
     table = frontier.compare("smoke", "open-platypus", n_boot=20)
     assert len(table) == 1 and table["verdict"].iloc[0].startswith("no common learning")
+    assert table["effect"].iloc[0] is frontier.Effect.NO_COMMON
     nl = frontier.never_learned(frontier.points("smoke"))
     assert nl[["family", "seed"]].values.tolist() == [["sam", 1234]]
     assert nl["own loss rose by up to"].iloc[0] == pytest.approx(0.04)
@@ -235,9 +295,7 @@ def test_no_verdict_when_most_resamples_share_no_learning(tmp_path, monkeypatch)
     assert row["learning level"] == pytest.approx(0.005)  # the point estimate has a common reach...
     assert row["comparable draws"] < 0.95  # ...that many resamples of the held-out examples do not
     assert row["verdict"].startswith("sam: inconclusive: comparable in only")
-    assert frontier.verdict_kind(row["verdict"]) == "inconclusive"
-    assert frontier.verdict_kind("no common learning: the most both learn on every seed is 0.000 nats") == \
-        "no common learning"
+    assert row["effect"] is frontier.Effect.INCONCLUSIVE
 
 
 def test_permutation_spearman_by_hand():
@@ -352,28 +410,38 @@ def test_screen_sentence_names_tasks_left_out_and_held_without_warrant():
 
 
 def test_chapter_sentences_say_each_verdict_and_what_does_not_reproduce():
-    verdicts = pd.DataFrame([
-        {"dataset": "gsm", "comparison": "sam vs adamw", "share of common reach": 0.5, "verdict": "sam: more forgetting"},
+    E, V = frontier.Effect, verdicts.Verdict
+    table = pd.DataFrame([
+        {"dataset": "gsm", "comparison": "sam vs adamw", "share of common reach": 0.5, "verdict": "sam: more forgetting",
+         "effect": E.MORE},
         {"dataset": "gsm", "comparison": "wise_ft vs adamw", "share of common reach": 0.5,
-         "verdict": "wise_ft: less forgetting"},
+         "verdict": "wise_ft: less forgetting", "effect": E.LESS},
         {"dataset": "gsm", "comparison": "asam vs adamw", "share of common reach": np.nan,
-         "verdict": "no common learning: the most both learn on every seed is 0.000 nats"}])
+         "verdict": "no common learning: the most both learn on every seed is 0.000 nats", "effect": E.NO_COMMON}])
     never = pd.DataFrame([{"dataset": "gsm", "family": "asam", "setting": 2.0, "lr": 3e-4, "seed": 1234,
                            "own loss rose by up to": 0.0412, "forgetting at the end": 0.1}])
-    assert book.shortfalls(verdicts, never).split("\n") == [
+    assert book.shortfalls(table, never).split("\n") == [
         "- gsm, sam vs adamw: sam: more forgetting at 50% of the common reach",
         "- gsm, asam vs adamw: no common learning: the most both learn on every seed is 0.000 nats",
         "- asam at 2 (seed 1234) never learned gsm: its own held-out loss rose by up to 0.041 nats, and it forgot "
         "+0.100 nats of Alpaca by its end"]
-    assert book.shortfalls(verdicts.iloc[1:2], never.iloc[:0]).startswith("Nothing yet")
-    cv = pd.DataFrame([{"claim": "forgetting", "dataset": "gsm", "Δ forgetting": 0.0181, "low": 0.006, "high": 0.03,
-                        "learning level": 0.157, "seeds": 3, "outcome": "reproduced"},
-                       {"claim": "sam-mitigates", "dataset": "gsm", "Δ forgetting": np.nan, "low": np.nan,
-                        "high": np.nan, "learning level": np.nan, "seeds": 1, "outcome": "not comparable"}])
-    assert book.frontier_claims_sentence(cv) == ("The paper's claims at matched learning: *forgetting* on gsm: "
-                                                 "Δ forgetting +0.018 nats [+0.006, +0.030] at 0.157 nats of learning "
-                                                 "(3 seeds), reproduced.")
-    assert book.frontier_claims_sentence(cv.iloc[1:]) == "No matched-learning comparison yet."
+    assert book.shortfalls(table.iloc[1:2], never.iloc[:0]).startswith("Nothing yet")
+    nan = {"same-lr Δ": np.nan, "same-lr low": np.nan, "same-lr high": np.nan, "same-lr Δ learning": np.nan,
+           "lr": None, "b setting": None, "same lr": V.NOT_COMPARABLE}
+    cv = pd.DataFrame([{"claim": "sam-mitigates", "dataset": "gsm", "Δ forgetting": 0.0181, "low": 0.006, "high": 0.03,
+                        "learning level": 0.157, "seeds": 3, "verdict": V.DEPENDS, "matched learning": V.OPPOSITE,
+                        "reason": "", "same-lr Δ": -0.05, "same-lr low": -0.08, "same-lr high": -0.01,
+                        "same-lr Δ learning": -0.1, "lr": 3e-4, "b setting": 0.05, "same lr": V.REPRODUCED},
+                       {"claim": "sam-mitigates", "dataset": "chat", "Δ forgetting": np.nan, "low": np.nan,
+                        "high": np.nan, "learning level": np.nan, "seeds": 1, "verdict": V.NOT_COMPARABLE,
+                        "matched learning": V.NOT_COMPARABLE, "reason": "its AdamW reference learned 0.074", **nan}])
+    assert book.frontier_claims_sentence(cv) == (
+        "The paper's claims on the frontier: *sam-mitigates* on gsm: **depends on the view**; at matched learning "
+        "(0.157 nats) Δ forgetting +0.018 [+0.006, +0.030] nats, opposite; at the same lr (0.0003, setting 0.05) "
+        "-0.050 [-0.080, -0.010], reproduced, learning -0.100 (3 seeds); *sam-mitigates* on chat: not comparable, "
+        "since its AdamW reference learned 0.074.")
+    assert book.findings(cv).count("\n- ") == 1 and book.findings(cv.iloc[:0]).startswith("No frontier")
+    assert book.frontier_claims_sentence(cv.iloc[:0]) == "No frontier comparison yet."
     fvf = pd.DataFrame([{"measure": "SC", "runs": 17, "Spearman rho": -0.75, "p": 0.0008, "ranks": "flatter forgets more"},
                         {"measure": "trace", "runs": 17, "Spearman rho": -0.03, "p": 0.9, "ranks": "flatter forgets more"}
                         ]).set_index("measure")

@@ -126,3 +126,26 @@ def test_eval_stratify_false_keeps_random_items_and_the_earlier_ids():
     assert "stratified" not in exps["base"]["measure"]["eval"]
     with pytest.raises(PresetError, match="eval.stratify"):
         load_preset("smoke", {"eval.stratify": "yes"})
+
+
+def test_complements_and_short_runs():
+    """Rehearsal with SAM and Wise-FT of SAM runs at the radii of ``complements``; a short run of half the steps
+    (its own schedule) beside the snapshot runs, kept out of the frontier's points; unknown names refused."""
+    from cfsam.pipeline import specs
+
+    p = load_preset("smoke", {"frontier.complements": {"sam_rho": [2.0], "rehearsal_fraction": [0.2]},
+                              "frontier.short": {"runs": ["sam-rho2"]}})
+    exps = specs.expand(p)
+    d = specs.describe(exps["open-platypus-sam-rho2-rehearsal0.2-s1234-4of4"]["run"])
+    assert (d["optimizer"], d["rho"], d["rehearsal_fraction"], d["method"]) == ("sam", 2.0, 0.2, "rehearsal")
+    merged = exps["open-platypus-wiseft-sam-rho2-a0.5-s1234"]["run"]["wise_ft"]
+    assert specs.run_id(merged["stage2"]) == specs.run_id(exps["open-platypus-sam-rho2-s1234-4of4"]["run"]["snapshot"]["run"])
+    short = exps["open-platypus-sam-rho2-half-s1234"]
+    steps = p["stage2"]["n_train"] * p["frontier"]["epochs"] // p["stage2"]["batch_size"]
+    assert short["group"] == "short" and short["run"]["max_steps"] * 2 == steps
+    assert {k: v for k, v in short["run"].items() if k != "max_steps"} == \
+        {k: v for k, v in exps["open-platypus-sam-rho2-s1234-4of4"]["run"]["snapshot"]["run"].items() if k != "snapshots"}
+    with pytest.raises(PresetError, match=r"frontier.short.runs: unknown run\(s\) 'sam-rho9'; allowed: adamw-lr0.001, sam-rho2"):
+        load_preset("smoke", {"frontier.short": {"runs": ["sam-rho9"]}})
+    with pytest.raises(PresetError, match=r"frontier.complements.sam_rho: \[0.3\] are not in frontier.sam_rho"):
+        load_preset("smoke", {"frontier.complements": {"sam_rho": [0.3], "rehearsal_fraction": []}})

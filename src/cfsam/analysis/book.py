@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 
 from cfsam.analysis import claims, frontier, plots, report
+from cfsam.analysis.frontier import Effect
+from cfsam.analysis.verdicts import Verdict, claim_verdicts
 from cfsam.pipeline import chapters, specs
 from cfsam.pipeline.cache import load_results
 
@@ -153,20 +155,44 @@ def shortfalls(verdicts: pd.DataFrame, never: pd.DataFrame) -> str:
         return f" at {share:.0%} of the common reach" if share == share else ""
 
     lines = [f"- {r.dataset}, {r.comparison}: {r.verdict}{at(r['share of common reach'])}"
-             for _, r in verdicts.iterrows() if not str(r.verdict).endswith("less forgetting")]
+             for _, r in verdicts.iterrows() if r.effect is not Effect.LESS]
     lines += [f"- {r.family} at {r.setting:g} (seed {r.seed}) never learned {r.dataset}: its own held-out loss rose "
               f"by up to {r['own loss rose by up to']:.3f} nats, and it forgot {r['forgetting at the end']:+.3f} nats "
               f"of Alpaca by its end" for _, r in never.iterrows()]
     return "\n".join(lines) if lines else "Nothing yet: every comparison made so far shows less forgetting."
 
 
+def _claim_sentence(r) -> str:
+    """One claim on one set, both views: the verdict, then each view's Δ forgetting with its interval."""
+    seeds = f"{r.seeds} seed{'s' if r.seeds != 1 else ''}"
+    if r.verdict is Verdict.NOT_COMPARABLE and r.reason:
+        return f"*{r.claim}* on {r.dataset}: not comparable, since {r.reason}"
+    text = f"*{r.claim}* on {r.dataset}: **{r.verdict}**"
+    if r["learning level"] == r["learning level"]:
+        text += (f"; at matched learning ({r['learning level']:.3f} nats) Δ forgetting {r['Δ forgetting']:+.3f} "
+                 f"[{r.low:+.3f}, {r.high:+.3f}] nats, {r['matched learning']}")
+    if r["same-lr Δ"] == r["same-lr Δ"] and r["same-lr Δ"] is not None:
+        setting = f", setting {r['b setting']:g}" if r.claim != "forgetting" else ""
+        text += (f"; at the same lr ({r.lr:g}{setting}) {r['same-lr Δ']:+.3f} [{r['same-lr low']:+.3f}, "
+                 f"{r['same-lr high']:+.3f}], {r['same lr']}, learning {r['same-lr Δ learning']:+.3f}")
+    text += f" ({seeds})"
+    if r.reason:
+        text += f"; {r.reason}"
+    return text
+
+
 def frontier_claims_sentence(claim_verdicts: pd.DataFrame) -> str:
-    """Each claim's outcome at matched learning (``frontier.claim_verdicts``), with its interval and seeds."""
-    said = [f"*{r.claim}* on {r.dataset}: Δ forgetting {r['Δ forgetting']:+.3f} nats [{r.low:+.3f}, {r.high:+.3f}] "
-            f"at {r['learning level']:.3f} nats of learning ({r.seeds} seed{'s' if r.seeds != 1 else ''}), {r.outcome}"
-            for _, r in claim_verdicts.iterrows() if r["learning level"] == r["learning level"]]
-    return ("The paper's claims at matched learning: " + "; ".join(said) + ".") if said else (
-        "No matched-learning comparison yet.")
+    """Each claim's verdict on the frontier (``verdicts.claim_verdicts``): both views, intervals and seeds."""
+    said = [_claim_sentence(r) for _, r in claim_verdicts.iterrows()]
+    return ("The paper's claims on the frontier: " + "; ".join(said) + ".") if said else (
+        "No frontier comparison yet.")
+
+
+def findings(claim_verdicts: pd.DataFrame) -> str:
+    """The book's first page: one sentence per claim and set, as a Markdown list."""
+    if claim_verdicts.empty:
+        return "No frontier comparison is computed yet."
+    return "\n".join(f"- {_claim_sentence(r)}." for _, r in claim_verdicts.iterrows())
 
 
 def robustness_sentence(robustness: pd.DataFrame) -> str:
@@ -208,7 +234,7 @@ def larger_study(preset: str, results_dir: str | None = None) -> None:
     if pts.empty:
         return
     plots.frontier(pts, frontier.curves(pts))
-    cv = frontier.claim_verdicts(preset)
+    cv = claim_verdicts(preset)
     rob = frontier.robustness(preset, n_boot=300)
     fvf = frontier.flatness_vs_forgetting(preset)
     sg = frontier.sam_gradients(preset)

@@ -19,6 +19,7 @@ items are the same in every run, so they are resampled together, like the held-o
 """
 from __future__ import annotations
 
+from enum import Enum
 from functools import lru_cache
 
 import numpy as np
@@ -63,11 +64,12 @@ def _eval_items(entry: dict) -> dict[str, dict]:
 
 
 def _family(d: dict) -> str:
-    if d["method"] == "wise_ft":
-        return "wise_ft"
-    if d["method"] == "rehearsal":
-        return "rehearsal"
-    return ("asam" if d["adaptive"] else "sam") if d["optimizer"] == "sam" else "adamw"
+    """AdamW, SAM, ASAM, rehearsal, Wise-FT; rehearsal with SAM and Wise-FT of a SAM run are families of their
+    own (the paper's complementarity claims compare them with rehearsal and Wise-FT of AdamW)."""
+    sam = d["optimizer"] == "sam"
+    if d["method"] in ("wise_ft", "rehearsal"):
+        return ("sam_" if sam and not d["adaptive"] else "asam_" if sam else "") + d["method"]
+    return ("asam" if d["adaptive"] else "sam") if sam else "adamw"
 
 
 def collect(preset: str) -> tuple[dict, pd.DataFrame]:
@@ -84,8 +86,8 @@ def collect(preset: str) -> tuple[dict, pd.DataFrame]:
             continue
         d = specs.describe(exps[n]["run"])
         fam = _family(d)
-        setting = {"adamw": d["lr"], "sam": d["rho"], "asam": d["rho"], "rehearsal": d["rehearsal_fraction"],
-                   "wise_ft": d["alpha"]}[fam]
+        setting = {"adamw": d["lr"], "sam": d["rho"], "asam": d["rho"]}.get(
+            fam, d["alpha"] if d["method"] == "wise_ft" else d["rehearsal_fraction"])
         rows.append({"name": n, "dataset": d["stage2"], "family": fam, "setting": setting, "lr": d["lr"],
                      "seed": d["seed"], "at": d["at"] or 1, "of": d["of"] or 1})
     out = {"start": entries[START], **{r["name"]: entries[r["name"]] for r in rows}}
@@ -186,13 +188,20 @@ def pareto_curve(learning: np.ndarray, forgetting: np.ndarray) -> tuple[np.ndarr
     return x[front], y[front]
 
 
-def forgetting_at(curve: tuple[np.ndarray, np.ndarray], level: float) -> float:
-    """The frontier's forgetting at learning ``level``, linear between front points; NaN beyond its reach.
-    Below its least learning (a front whose every point forgets less than the stage-1 model's 0) it is the
-    least forgetting reached with at least that much learning: the first point's."""
+FRONTS = {"linear": "linear between front points",
+          "step": "the least forgetting among the points that learned at least that much (conservative)"}
+
+
+def forgetting_at(curve: tuple[np.ndarray, np.ndarray], level: float, front: str = "linear") -> float:
+    """The frontier's forgetting at learning ``level``, linear between front points (``front="linear"``) or
+    the least forgetting of a point that learned at least ``level`` (``"step"``: no credit for points it never
+    reached); NaN beyond its reach. Below its least learning (a front whose every point forgets less than the
+    stage-1 model's 0) it is the least forgetting reached with at least that much learning: the first point's."""
     x, y = curve
     if level > x.max() or level < min(x.min(), 0.0):
         return float("nan")
+    if front == "step":
+        return float(y[x >= level].min())
     return float(np.interp(level, x, y))  # np.interp holds the first value below x[0]
 
 
@@ -210,12 +219,15 @@ SETTINGS = {"all": "every setting a seed ran",
 
 def compare(preset: str, dataset: str, a: str = "adamw", b: str = "sam", *, levels=(0.25, 0.5, 0.75),
             n_boot: int = 1000, seed: int = 0, forgetting: str = "heldout", settings: str = "all",
-            collected=None) -> pd.DataFrame:
+            front: str = "linear", collected=None) -> pd.DataFrame:
     """Δ forgetting (b - a) at matched learning: one row per level, given as a fraction of the learning both
     methods reach on every seed; the point estimate, a 95 % bootstrap interval (held-out examples, eval
     items and seeds resampled) and the verdict. ``forgetting``: one of ``FORGETTING``; ``settings``: one of
     ``SETTINGS``, which points build each seed's front (with "every seed", every seed's front is built from the
-    same sweep); ``a="none"`` compares b with the stage-1 model (no forgetting at any learning)."""
+    same sweep); ``front``: one of ``FRONTS``; ``a="none"`` compares b with the stage-1 model (no forgetting at
+    any learning)."""
+    if front not in FRONTS:
+        raise ValueError(f"unknown front {front!r}; allowed: {', '.join(FRONTS)}")
     if forgetting not in FORGETTING:
         raise ValueError(f"unknown forgetting measure {forgetting!r}; allowed: {', '.join(FORGETTING)}")
     if settings not in SETTINGS:
@@ -230,9 +242,9 @@ def compare(preset: str, dataset: str, a: str = "adamw", b: str = "sam", *, leve
         return pd.DataFrame()
     table = table[table["seed"].isin(seeds)]
     if settings == "every seed":
-        ran = table.groupby(["family", "setting"])["seed"].agg(set)
+        ran = table.groupby(["family", "setting", "lr"])["seed"].agg(set)  # a setting is its lr too
         keep = {k for k, v in ran.items() if set(seeds) <= v}
-        table = table[[k in keep for k in zip(table["family"], table["setting"])]]
+        table = table[[k in keep for k in zip(table["family"], table["setting"], table["lr"])]]
     entries = {k: v for k, v in entries.items() if k == "start" or k in set(table["name"])}
     sizes = draw_sizes(entries, dataset, forgetting)
 
@@ -245,7 +257,8 @@ def compare(preset: str, dataset: str, a: str = "adamw", b: str = "sam", *, leve
         out = []
         for frac in levels:
             level = frac * reach
-            out.append(np.mean([forgetting_at(cb[s], level) - forgetting_at(ca[s], level) for s in seed_draw]))
+            out.append(np.mean([forgetting_at(cb[s], level, front) - forgetting_at(ca[s], level, front)
+                                for s in seed_draw]))
         return np.array(out), reach
 
     point, reach = delta(None, seeds)
@@ -253,8 +266,9 @@ def compare(preset: str, dataset: str, a: str = "adamw", b: str = "sam", *, leve
         return pd.DataFrame([{"dataset": dataset, "comparison": f"{b} vs {a}", "learning level": np.nan,
                               "share of common reach": np.nan, "Δ forgetting": np.nan, "low": np.nan, "high": np.nan,
                               "verdict": f"no common learning: the most both learn on every seed is {reach:.3f} nats",
-                              "seeds": len(seeds), "resampled": "", "forgetting measure": forgetting,
-                              "frontier from": SETTINGS[settings]}])
+                              "effect": Effect.NO_COMMON, "seeds": len(seeds), "resampled": "",
+                              "forgetting measure": forgetting, "frontier from": SETTINGS[settings], "front": front,
+                              "entries": " ".join(table["name"])}])
     rng = np.random.default_rng(seed)
     boots = []
     for _ in range(n_boot):
@@ -266,23 +280,32 @@ def compare(preset: str, dataset: str, a: str = "adamw", b: str = "sam", *, leve
     lo, hi = np.percentile(boots[ok], [2.5, 97.5], axis=0) if ok.any() else (np.full(len(levels), np.nan),) * 2
     rows = []
     for i, frac in enumerate(levels):
-        verdict = "less forgetting" if hi[i] < 0 else ("more forgetting" if lo[i] > 0 else "inconclusive")
+        effect = Effect.of(lo[i], hi[i])
+        verdict = effect.value
         if ok.mean() < 0.95:  # the comparison itself is not stable under resampling: no verdict
-            verdict = f"inconclusive: comparable in only {ok.mean():.0%} of the bootstrap draws"
+            effect, verdict = Effect.INCONCLUSIVE, f"inconclusive: comparable in only {ok.mean():.0%} of the bootstrap draws"
         rows.append({"dataset": dataset, "comparison": f"{b} vs {a}", "learning level": frac * reach,
                      "share of common reach": frac, "Δ forgetting": point[i], "low": lo[i], "high": hi[i],
-                     "verdict": f"{b}: {verdict}", "seeds": len(seeds), "comparable draws": ok.mean(),
+                     "verdict": f"{b}: {verdict}", "effect": effect, "seeds": len(seeds), "comparable draws": ok.mean(),
                      "resampled": ", ".join(f"{n} ({k[1] if isinstance(k, tuple) else k})" for k, n in sizes.items()),
-                     "forgetting measure": forgetting, "frontier from": SETTINGS[settings]})
+                     "forgetting measure": forgetting, "frontier from": SETTINGS[settings], "front": front,
+                     "entries": " ".join(table["name"])})
     return pd.DataFrame(rows)
 
 
-def verdict_kind(verdict: str) -> str:
-    """"less forgetting", "more forgetting", "inconclusive" or "no common learning", without its details."""
-    text = str(verdict)
-    if text.startswith("no common learning"):
-        return "no common learning"
-    return text.split(": ", 1)[-1].split(":")[0]
+class Effect(Enum):
+    """What a comparison found of b's forgetting against a's (from its 95 % interval)."""
+    LESS = "less forgetting"
+    MORE = "more forgetting"
+    INCONCLUSIVE = "inconclusive"
+    NO_COMMON = "no common learning"
+
+    @classmethod
+    def of(cls, low: float, high: float) -> "Effect":
+        return cls.LESS if high < 0 else cls.MORE if low > 0 else cls.INCONCLUSIVE
+
+    def __str__(self) -> str:
+        return self.value
 
 
 FAMILIES = ("sam", "asam", "rehearsal", "wise_ft")  # each compared with AdamW at matched learning
@@ -314,18 +337,20 @@ def robustness(preset: str, dataset: str | None = None, a: str = "adamw", b: str
     out = []
     for ds in [dataset] if dataset else _sets(collected[1]):
         rows = []
-        for measure, settings in [(m, "all") for m in FORGETTING] + [("heldout", "every seed")]:
+        variants = [(m, "all", "linear") for m in FORGETTING] + [("heldout", "every seed", "linear"),
+                                                                  ("heldout", "all", "step")]
+        for measure, settings, front in variants:
             try:
                 t = compare(preset, ds, a, b, levels=(level,), n_boot=n_boot, seed=seed, forgetting=measure,
-                            settings=settings, collected=collected)
+                            settings=settings, front=front, collected=collected)
             except ValueError as err:  # e.g. no eval items shared: say so in the table
                 t = pd.DataFrame([{"dataset": ds, "comparison": f"{b} vs {a}", "verdict": f"not computable: {err}",
-                                   "forgetting measure": measure, "frontier from": SETTINGS[settings]}])
+                                   "effect": None, "forgetting measure": measure, "frontier from": SETTINGS[settings],
+                                   "front": front}])
             rows.append(t)
         t = pd.concat(rows, ignore_index=True)
         if not t.empty:
-            kind = t["verdict"].map(verdict_kind)
-            out.append(t.assign(**{"same verdict as the default": kind == kind.iloc[0]}))
+            out.append(t.assign(**{"same verdict as the default": t["effect"] == t["effect"].iloc[0]}))
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
 
 
@@ -372,37 +397,6 @@ def points(preset: str) -> pd.DataFrame:
         for m in EVAL_KEYS:
             out[f"ability fall ({m})"] = measures(entries, table, forgetting=m)["forgetting"]
     return out
-
-
-def claim_verdicts(preset: str, *, level: float = 0.5, n_boot: int = 500, seed: int = 0) -> pd.DataFrame:
-    """Every claim of ``claims.yaml`` with a ``frontier`` comparison, on every stage-2 set with frontier
-    points that the paper makes the claim on: Δ forgetting (b - a) at ``level`` of the common reach, its
-    interval, and whether that is the paper's claim (reproduced), its opposite, inconclusive, or not comparable
-    (no common learning)."""
-    from cfsam.analysis import claims
-
-    collected = collect(preset)
-    if collected[1].empty:
-        return pd.DataFrame()
-    rows = []
-    for claim in claims.registry():
-        f = claim.get("frontier")
-        if not f:
-            continue
-        for ds in claims.claim_sets(claim, _sets(collected[1])):
-            t = compare(preset, ds, f["a"], f["b"], levels=(level,), n_boot=n_boot, seed=seed, collected=collected)
-            if t.empty:
-                continue
-            r = t.iloc[0]
-            said = verdict_kind(r["verdict"])
-            outcome = ("reproduced" if said == f"{f['expect']} forgetting" else
-                       "opposite" if said in ("less forgetting", "more forgetting") else
-                       "inconclusive" if said == "inconclusive" else "not comparable")
-            rows.append({"claim": claim["id"], "paper": claim["claim"], "dataset": ds,
-                         "comparison": f"{f['b']} vs {f['a'] if f['a'] != 'none' else 'the stage-1 model'}",
-                         "learning level": r["learning level"], "Δ forgetting": r["Δ forgetting"], "low": r["low"],
-                         "high": r["high"], "seeds": r["seeds"], "outcome": outcome, "verdict": r["verdict"]})
-    return pd.DataFrame(rows)
 
 
 def _bootstrap_se(fn, sizes: dict, n_boot: int, seed: int) -> float:

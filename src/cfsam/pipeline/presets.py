@@ -46,7 +46,8 @@ OPTIONAL = {
                  "screen": {"tasks": list, "limit": OPT_INT},
                  "eval": {"tasks": list, "limit": OPT_INT}, "adamw_lr": list, "sam_rho": list, "method_lr": list,
                  "asam_rho": list,
-                 "rehearsal_fraction": list, "wise_ft_alpha": list, "light": {"adamw_lr": list, "sam_rho": list}},
+                 "rehearsal_fraction": list, "wise_ft_alpha": list, "light": {"adamw_lr": list, "sam_rho": list},
+                 "complements": {"sam_rho": list, "rehearsal_fraction": list}, "short": {"runs": list}},
 }
 
 
@@ -244,8 +245,18 @@ def _check_frontier(p: dict) -> None:
     extra = [v for v in f["seeded"]["lr"] if v not in f["adamw_lr"]]
     if extra:
         raise PresetError(f"frontier.seeded.lr: {extra} are not in frontier.adamw_lr ({f['adamw_lr']})")
+    bad = [v for v in f["complements"]["sam_rho"] if v not in f["sam_rho"]]
+    if bad:
+        raise PresetError(f"frontier.complements.sam_rho: {bad} are not in frontier.sam_rho ({f['sam_rho']}): "
+                          "rehearsal and Wise-FT with SAM build on SAM runs of the sweep")
+    lrs = [""] + [f"-lr{lr:g}" for lr in f["method_lr"]]
+    names = [f"adamw-lr{lr:g}" for lr in f["adamw_lr"]] + [f"{m}-rho{r:g}{t}" for m, rs in (
+        ("sam", f["sam_rho"]), ("asam", f["asam_rho"])) for r in rs for t in lrs]
+    bad = [r for r in f["short"]["runs"] if r not in names]
+    if bad:
+        raise PresetError(f"frontier.short.runs: unknown run(s) {', '.join(map(repr, bad))}; allowed: {', '.join(names)}")
     for key, lo, hi in (("rehearsal_fraction", 0, 1), ("wise_ft_alpha", 0, 1)):
-        for v in f[key]:
+        for v in f[key] + (f["complements"]["rehearsal_fraction"] if key == "rehearsal_fraction" else []):
             if not (isinstance(v, NUM) and lo < v < hi):
                 raise PresetError(f"frontier.{key} value {v!r} must lie in ({lo}, {hi})")
     limit = f["screen"]["limit"]  # the base model's screen reads at most this many items per task

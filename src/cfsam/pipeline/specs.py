@@ -189,6 +189,11 @@ def frontier(p: dict, s1: dict, heldout: dict, ev: dict) -> dict[str, dict]:
             others += [(f"asam-rho{rho:g}", sam(p, **ep, rho=rho, adaptive=True), False) for rho in f["asam_rho"]]
             others += [(f"rehearsal{fr:g}", {**ep, "rehearsal_from": p["stage1"]["dataset"], "rehearsal_fraction": fr},
                         False) for fr in f["rehearsal_fraction"]]
+            # the complementarity claims: rehearsal with SAM at the radii of ``complements`` (first seed)
+            c = f["complements"]
+            others += [(f"sam-rho{rho:g}-rehearsal{fr:g}", sam(p, **ep, rho=rho, adaptive=False,
+                        rehearsal_from=p["stage1"]["dataset"], rehearsal_fraction=fr), False)
+                       for rho in c["sam_rho"] for fr in c["rehearsal_fraction"]]
         # at the stage-2 lr under their plain names (as first computed), at the grid's other lrs with "-lr"
         methods += [(name, changes, seeded and lr2 in seeded_lrs) for name, changes, seeded in others]
         methods += [(f"{name}-lr{lr:g}", {**changes, "lr": lr}, seeded and lr in seeded_lrs)
@@ -207,17 +212,29 @@ def frontier(p: dict, s1: dict, heldout: dict, ev: dict) -> dict[str, dict]:
                     out[f"{ds}-{name}-s{seed}-{at}of{n}"] = exp
             if light:
                 continue
-            # Wise-FT of each AdamW run of the grid (the stage-2 lr's under its first name), where this seed ran it
+            # Wise-FT of each AdamW run of the grid (the stage-2 lr's under its first name), and of the SAM runs
+            # of ``complements``, where this seed ran them
             for lr in [lr2] + [x for x in lrs if x != lr2]:
-                if k > 0 and lr not in f["seeded"]["adamw_lr"] and lr != lr2:
-                    continue
-                tuned = stage2(p, s1, ds, seed=seed, **ep, **({} if lr == lr2 else {"lr": lr}))
                 tag = "" if lr == lr2 else f"-lr{lr:g}"
-                for alpha in f["wise_ft_alpha"]:
-                    out[f"{ds}-wiseft-a{alpha:g}{tag}-s{seed}"] = {
-                        "run": {"wise_ft": {"stage1": s1, "stage2": tuned, "alpha": alpha}}, "measure": here}
+                at_lr = {} if lr == lr2 else {"lr": lr}
+                merged = [("", {}, lr == lr2 or lr in f["seeded"]["adamw_lr"])]
+                merged += [(f"sam-rho{rho:g}-", sam(p, rho=rho, adaptive=False),
+                            rho in f["seeded"]["sam_rho"] and lr in seeded_lrs) for rho in f["complements"]["sam_rho"]]
+                for prefix, changes, seeded in merged:
+                    if k > 0 and not seeded:
+                        continue
+                    tuned = stage2(p, s1, ds, seed=seed, **{**changes, **ep, **at_lr})
+                    for alpha in f["wise_ft_alpha"]:
+                        out[f"{ds}-wiseft-{prefix}a{alpha:g}{tag}-s{seed}"] = {
+                            "run": {"wise_ft": {"stage1": s1, "stage2": tuned, "alpha": alpha}}, "measure": here}
+            # a short run against a snapshot: half the steps with its own full schedule (first seed, no landscape)
+            for name, changes, _ in methods:
+                if k == 0 and name in f["short"]["runs"]:
+                    half = p["stage2"]["n_train"] * f["epochs"] // p["stage2"]["batch_size"] // 2
+                    out[f"{ds}-{name}-half-s{seed}"] = {"run": stage2(p, s1, ds, **changes, seed=seed, max_steps=half),
+                                                        "measure": here, "group": "short"}
     for exp in out.values():
-        exp["group"] = "frontier"  # for the analysis; not part of the id (run and measure are)
+        exp.setdefault("group", "frontier")  # for the analysis; not part of the id (run and measure are)
     return out
 
 
