@@ -121,6 +121,9 @@ def cmd_eval(args) -> int:
     from cfsam.evaluation.metrics import summary_tables
 
     names = tasks.check_names([t.strip() for t in args.tasks.split(",") if t.strip()])  # fail before loading
+    if not names:
+        raise ValueError(f"--tasks {args.tasks!r} names no task; give task names, 'paper' (its 13 tasks) or 'all'")
+    _check_device(args.device)
     loaded = models.load_model(args.model, dtype=getattr(torch, args.dtype))
     results = evaluate(loaded, names, limit=args.limit, seed=args.seed, num_fewshot=args.num_fewshot,
                        batch_size=args.batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache,
@@ -136,6 +139,24 @@ def cmd_eval(args) -> int:
     if t["items"]:
         print(f"\n{t['items']} items in {t['seconds']:.1f} s ({t['items_per_s']:.1f} items/s)")
     return 0
+
+
+def _check_device(device: str | None) -> None:
+    """``--device`` names a device this machine has (before any model loads)."""
+    import torch
+
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"--device {device!r} is not a device name ({err}); e.g. cpu, cuda, cuda:0") from err
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index or 0) >= count:
+            have = f"{count} CUDA device(s): cuda:0 to cuda:{count - 1}" if count else "no CUDA device"
+            raise ValueError(f"--device {device!r}: this machine has {have}; allowed: cpu"
+                             + (", cuda" if count else ""))
 
 
 def cmd_measure(args) -> int:
@@ -305,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
         # library errors name the bad value and what is allowed: show them without a traceback
         if args.verbose:
             raise
-        print(f"cfsam {args.command}: error: {err}", file=sys.stderr)
+        # a KeyError's str() quotes its message; a YAML error spans lines: one line, as it was meant
+        text = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"cfsam {args.command}: error: {' '.join(str(text).split())}", file=sys.stderr)
         return 2
 
 
