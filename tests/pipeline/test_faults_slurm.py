@@ -41,3 +41,26 @@ def test_dry_run_shows_snapshots_after_their_parent(capsys):
     assert cli.main(["batch", "--preset", "smoke", "--slurm", "--dry-run"]) == 0
     graph = [line for line in capsys.readouterr().out.splitlines() if "1of4" in line and "after:" in line]
     assert graph and all("after: -" not in line for line in graph)
+
+
+def test_the_paper_presets_large_models_are_sharded_by_default(tmp_path, caplog):
+    """#14: DDP keeps fp32 weights, gradients and AdamW's moments whole on every GPU: 16 bytes a parameter,
+    ~108 GB at 7B and ~208 GB at 13B, more than an 80 GB GPU."""
+    from cfsam.core import registry
+
+    jobs = {j["name"]: j for j in slurm.job_graph("paper")}
+    cfg = slurm.slurm_config()
+    assert cfg["accelerate"] == "auto"
+    for name, model in (("stage1", "llama2-7b"), ("llama2-13b--stage1", "llama2-13b"),
+                        ("tinyllama-1.1b--stage1", "tinyllama-1.1b")):
+        text = slurm.sbatch_script("paper", jobs[name], cfg, out=tmp_path, notebooks_dir=tmp_path)
+        need = registry.entries("models")[model]["params"] * 16 / 1e9
+        big = need > 80
+        assert ("configs/accelerate_fsdp.yaml" in text) == big and ("configs/accelerate_ddp.yaml" in text) != big
+        if big:
+            assert f"need about {need:.0f} GB per GPU under DDP" in text
+    # DDP asked for by name is kept, with a warning in the script and the log
+    text = slurm.sbatch_script("paper", jobs["stage1"], {**cfg, "accelerate": "ddp"}, out=tmp_path,
+                               notebooks_dir=tmp_path)
+    assert "configs/accelerate_ddp.yaml" in text and "# WARNING: llama2-7b's fp32 weights" in text
+    assert "use --accelerate fsdp" in caplog.text

@@ -25,6 +25,11 @@ SLURM_CONFIG = REPO / "configs" / "slurm.yaml"
 
 ACCELERATE_CONFIGS = {"ddp": "configs/accelerate_ddp.yaml", "fsdp": "configs/accelerate_fsdp.yaml",
                       "deepspeed": "configs/accelerate_deepspeed_zero3.yaml"}
+# `accelerate: auto` (configs/slurm.yaml's default): DDP, unless a job's model does not fit one GPU under DDP.
+# DDP keeps on every GPU the fp32 weights, their gradients and AdamW's two moments: 16 bytes a parameter
+# (7B: ~108 GB, 13B: ~208 GB), before any activation; FSDP shards all four over the node's GPUs.
+BYTES_PER_PARAM_DDP = 16
+GPU_MEMORY_GB = 80  # one A100/H100 80GB: the largest GPU a cluster is assumed to have
 
 
 SLURM_KEYS = {"partition": "--partition", "account": "--account", "nodes": "--nodes",
@@ -42,6 +47,14 @@ def _job_name(experiment: str) -> str:
 def _trained(run: dict) -> dict:
     """The run a job trains for ``run``: a snapshot's stage (its snapshots are saved while it trains), else itself."""
     return run["snapshot"]["run"] if specs.run_kind(run) == "snapshot" else run
+
+
+def _base_model(run: dict) -> str | None:
+    """The model preset a run starts from (a merge: its stage 1's)."""
+    while isinstance(run, dict):
+        run = _trained(run)
+        run = run["wise_ft"]["stage1"] if specs.run_kind(run) == "wise_ft" else run.get("model")
+    return run
 
 
 def _needs(run: dict) -> list[dict]:
@@ -91,7 +104,7 @@ def job_graph(preset: str, notebooks: list[str] | None = None, notebooks_dir: Pa
             return  # nothing of the preset measures it: its children's jobs train it themselves
         job = jobs.setdefault(key, {"name": "base" if key == "base" else _job_name(members[0]),
                                     "kind": "base" if key == "base" else "run", "experiments": [], "pulled": [],
-                                    "after": [], "run": run})
+                                    "after": [], "run": run, "model": _base_model(run)})
         job["experiments"] += members
         job["pulled"] += [n for n in members if n not in keep]
         job_of[rid] = key
@@ -163,19 +176,39 @@ def slurm_config(path: Path | None = None, overrides: dict | None = None) -> dic
     gpus = cfg.get("gpus_per_node")
     if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
         raise ValueError(f"Slurm setting gpus_per_node={gpus!r} must be an integer >= 1")
-    config_file = accelerate_config(cfg.get("accelerate", "ddp"))  # an unknown name fails now
+    config_file = accelerate_config(cfg.get("accelerate", "auto"))  # an unknown name fails now
     if not (REPO / config_file).exists():
         log.warning("accelerate config %s does not exist (yet); the jobs will fail without it", config_file)
     return cfg
 
 
 def accelerate_config(name: str) -> str:
-    """The accelerate config file of a strategy name (ddp | fsdp | deepspeed), or a YAML path as given."""
+    """The accelerate config file of a strategy name (ddp | fsdp | deepspeed), or a YAML path as given; auto: DDP's
+    (a job whose model does not fit one GPU under DDP gets FSDP's instead: ``job_accelerate``)."""
+    if name == "auto":
+        return ACCELERATE_CONFIGS["ddp"]
     if name in ACCELERATE_CONFIGS:
         return ACCELERATE_CONFIGS[name]
     if str(name).endswith((".yaml", ".yml")):
         return str(name)
-    raise ValueError(f"unknown accelerate config {name!r}; allowed: {', '.join(ACCELERATE_CONFIGS)} or a .yaml path")
+    raise ValueError(f"unknown accelerate config {name!r}; allowed: auto, {', '.join(ACCELERATE_CONFIGS)} or a .yaml "
+                     "path")
+
+
+def job_accelerate(job: dict, name: str) -> tuple[str, str | None]:
+    """The accelerate config of a job and, where the model decides it, the comment that says why."""
+    from cfsam.core import registry
+
+    params = registry.entries("models").get(job.get("model") or "", {}).get("params")
+    need = params * BYTES_PER_PARAM_DDP / 1e9 if params else 0.0
+    if need <= GPU_MEMORY_GB or name not in ("auto", "ddp"):
+        return accelerate_config(name), None
+    why = (f"{job['model']}'s fp32 weights, gradients and AdamW state need about {need:.0f} GB per GPU under DDP, "
+           f"more than a {GPU_MEMORY_GB} GB GPU holds")
+    if name == "ddp":  # asked for by name: kept, with the warning
+        log.warning("job %s runs DDP as asked, but %s: use --accelerate fsdp", job["name"], why)
+        return accelerate_config(name), f"# WARNING: {why}; DDP as asked (--accelerate fsdp shards them)"
+    return ACCELERATE_CONFIGS["fsdp"], f"# FSDP: {why}; FSDP shards them over the node's GPUs"
 
 
 def _yaml_value(value) -> str:
@@ -205,8 +238,8 @@ def sbatch_script(preset: str, job: dict, cfg: dict, *, out: Path, notebooks_dir
                 shlex.join(cmd)]
         what = f"{len(job['notebooks'])} chapter(s)"
     else:
-        config_file = accelerate_config(cfg.get("accelerate", "ddp"))
-        step = ["# 2. the experiments of this job, trained and measured across the node's GPUs",
+        config_file, why = job_accelerate(job, cfg.get("accelerate", "auto"))
+        step = ["# 2. the experiments of this job, trained and measured across the node's GPUs", *([why] if why else []),
                 f"accelerate launch --config_file {shlex.quote(config_file)} "
                 f"--num_processes \"${{SLURM_GPUS_ON_NODE:-{cfg['gpus_per_node']}}}\" "
                 f"-m cfsam run-missing --preset {shlex.quote(preset)} --only {shlex.quote(','.join(job['experiments']))}"]
