@@ -24,7 +24,10 @@ from pathlib import Path
 
 import torch
 
+from safetensors import SafetensorError
+
 from cfsam.core import registry as registry_
+from cfsam.core.io import disk_error
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +117,14 @@ def _convert(spec: dict, out: Path) -> Path:
     plain.generation_config = loaded.generation_config
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    except (OSError, SafetensorError) as err:  # a full cache disk: one line naming it, no half-written model
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise disk_error(tmp, err) from err
     if out.exists():
         import shutil
 

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta
 
 from cfsam.core.dist import Runtime, barrier, is_zero, unwrap
-from cfsam.core.io import write_json_atomic
+from cfsam.core.io import disk_error, write_json_atomic
 from cfsam.data import models
 from cfsam.training import zero
 
@@ -77,17 +78,21 @@ def save_checkpoint(out_dir: Path, step: int, model, opt, sched, scaler, history
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(rt)
-    if is_zero(rt.mode):  # the engine's own format: per-rank partitions of weights and optimizer state
-        model.save_checkpoint(str(tmp / "zero"), tag="state", save_latest=False)
-    else:
-        model_sd, optim_sd = get_state_dict(model, opt)  # sharded under FSDP2, full otherwise
-        with _quiet_dcp():
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / "dcp", no_dist=rt.mode == "none")
-    torch.save(_rng_state(), tmp / f"rng-{rt.rank}.pt")
-    if rt.rank == 0:
-        torch.save({"step": step, "run_id": sid, "scheduler": sched.state_dict(), "history": history,
-                    "scaler": scaler.state_dict() if scaler is not None else None, "world": rt.world},
-                   tmp / "trainer_state.pt")
+    try:
+        if is_zero(rt.mode):  # the engine's own format: per-rank partitions of weights and optimizer state
+            model.save_checkpoint(str(tmp / "zero"), tag="state", save_latest=False)
+        else:
+            model_sd, optim_sd = get_state_dict(model, opt)  # sharded under FSDP2, full otherwise
+            with _quiet_dcp():
+                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / "dcp", no_dist=rt.mode == "none")
+        torch.save(_rng_state(), tmp / f"rng-{rt.rank}.pt")
+        if rt.rank == 0:
+            torch.save({"step": step, "run_id": sid, "scheduler": sched.state_dict(), "history": history,
+                        "scaler": scaler.state_dict() if scaler is not None else None, "world": rt.world},
+                       tmp / "trainer_state.pt")
+    except (OSError, RuntimeError, CheckpointException) as err:  # a full disk; torch.save says so as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)  # the last good checkpoint stays
+        raise disk_error(tmp, err) from err
     barrier(rt)
     if rt.rank == 0:
         os.replace(tmp, final)  # atomic: a kill before this leaves only a .tmp, which resume ignores
@@ -232,8 +237,13 @@ def save_model(model, rt, tokenizer, out: Path, marker: dict | None = None) -> s
         weights = models.weights_hash(_StateDictView(full_sd))  # = weights_hash of the saved model, reloaded
         for tied in getattr(raw, "all_tied_weights_keys", None) or {}:
             full_sd.pop(tied, None)  # FSDP's full state dict holds a tied head as its own copy
-        raw.save_pretrained(out, state_dict=full_sd)
-        tokenizer.save_pretrained(out)
+        try:
+            raw.save_pretrained(out, state_dict=full_sd)
+            tokenizer.save_pretrained(out)
+        except (OSError, SafetensorError) as err:  # a full disk: one line naming it
+            if marker is not None:  # a snapshot folder holds nothing else: none half-written stays
+                shutil.rmtree(out, ignore_errors=True)
+            raise disk_error(out, err) from err
         if marker is not None:
             write_json_atomic(out / "snapshot.json", {**marker, "weights_hash": weights})
     barrier(rt)
