@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -185,10 +186,17 @@ def cmd_measure(args) -> int:
 
 
 def cmd_run_missing(args) -> int:
-    from cfsam.pipeline.runner import run_missing
+    """Exit 0 unless an experiment failed that should have worked: one whose data or model cannot be had
+    here is skipped with one line and counted in the summary, not an error."""
+    from cfsam.pipeline import runner
 
-    run_missing(args.preset, _csv(args.notebooks), _csv(args.only), args.dry_run, args.workers)
-    return 0
+    if args.dry_run:
+        runner.run_missing(args.preset, _csv(args.notebooks), _csv(args.only), True, args.workers)
+        return 0
+    summary = runner.compute_missing(args.preset, _csv(args.notebooks), _csv(args.only), args.workers)
+    if os.environ.get("RANK", "0") == "0":  # under a launcher: one summary, not one per rank
+        print("\n".join(summary.lines()))
+    return 1 if summary.failed else 0
 
 
 def cmd_status(args) -> int:

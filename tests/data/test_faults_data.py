@@ -177,3 +177,26 @@ def test_a_damaged_converted_preset_says_how_to_convert_it_again(tiny_dir, tmp_p
     with pytest.raises(models.DamagedModelFile, match=f"{out / 'tokenizer.json'} is damaged.*delete {out} and run "
                                                       "`cfsam prepare-model smollm2-135m`"):
         models.load_tokenizer("smollm2-135m")
+
+
+def test_no_network_is_one_quick_clear_error_naming_both_ways(monkeypatch):
+    """With no network and the Hub not switched offline, datasets retried each set for half a minute."""
+    import socket
+
+    from cfsam.data import hub
+
+    def unreachable(*args, **kwargs):
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("asked the Hub with no network"))
+    for var in ("HF_HUB_OFFLINE", "CFSAM_DATA_DIR", "CFSAM_DATA_SOURCE", "HF_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    hub._no_network.cache_clear()
+    try:
+        with pytest.raises(sources.DataUnavailable, match=r"dataset 'alpaca': cannot read tatsu-lab/alpaca:train .*"
+                                                          r"no network: huggingface.co cannot be reached .*Name or "
+                                                          r"service.*set CFSAM_DATA_DIR.*or allow Hub access"):
+            hub.load_hub("alpaca", "train")
+    finally:
+        hub._no_network.cache_clear()

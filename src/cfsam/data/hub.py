@@ -1,6 +1,7 @@
 """Data sets from the Hugging Face Hub where the mirror has none: ``hub.fields`` map each Hub schema to the mirror's."""
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import datasets
@@ -30,6 +31,9 @@ def load_hub(name: str, split: str) -> datasets.Dataset:
     if "file" in hub:
         kwargs["data_files"] = hub["file"]
     try:
+        no_network = _no_network()
+        if no_network:
+            raise ConnectionError(no_network)
         return datasets.load_dataset(hub["id"], hub.get("config"), split=split, **kwargs)
     except Exception as err:  # offline, unknown id or split, a loading script datasets no longer runs, ...
         msg = (str(err).strip().splitlines() or [""])[0][:300]
@@ -37,6 +41,24 @@ def load_hub(name: str, split: str) -> datasets.Dataset:
                               f"({type(err).__name__}: {msg}); set CFSAM_DATA_DIR to a local data mirror (laid out "
                               "as its MANIFEST.md says) or allow Hub access (network; HF_HUB_OFFLINE and "
                               "HF_DATASETS_OFFLINE unset)") from err
+
+
+@lru_cache(maxsize=1)
+def _no_network() -> str | None:
+    """Why the Hub's host cannot be reached, asked once per process; None when it can, or when the Hub is read
+    offline (HF_HUB_OFFLINE: the local HF cache only). Without it a machine with no network spends half a
+    minute of retries per data set before the same error."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return None
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=10).close()
+        return None
+    except OSError as err:
+        return f"no network: {url.hostname} cannot be reached ({err})"
 
 
 def hub_records(name: str, split: str) -> list[dict]:

@@ -285,22 +285,24 @@ def _worker_init(threads: int, level: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _run_group(preset: str, exps: dict[str, dict], names: list[str]) -> list[str]:
-    """A worker's share: the group's experiments in order; the names that failed (logged) come back."""
-    failed = []
+def _run_group(preset: str, exps: dict[str, dict], names: list[str]) -> dict[str, str]:
+    """A worker's share: the group's experiments in order; the ones that failed (logged) come back, each
+    with its error."""
+    failed = {}
     for name in names:
         try:
             run_one(preset, name, exps[name])
-        except Exception:  # one broken experiment must not stop the other workers' runs
+        except Exception as err:  # one broken experiment must not stop the other workers' runs
             log.exception("experiment %s/%s failed", preset, name)
-            failed.append(name)
+            failed[name] = _one_line(err)
     return failed
 
 
-def _run_parallel(preset: str, exps: dict, todo: list[str], workers: int) -> None:
+def _run_parallel(preset: str, exps: dict, todo: list[str], workers: int) -> dict[str, str]:
     """Several experiments at once on one machine: on a GPU that one small model leaves mostly idle.
     Each worker takes the next group of experiments (one training run and its measurements); runs that
-    groups share (stage 1) are trained once, under the cache's locks, while the others wait for them."""
+    groups share (stage 1) are trained once, under the cache's locks, while the others wait for them.
+    Returns the experiments that failed, with their errors."""
     import concurrent.futures
     import multiprocessing
 
@@ -311,23 +313,86 @@ def _run_parallel(preset: str, exps: dict, todo: list[str], workers: int) -> Non
     threads = max(1, (os.cpu_count() or 1) // workers)
     log.info("%d experiments in %d groups on %d workers (%d threads each)", len(todo), len(todo_groups), workers,
              threads)
-    failed: list[str] = []
+    failed: dict[str, str] = {}
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                                 initializer=_worker_init,
                                                 initargs=(threads, logging.getLogger().getEffectiveLevel())) as pool:
         jobs = [pool.submit(_run_group, preset, {n: exps[n] for n in g}, g) for g in todo_groups]
         for job in tqdm(concurrent.futures.as_completed(jobs), total=len(jobs), desc=f"run groups ({preset})"):
-            failed += job.result()
-    if failed:
-        raise RuntimeError(f"{len(failed)} experiment(s) failed (see the log): {', '.join(failed)}")
+            failed.update(job.result())
+    return failed
 
 
-def run_missing(preset: str, notebooks: list[str] | None = None, only: list[str] | None = None,
-                dry_run: bool = False, workers: int = 1) -> list[str]:
-    """Run every needed experiment that is missing, stale or damaged; return their names. ``workers`` > 1
-    runs that many groups of them side by side on this machine (see ``_run_parallel``)."""
-    if not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers={workers!r}; it must be a positive number of processes")
+def _one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: " + (str(err).strip().splitlines() or [""])[0][:500]
+
+
+# ------------------------------------------------------------------------------------ run-missing
+@dataclasses.dataclass
+class Summary:
+    """What one ``run-missing`` did with the experiments it was asked for."""
+    preset: str
+    computed: list[str] = dataclasses.field(default_factory=list)
+    current: list[str] = dataclasses.field(default_factory=list)  # already in the cache, current
+    unreachable: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> why its data/model is not here
+    failed: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> the error (should have worked)
+
+    def lines(self) -> list[str]:
+        """The summary a user reads last: the counts, then each reason with the command to run elsewhere."""
+        out = [f"run-missing --preset {self.preset}: computed {len(self.computed)}, already current "
+               f"{len(self.current)}, not computable here {len(self.unreachable)}, failed {len(self.failed)}"]
+        by_reason: dict[str, list[str]] = {}
+        for name, why in self.unreachable.items():
+            by_reason.setdefault(why, []).append(name)
+        for why, names in by_reason.items():
+            out += [f"not computable here ({len(names)}): {why}",
+                    f"  where the data and models are: cfsam run-missing --preset {self.preset} --only {','.join(names)}"]
+        for name, err in self.failed.items():
+            out.append(f"FAILED {name}: {err}")
+        return out
+
+
+def _base_model(run) -> str | None:
+    """The model a run starts from (a preset name or a folder), through parents, snapshots and merges."""
+    while isinstance(run, dict):
+        run = run["wise_ft"]["stage1"] if "wise_ft" in run else run["snapshot"]["run"] if "snapshot" in run \
+            else run.get("model")
+    return run
+
+
+def unreachable(exp: dict, seen: dict[tuple[str, str], str | None] | None = None) -> str | None:
+    """Why an experiment cannot be computed on this machine (None: it can): a training or held-out set the
+    mirror lacks and the Hub cannot give here, or a base model that cannot be had (DataUnavailable,
+    ModelUnavailable). A set that is here but damaged is no such reason: its experiment runs and fails,
+    naming the file. ``seen`` remembers the answers across experiments (the records read stay cached)."""
+    from cfsam.data import formatting
+
+    seen = {} if seen is None else seen
+    for name in sorted(datasets_of(exp)):
+        if ("data", name) not in seen:
+            try:
+                formatting.load_records(name, "train")
+                seen["data", name] = None
+            except sources.DataUnavailable as err:
+                seen["data", name] = str(err)
+        if seen["data", name]:
+            return seen["data", name]
+    model = _base_model(exp["run"])
+    if isinstance(model, str) and model in models.model_names():
+        if ("model", model) not in seen:
+            try:
+                models.load_tokenizer(model)  # the cheap part of a model: it fails the same way when it is not here
+                seen["model", model] = None
+            except models.DamagedModelFile:
+                seen["model", model] = None  # here but damaged: an error of the run, not a reason to skip it
+            except models.ModelUnavailable as err:
+                seen["model", model] = str(err)
+        return seen["model", model]
+    return None
+
+
+def _plan(preset: str, notebooks: list[str] | None, only: list[str] | None) -> tuple[dict, list[str], dict, list[str]]:
+    """The experiments, the names asked for, their cache status, and those to compute (grouped by run)."""
     exps = expand(preset)  # a bad preset fails here, before anything runs
     device_check()  # and a failed device self-check
     names = only or needed(preset, notebooks)
@@ -339,23 +404,76 @@ def run_missing(preset: str, notebooks: list[str] | None = None, only: list[str]
     # is trained once while its cache lives, which on a machine that a session lends is that session only
     todo = [n for g in groups(exps, [n for n in names if status[n]["status"] != "ok"]) for n in g]
     log.info("preset %s: %d experiments needed, %d to run", preset, len(names), len(todo))
-    if dry_run:
-        for n in todo:
-            print(f"{status[n]['status']:8s} {n}")
-        return todo
+    return exps, names, status, todo
+
+
+def compute_missing(preset: str, notebooks: list[str] | None = None, only: list[str] | None = None,
+                    workers: int = 1, echo=print) -> Summary:
+    """Compute every needed experiment that is missing, stale or damaged and can be computed here. One whose
+    data or model cannot be had here is skipped with one line (``echo``) saying which and why; one that fails
+    is logged and the others still run (under a multi-process launcher the first failure stops them all: the
+    ranks must stay in step). The Summary says what was computed, current, not computable here, or failed."""
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers={workers!r}; it must be a positive number of processes")
+    exps, names, status, todo = _plan(preset, notebooks, only)
+    summary = Summary(preset, current=[n for n in names if status[n]["status"] == "ok"])
+    seen: dict = {}
+    for name in todo:
+        why = unreachable(exps[name], seen)
+        if why:
+            summary.unreachable[name] = why
+            if _rank() == 0:
+                echo(f"skipped {name}: not computable here: {why}")
+    todo = [n for n in todo if n not in summary.unreachable]
     preflight.check(preset, exps, todo)  # what would stop the run part way, before its first experiment
     if workers > 1 and len(todo) > 1:
-        _run_parallel(preset, exps, todo, workers)
-        return todo
-    created = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        summary.failed = _run_parallel(preset, exps, todo, workers)
+        summary.computed = [n for n in todo if n not in summary.failed]
+        return summary
+    created, group = False, int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if group and not dist.is_initialized():
         # before any lock: a rank waiting on a lock must never be what another rank's collective waits for
         init_group(GROUP_TIMEOUT)
         created = True
     try:
         for name in tqdm(todo, desc=f"experiments ({preset})", disable=_rank() != 0):
-            run_one(preset, name, exps[name])
+            if group:
+                run_one(preset, name, exps[name])
+                summary.computed.append(name)
+                continue
+            try:
+                run_one(preset, name, exps[name])
+                summary.computed.append(name)
+            except (sources.DataUnavailable, models.ModelUnavailable) as err:
+                if isinstance(err, models.DamagedModelFile):
+                    log.exception("experiment %s/%s failed", preset, name)
+                    summary.failed[name] = _one_line(err)
+                else:  # found only on the way (a set read late): as one found before
+                    summary.unreachable[name] = str(err)
+                    echo(f"skipped {name}: not computable here: {err}")
+            except Exception as err:  # one broken experiment must not stop the ones after it
+                log.exception("experiment %s/%s failed", preset, name)
+                summary.failed[name] = _one_line(err)
     finally:
         if created:
             dist.destroy_process_group()
-    return todo
+    return summary
+
+
+def run_missing(preset: str, notebooks: list[str] | None = None, only: list[str] | None = None,
+                dry_run: bool = False, workers: int = 1) -> list[str]:
+    """Run every needed experiment that is missing, stale or damaged; return the names computed (dry run:
+    those it would try). ``workers`` > 1 runs that many groups of them side by side on this machine (see
+    ``_run_parallel``). Experiments that cannot be computed here are skipped (``compute_missing``); if any
+    failed, RuntimeError names them after the others ran."""
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers={workers!r}; it must be a positive number of processes")
+    if dry_run:
+        _, _, status, todo = _plan(preset, notebooks, only)
+        for n in todo:
+            print(f"{status[n]['status']:8s} {n}")
+        return todo
+    summary = compute_missing(preset, notebooks, only, workers, echo=log.warning)
+    if summary.failed:
+        raise RuntimeError(f"{len(summary.failed)} experiment(s) failed (see the log): {', '.join(summary.failed)}")
+    return summary.computed
