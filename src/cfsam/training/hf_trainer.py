@@ -197,6 +197,16 @@ class SAMTrainerMixin:
             if saved[1] is not None:
                 self._total_train_tokens = saved[1]
 
+    # -- resuming ----------------------------------------------------------------------------------------
+    def _issue_warnings_after_load(self, load_result) -> None:
+        # a head tied to the input embeddings is not saved, so every resume reported it missing: harmless (it
+        # is the embeddings, tied again here), and it read like a failure. Other missing keys are still shown.
+        tied = set(getattr(self.model, "all_tied_weights_keys", None) or ())
+        missing = [k for k in load_result.missing_keys if k not in tied]
+        if len(missing) < len(load_result.missing_keys):
+            self.model.tie_weights()
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
     # -- logging -----------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._sam_history:
@@ -208,4 +218,38 @@ class SAMTrainerMixin:
 
 
 class SAMTrainer(SAMTrainerMixin, Trainer):
-    """``transformers.Trainer`` with SAM: ``SAMTrainer(model=..., args=..., train_dataset=..., rho=0.05)``."""
+    """``transformers.Trainer`` with SAM: ``SAMTrainer(model=..., args=..., train_dataset=..., rho=0.05)``.
+
+    Without a ``data_collator`` it pads examples of ``input_ids`` and ``labels`` itself (right padding with the
+    tokenizer's pad id, else the model config's; labels -100, attention 0): the Trainer's own default collators
+    pad no labels, so every caller had to pass one."""
+
+    def __init__(self, *args, **kwargs):
+        if kwargs.get("data_collator") is None and len(args) < 3:  # Trainer(model, args, data_collator, ...)
+            model = kwargs.get("model", args[0] if args else None)
+            kwargs["data_collator"] = PadCollator(_pad_id(kwargs.get("processing_class"), model))
+        super().__init__(*args, **kwargs)
+
+
+class PadCollator:
+    """Right-pads a list of ``{"input_ids", "labels"}`` examples (``cfsam.data.formatting.collate``)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        from cfsam.data.formatting import collate
+
+        return collate(features, self.pad_token_id)
+
+
+def _pad_id(tokenizer, model) -> int:
+    config = getattr(model, "config", None)
+    for pad in (getattr(tokenizer, "pad_token_id", None), getattr(config, "pad_token_id", None),
+                getattr(config, "eos_token_id", None)):
+        if isinstance(pad, list):
+            pad = pad[0] if pad else None
+        if pad is not None:
+            return int(pad)
+    raise ValueError("SAMTrainer needs a data_collator, or a pad token id to pad with: pass processing_class=tokenizer "
+                     "or set model.config.pad_token_id")
