@@ -18,7 +18,7 @@ PRESET = "cpu-pilot"  # a preset whose results are committed
 def _build_tab2a(tmp_path, **env_extra) -> str:
     """Build the Table 2(a) chapter alone, without the data mirror and with the Hub offline; its HTML."""
     toc = tmp_path / "_toc.yml"
-    toc.write_text("format: jb-book\nroot: book/intro\nchapters:\n  - file: notebooks/tab2a\n")
+    toc.write_text("format: jb-book\nroot: book/methods\nchapters:\n  - file: notebooks/tab2a\n")
     env = {k: v for k, v in os.environ.items() if k not in ("CFSAM_DATA_DIR", "MPLBACKEND", "CFSAM_RESULTS")}
     env.update(CFSAM_PRESET=PRESET, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", CFSAM_CACHE=str(tmp_path / "cache"),
                **env_extra)
@@ -26,7 +26,7 @@ def _build_tab2a(tmp_path, **env_extra) -> str:
                             "--path-output", str(tmp_path / "book"), "--keep-going"],
                            env=env, capture_output=True, text=True, timeout=900)
     assert build.returncode == 0, (build.stdout + build.stderr)[-4000:]
-    # one chapter alone: the intro's links to the other pages dangle; nothing else may warn (an error in a cell does)
+    # one chapter alone: the root page's links to the other pages dangle; nothing else may warn (an error in a cell does)
     warnings = [line for line in (build.stdout + build.stderr).splitlines()
                 if "WARNING:" in line and "unknown document" not in line]
     assert not warnings, warnings

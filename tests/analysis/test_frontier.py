@@ -448,3 +448,46 @@ def test_chapter_sentences_say_each_verdict_and_what_does_not_reproduce():
     assert book.flatness_sentence(fvf) == ("Flatness against forgetting, over 17 end points, SC ranks flatter forgets "
                                            "more (Spearman -0.75, p 0.0008); not significant: trace.")
     assert "no flatness measure has p < 0.05" in book.flatness_sentence(fvf.iloc[1:])
+
+
+def test_a_short_run_beside_its_snapshot_and_its_front(tmp_path, monkeypatch):
+    """AdamW 1e-4 learns 0.1 k and forgets 0.1 k at point k of 4; its run of half the steps learns 0.2 and
+    forgets 0.25: the same learning as the 2/4 snapshot, 0.05 more forgetting, 0.05 above the front (the same
+    examples throughout, so the interval is the point)."""
+    from cfsam.analysis import snapshots
+
+    monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path))
+    exps = specs.expand("cpu")
+    write_json_atomic(tmp_path / "cpu" / "frontier-stage1.json",
+                      _entry(exps["frontier-stage1"], "frontier-stage1", own=2.0, s1=1.0))
+    for k in range(1, 5):
+        name = f"metamathqa-adamw-lr0.0001-s1234-{k}of4"
+        write_json_atomic(tmp_path / "cpu" / f"{name}.json", _entry(exps[name], name, own=2.0 - 0.1 * k, s1=1.0 + 0.1 * k))
+    assert snapshots.short_runs("cpu", n_boot=20).empty  # the short run is not computed yet
+    name = "metamathqa-adamw-lr0.0001-half-s1234"
+    write_json_atomic(tmp_path / "cpu" / f"{name}.json", _entry(exps[name], name, own=1.8, s1=1.25))
+    assert name not in set(frontier.points("cpu")["name"])  # never one of the frontier's own points
+    row = snapshots.short_runs("cpu", n_boot=20).set_index("short run").loc[name]
+    assert row["snapshot"] == "metamathqa-adamw-lr0.0001-s1234-2of4"
+    assert row["Δ learning"] == pytest.approx(0.0) and row["Δ forgetting"] == pytest.approx(0.05)
+    assert row["above its front"] == pytest.approx(0.05) and row["above low"] == pytest.approx(0.05)
+    assert not row["on the same front"]
+
+
+def test_frontier_figure_has_a_panel_per_set_in_rows_of_two_a_legend_outside_and_the_verdicts_level():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from cfsam.analysis import plots
+
+    pts = pd.DataFrame([{"dataset": ds, "family": fam, "learning": 0.1 * k, "forgetting": 0.05 * k * (1 + (fam == "sam"))}
+                        for ds in ("a", "b", "c") for fam in ("adamw", "sam") for k in range(1, 4)])
+    fig = plots.frontier(pts, frontier.curves(pts.assign(seed=1)), {"a": 0.15})
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in shown] == ["a", "b", "c"] and len(fig.axes) == 4  # 2 x 2, the fourth hidden
+    assert shown[0].get_position().width > 0.3  # half the figure's width: readable at page width
+    assert not any(ax.get_legend() for ax in fig.axes) and len(fig.legends) == 1  # one legend, outside the data
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["adamw", "sam", "verdict's learning level"]
+    dashed = [ln for ln in shown[0].get_lines() if ln.get_linestyle() == "--"]
+    assert len(dashed) == 1 and dashed[0].get_xdata()[0] == 0.15
+    assert len([ln for ln in shown[0].get_lines() if ln.get_linestyle() == "-" and len(ln.get_xdata()) > 2]) == 2  # fronts

@@ -247,3 +247,14 @@ def larger_study(preset: str, results_dir: str | None = None) -> None:
     display(Markdown(f"**What the {preset} runs show.** " + " ".join(
         s for s in (frontier_claims_sentence(cv), robustness_sentence(rob), flatness_sentence(fvf),
                     frontier.sam_gradient_sentence(sg)) if s)))
+
+
+def short_runs_sentence(table: pd.DataFrame) -> str:
+    """Whether each short run lies on its method's front (``snapshots.short_runs``)."""
+    if table.empty:
+        return ""
+    said = [f"{r['short run']} {'lies on' if r['on the same front'] else 'does not lie on'} its front "
+            f"({r['above its front']:+.3f} nats above it [{r['above low']:+.3f}, {r['above high']:+.3f}]; against "
+            f"the 2/4 snapshot Δ learning {r['Δ learning']:+.3f}, Δ forgetting {r['Δ forgetting']:+.3f})"
+            for _, r in table.iterrows()]
+    return "Short runs: " + "; ".join(said) + "."

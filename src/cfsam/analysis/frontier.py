@@ -72,6 +72,25 @@ def _family(d: dict) -> str:
     return ("asam" if d["adaptive"] else "sam") if sam else "adamw"
 
 
+def point_row(name: str, run: dict) -> dict:
+    """What places an experiment among the frontier's points: its set, family, setting, lr, seed and at/of."""
+    d = specs.describe(run)
+    fam = _family(d)
+    setting = {"adamw": d["lr"], "sam": d["rho"], "asam": d["rho"]}.get(
+        fam, d["alpha"] if d["method"] == "wise_ft" else d["rehearsal_fraction"])
+    return {"name": name, "dataset": d["stage2"], "family": fam, "setting": setting, "lr": d["lr"],
+            "seed": d["seed"], "at": d["at"] or 1, "of": d["of"] or 1}
+
+
+def arrays(entry: dict) -> dict:
+    """An entry with its per-example losses and eval items as arrays (the bootstrap reads them on every draw)."""
+    for rec in (entry.get("heldout_loss") or {}).values():
+        if "per_example" in rec:
+            rec["per_example"] = np.asarray(rec["per_example"], dtype=float)
+    entry["eval_items"] = _eval_items(entry)
+    return entry
+
+
 def collect(preset: str) -> tuple[dict, pd.DataFrame]:
     """The stage-1 entry and one row per frontier point present: name, dataset, family, setting, seed, at/of."""
     exps = specs.expand(preset)
@@ -80,22 +99,10 @@ def collect(preset: str) -> tuple[dict, pd.DataFrame]:
         if START in exps else {}
     if START not in entries:
         return {}, pd.DataFrame()
-    rows = []
-    for n in names:
-        if n not in entries:
-            continue
-        d = specs.describe(exps[n]["run"])
-        fam = _family(d)
-        setting = {"adamw": d["lr"], "sam": d["rho"], "asam": d["rho"]}.get(
-            fam, d["alpha"] if d["method"] == "wise_ft" else d["rehearsal_fraction"])
-        rows.append({"name": n, "dataset": d["stage2"], "family": fam, "setting": setting, "lr": d["lr"],
-                     "seed": d["seed"], "at": d["at"] or 1, "of": d["of"] or 1})
+    rows = [point_row(n, exps[n]["run"]) for n in names if n in entries]
     out = {"start": entries[START], **{r["name"]: entries[r["name"]] for r in rows}}
-    for e in out.values():  # as arrays once: the bootstrap reads them on every draw
-        for rec in (e.get("heldout_loss") or {}).values():
-            if "per_example" in rec:
-                rec["per_example"] = np.asarray(rec["per_example"], dtype=float)
-        e["eval_items"] = _eval_items(e)
+    for e in out.values():
+        arrays(e)
     return out, pd.DataFrame(rows)
 
 

@@ -126,25 +126,37 @@ def learning_vs_forgetting(table, *, x: str = "learned (Δ own held-out loss)",
 
 
 # ------------------------------------------------------------------------------------- frontiers
-def frontier(points, curves: Mapping[tuple, tuple] | None = None) -> Figure:
-    """Learning (x) against forgetting (y), one panel per stage-2 set, one colour per method family;
-    ``curves`` maps (dataset, family, seed) to a Pareto front (x, y), drawn as thin lines."""
+def frontier(points, curves: Mapping[tuple, tuple] | None = None, levels: Mapping[str, float] | None = None,
+             *, columns: int = 2) -> Figure:
+    """Learning (x) against forgetting (y), one panel per stage-2 set (``columns`` a row, each large enough to
+    read at page width), one colour per method family; ``curves`` maps (dataset, family, seed) to a Pareto
+    front (x, y), drawn as lines; ``levels`` maps a set to the learning level its verdicts are read at (a
+    dashed line). The legend sits outside the data, below the panels."""
     sets = list(dict.fromkeys(points["dataset"]))
-    fig, axes = _panels(len(sets), width=4.2, height=3.6)
+    rows = -(-len(sets) // columns)
+    cols = min(columns, len(sets))
+    fig, grid = plt.subplots(rows, cols, figsize=(5.6 * cols, 4.4 * rows), squeeze=False)
+    axes = list(grid.ravel())
     families = list(dict.fromkeys(points["family"]))
     colours = {f: plt.get_cmap("tab10")(i) for i, f in enumerate(families)}
     for ax, ds in zip(axes, sets):
         sub = points[points["dataset"] == ds]
         for fam in families:
             g = sub[sub["family"] == fam]
-            ax.scatter(g["learning"], g["forgetting"], s=14, color=colours[fam], label=fam, alpha=0.8)
+            ax.scatter(g["learning"], g["forgetting"], s=18, color=colours[fam], label=fam, alpha=0.8)
         for (cds, fam, _seed), (cx, cy) in (curves or {}).items():
             if cds == ds and fam in colours:
-                ax.plot(cx, cy, color=colours[fam], lw=0.8, alpha=0.6)
+                ax.plot(cx, cy, color=colours[fam], lw=1.2, alpha=0.7)
+        if levels and ds in levels and levels[ds] == levels[ds]:
+            ax.axvline(levels[ds], color="black", lw=1.0, ls="--", label="verdict's learning level")
         ax.axhline(0, color="grey", lw=0.5)
         ax.axvline(0, color="grey", lw=0.5)
         ax.set(title=ds, xlabel="learning (fall of own held-out loss, nats)",
                ylabel="forgetting (rise of held-out Alpaca loss, nats)")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    for ax in axes[len(sets):]:
+        ax.set_visible(False)
+    handles = {lab: h for ax in axes[:len(sets)] for h, lab in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), 4), frameon=False,
+               bbox_to_anchor=(0.5, 0.0))
+    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(handles) > 4), 1, 1))
     return fig

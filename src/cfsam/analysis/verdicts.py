@@ -172,6 +172,8 @@ def claim_verdicts(preset: str, *, level: float = 0.5, n_boot: int = 500, seed: 
                 verdict, reason = Verdict.NOT_COMPARABLE, unsized[ds]
             elif v_step is not v_match:
                 reason = f"the step front gives {v_step}"
+            if f.get("note"):
+                reason = "; ".join(x for x in (reason, f["note"]) if x)
             rows.append({
                 "claim": claim["id"], "paper": claim["claim"], "dataset": ds,
                 "comparison": f"{f['b']} vs {f['a'] if f['a'] != 'none' else 'the stage-1 model'}",
@@ -206,3 +208,11 @@ def same_lr_table(preset: str, a: str = "adamw", families=FAMILIES, *, n_boot: i
                 rows.append(same_lr(collected, ds, a, fam, setting, lr, n_boot=n_boot, seed=seed))
     return pd.DataFrame(rows)
 
+
+
+def levels(claim_verdicts: pd.DataFrame, claim: str = "sam-mitigates") -> dict[str, float]:
+    """Per set, the learning level at which ``claim`` is read (for the frontier figure)."""
+    if claim_verdicts.empty:
+        return {}
+    rows = claim_verdicts[claim_verdicts["claim"] == claim]
+    return dict(zip(rows["dataset"], rows["learning level"]))
