@@ -70,3 +70,8 @@ def test_without_mirror_or_network_nothing_is_computed_and_it_exits_0(tmp_path, 
     assert "computed 0, already current 0, not computable here 4, failed 0" in out
     assert out.count("skipped ") == 4 and "set CFSAM_DATA_DIR to a local data mirror" in out
     assert runner.unreachable({"run": {"model": "tiny"}, "measure": {}}) is None  # the tiny model needs no network
+    # an experiment that reads no training set still waits for eval sets it cannot read here (an entry of
+    # missing tasks would read as current); a set without a Hub copy is missing by design, anywhere
+    screen = {"run": {"model": "tiny"}, "measure": {"eval": {"tasks": ["copa"]}}}
+    assert "aps/super_glue" in runner.unreachable(screen)
+    assert runner.unreachable({"run": {"model": "tiny"}, "measure": {"eval": {"tasks": ["csl_dev"]}}}) is None
