@@ -231,6 +231,8 @@ def test_cost_counts_a_runs_training_once_for_its_points(tmp_path, monkeypatch):
         e["provenance"]["start"] = "2026-11-30T00:00:00+00:00" if k == 0 else "2026-11-30T00:00:30+00:00"
         e["provenance"]["end"] = "2026-11-30T00:02:10+00:00" if k == 0 else "2026-11-30T00:00:50+00:00"
         write_json_atomic(tmp_path / "smoke" / f"{name}.json", e)
+    empty = report.cost("smoke", ["open-platypus-sam-rho2-s1234-1of4"])  # nothing computed: empty, with its columns
+    assert empty.empty and empty.dropna(subset=["steps"]).empty
     c = report.cost("smoke", names)
     assert c.loc[names[1], "train_s"] == 100.0  # each point says what its run took
     assert c.loc["total", "train_s"] == 100.0 and c.loc["total", "wall_s"] == 150.0  # the total trains once

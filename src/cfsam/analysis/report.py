@@ -394,8 +394,9 @@ def cost(preset: str, names: list[str], *, total: bool = True) -> pd.DataFrame:
                      "peak_memory_GB": (t.get("peak_memory_bytes") or np.nan) / 1e9,
                      "eval_s": ((entry.get("eval") or {}).get("timing") or {}).get("seconds"),
                      "device": prov.get("machine", {}).get("device"), "cpu": prov.get("machine", {}).get("cpu")})
-    if not rows:
-        return pd.DataFrame()
+    if not rows:  # nothing computed yet: the table's columns all the same, so a chapter can select from it
+        return pd.DataFrame(columns=["optimizer", "wall_s", "train_s", "steps", "s_per_step", "tokens_per_s",
+                                     "peak_memory_GB", "eval_s", "device", "cpu"])
     df = pd.DataFrame(rows).set_index("experiment")
     counted = df.pop("_counted_train_s")
     if total:
