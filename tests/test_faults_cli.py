@@ -4,7 +4,7 @@ import torch
 
 from cfsam import cli
 from cfsam.data import models
-from cfsam.pipeline import runner
+from cfsam.pipeline import cache
 
 
 @pytest.fixture
@@ -32,12 +32,13 @@ def test_eval_on_a_missing_cuda_device_is_named(no_loading, monkeypatch, capsys)
     assert "--device 'gpu7' is not a device name" in _error(capsys)
 
 
-def test_a_key_error_prints_without_quotes(monkeypatch, capsys):
+def test_a_key_error_prints_without_quotes(monkeypatch, tmp_path, capsys):
     def broken(*a, **k):
         raise KeyError("stage_id is missing from the checkpoint")
 
-    monkeypatch.setattr(runner, "run_missing", broken)
-    assert cli.main(["run-missing", "--preset", "smoke"]) == 2
+    monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path))
+    monkeypatch.setattr(cache, "check", broken)
+    assert cli.main(["status", "--preset", "smoke"]) == 2
     assert _error(capsys).endswith("error: stage_id is missing from the checkpoint")
 
 

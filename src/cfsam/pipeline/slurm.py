@@ -191,7 +191,7 @@ def accelerate_config(name: str) -> str:
         return ACCELERATE_CONFIGS[name]
     if str(name).endswith((".yaml", ".yml")):
         return str(name)
-    raise ValueError(f"unknown accelerate config {name!r}; allowed: auto, {', '.join(ACCELERATE_CONFIGS)} or a .yaml "
+    raise ValueError(f"unknown accelerate config {name!r}; allowed: {', '.join(ACCELERATE_CONFIGS)}, auto or a .yaml "
                      "path")
 
 
