@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from cfsam.training.config import DEFAULT_REHEARSAL_FRACTION, DEFAULTS, DISTS, OPTIMIZERS, PRECISIONS, SCHEDULERS
+from cfsam.training.config import CHOICES, DEFAULT_REHEARSAL_FRACTION, DEFAULTS, HELP, TYPES
 
 
 # ------------------------------------------------------------------------------------ commands
@@ -248,26 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", help="a model preset, or a model directory (stage 2: a stage-1 output)")
     t.add_argument("--dataset", help="a training set (alpaca, sharegpt, open-platypus, metamathqa, auto-wiki, ...)")
     t.add_argument("--out", help="output directory (default: $CFSAM_CACHE/runs/<run id>)")
-    t.add_argument("--optimizer", choices=OPTIMIZERS)
-    for name, kind, hint in (("lr", float, None), ("epochs", float, None),
-                             ("batch_size", int, "global examples per update"),
-                             ("grad_accum", int, "micro-batches per process per update"), ("max_length", int, None),
-                             ("n_train", int, "examples to train on (default: all)"), ("seed", int, None),
-                             ("rho", float, "SAM radius (paper: 2)"),
-                             ("sam_every", int, "a SAM step every k steps, plain steps between (1: SAM)"),
-                             ("rehearsal_from", str, "the stage-1 set to replay (default: the preset's, else the one "
-                                                     "--model was trained on)"),
-                             ("rehearsal_fraction", float, None), ("warmup_ratio", float, None),
-                             ("weight_decay", float, None), ("max_grad_norm", float, None),
-                             ("checkpoint_every", int, "steps between checkpoints (0: none)"),
-                             ("log_every", int, None), ("max_steps", int, None)):
-        t.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=hint)
-    t.add_argument("--adaptive", action="store_true", default=None, help="ASAM instead of SAM")
+    for name, default in DEFAULTS.items():  # every trainer option, from the one place it is defined
+        flag, hint = "--" + name.replace("_", "-"), HELP[name]
+        if isinstance(default, bool):
+            t.add_argument(flag, dest=name, action="store_true", default=None, help=hint)
+        else:
+            t.add_argument(flag, dest=name, type=TYPES.get(name, type(default)), choices=CHOICES.get(name),
+                           help=hint)
     t.add_argument("--rehearsal", action="store_true",
                    help=f"mix stage-1 data into this stage (fraction: the preset's, else {DEFAULT_REHEARSAL_FRACTION})")
-    t.add_argument("--lr-scheduler", dest="lr_scheduler", choices=SCHEDULERS)
-    t.add_argument("--precision", choices=PRECISIONS)
-    t.add_argument("--dist", choices=DISTS, help="auto: from the launcher's environment")
     t.set_defaults(func=cmd_train)
 
     m = sub.add_parser("merge", help="Wise-FT: (1 - alpha) * stage 1 + alpha * stage 2")

@@ -48,6 +48,25 @@ DEFAULTS = {
     "log_every": 10,
     "dist": "auto",
 }
+# what each option is, for the CLI's flags (``cfsam train``, generated from DEFAULTS: they cannot drift), with
+# the type of those whose default is None and the choices of those that take one of a few names
+HELP = {
+    "optimizer": "adamw or sam (with --adaptive: ASAM)", "lr": "peak learning rate", "epochs": "passes over the data",
+    "batch_size": "global examples per update", "grad_accum": "micro-batches per process per update",
+    "max_length": "tokens per example (longer ones are cut)", "n_train": "examples to train on (default: all)",
+    "seed": "data order and initialisation", "rho": "SAM radius (the paper's 2)", "adaptive": "ASAM instead of SAM",
+    "sam_every": "a SAM step every k steps, plain steps between (1: SAM)",
+    "rehearsal_from": "the stage-1 set to replay (default: the preset's, else the one --model was trained on)",
+    "rehearsal_fraction": "share of replayed stage-1 examples", "warmup_ratio": "share of steps warming up",
+    "weight_decay": "AdamW's weight decay", "lr_scheduler": "the learning-rate schedule",
+    "max_grad_norm": "gradient clipping norm", "precision": "fp32, or bf16/fp16 autocast",
+    "max_steps": "stop after this many updates (caps epochs)", "group_by_length": "batches of similar lengths",
+    "snapshots": "n > 1: also save the model at n - 1 evenly spaced steps before the end",
+    "checkpoint_every": "steps between checkpoints (0: none)", "log_every": "steps between log lines",
+    "dist": "auto: from the launcher's environment",
+}
+TYPES = {"n_train": int, "rehearsal_from": str, "max_steps": int, "max_grad_norm": float}
+CHOICES = {"optimizer": OPTIMIZERS, "lr_scheduler": SCHEDULERS, "precision": PRECISIONS, "dist": DISTS}
 RUNTIME_KEYS = ("checkpoint_every", "log_every", "dist", "snapshots")  # how a stage runs, not what it trains
 SAM_KEYS = ("rho", "adaptive", "sam_every")
 REHEARSAL_KEYS = ("rehearsal_from", "rehearsal_fraction")
