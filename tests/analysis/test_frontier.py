@@ -149,7 +149,7 @@ def test_a_verdict_is_checked_under_every_definition_of_forgetting(tmp_path, mon
     assert pts.loc["open-platypus-adamw-lr0.001-s1234-2of4", "ability fall (accuracy)"] == pytest.approx(0.0)
     full = frontier.robustness("smoke", "open-platypus", n_boot=30)
     assert full["forgetting measure"].tolist() == [*frontier.FORGETTING, "heldout", "heldout"]
-    assert full["frontier from"].iloc[-2] == frontier.SETTINGS["every seed"]  # one seed: the same points
+    assert full["frontier from"].iloc[-2] == frontier.SETTINGS["all"]  # one seed: the same points
     assert full["front"].iloc[-1] == "step" and full["Δ forgetting"].iloc[-1] == pytest.approx(-0.2)  # on its points
     assert full["same verdict as the default"].iloc[-2:].all() and full["Δ forgetting"].iloc[-2] == pytest.approx(-0.2)
     table = full.iloc[:-2].set_index("forgetting measure")
@@ -162,8 +162,8 @@ def test_a_verdict_is_checked_under_every_definition_of_forgetting(tmp_path, mon
     assert not table.loc["accuracy", "same verdict as the default"]  # the flip is flagged
     pd.testing.assert_frame_equal(frontier.robustness("smoke", n_boot=30), full)  # every set: the only one
     assert book.robustness_sentence(full).startswith("SAM's verdict changes with the definition of forgetting: "
-                                                     "on open-platypus, by accuracy with fronts from every setting a "
-                                                     "seed ran, sam: inconclusive")
+                                                     "on open-platypus, by accuracy with fronts from only the settings "
+                                                     "every seed ran, sam: inconclusive")
     assert "same under every" in book.robustness_sentence(full[full["same verdict as the default"]])
     with pytest.raises(ValueError, match="unknown forgetting measure 'perplexity'; allowed: heldout"):
         frontier.compare("smoke", "open-platypus", forgetting="perplexity")
@@ -185,15 +185,15 @@ def test_fronts_from_only_the_settings_every_seed_ran(tmp_path, monkeypatch):
                 name = f"metamathqa-{method}-s{seed}-{k}of4"
                 write_json_atomic(tmp_path / "cpu" / f"{name}.json",
                                   _entry(exps[name], name, own=2.0 - 0.1 * k, s1=1.0 + slope * k))
-    every = frontier.compare("cpu", "metamathqa", levels=(0.5,), n_boot=200).iloc[0]
+    every = frontier.compare("cpu", "metamathqa", levels=(0.5,), n_boot=200, settings="all").iloc[0]
     assert every["Δ forgetting"] == pytest.approx((0.1 - 0.2) / 2) and every["seeds"] == 2
     assert every["low"] == pytest.approx(-0.2) and every["high"] == pytest.approx(0.1)  # seeds resampled
-    common = frontier.compare("cpu", "metamathqa", levels=(0.5,), n_boot=200, settings="every seed").iloc[0]
+    common = frontier.compare("cpu", "metamathqa", levels=(0.5,), n_boot=200).iloc[0]  # the default
     assert common["Δ forgetting"] == pytest.approx(-0.2) and common["verdict"] == "sam: less forgetting"
     rob = frontier.robustness("cpu", "metamathqa", n_boot=200)
     last = rob.iloc[-2]
-    assert last["frontier from"] == frontier.SETTINGS["every seed"] and not last["same verdict as the default"]
-    with pytest.raises(ValueError, match="unknown settings 'some'; allowed: all, every seed"):
+    assert last["frontier from"] == frontier.SETTINGS["all"] and not last["same verdict as the default"]
+    with pytest.raises(ValueError, match="unknown settings 'some'; allowed: every seed, all"):
         frontier.compare("cpu", "metamathqa", settings="some")
 
 

@@ -64,3 +64,9 @@ def test_the_wrong_h200_entries_read_stale_and_the_screen_stays(monkeypatch):
     assert {n: got[n]["status"] for n in listed} == {n: "stale" for n in listed}
     assert all("transformers 5.17" in got[n]["why"] and "<|im_start|>" in got[n]["why"] for n in listed)
     assert got["screen"]["status"] == "ok"
+    # a chapter's note says why they are not shown, once per reason
+    from cfsam.analysis import report
+
+    note = report.missing_note(report.frame("h200", [*listed, "screen"]), "h200")
+    assert note.startswith("60 result(s) are not available here (60 stale)")
+    assert note.count("60 of them are retracted (retracted.yaml): ") == 1 and "transformers 5.17" in note

@@ -201,8 +201,8 @@ def robustness_sentence(robustness: pd.DataFrame) -> str:
         return ""
     flips = robustness[~robustness["same verdict as the default"]]
     if flips.empty:
-        return ("SAM's verdict is the same under every definition of forgetting we checked, and with only the "
-                "settings every seed ran.")
+        return ("SAM's verdict is the same under every definition of forgetting we checked, with the first seed's "
+                "extra settings too, and under the conservative step front.")
     return ("SAM's verdict changes with the definition of forgetting: " + "; ".join(
         f"on {r.dataset}, by {r['forgetting measure']} with fronts from {r['frontier from']}, {r.verdict}"
         for _, r in flips.iterrows()) + ".")

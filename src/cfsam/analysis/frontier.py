@@ -220,12 +220,19 @@ def _curves(points: pd.DataFrame, family: str) -> dict[int, tuple[np.ndarray, np
 _NOTHING = (np.array([0.0, np.inf]), np.array([0.0, 0.0]))  # family "none": the stage-1 model forgets nothing
 
 
-SETTINGS = {"all": "every setting a seed ran",
-            "every seed": "only the settings every seed ran"}  # the first seed also runs the sweep's extra points
+SETTINGS = {"every seed": "only the settings every seed ran",
+            "all": "every setting a seed ran"}  # the first seed also runs the sweep's extra points: a sensitivity
+
+
+def every_seed(table: pd.DataFrame, seeds) -> pd.DataFrame:
+    """The rows of the settings (family, setting and lr) that every one of ``seeds`` ran."""
+    ran = table.groupby(["family", "setting", "lr"])["seed"].agg(set)
+    keep = {k for k, v in ran.items() if set(seeds) <= v}
+    return table[[k in keep for k in zip(table["family"], table["setting"], table["lr"])]]
 
 
 def compare(preset: str, dataset: str, a: str = "adamw", b: str = "sam", *, levels=(0.25, 0.5, 0.75),
-            n_boot: int = 1000, seed: int = 0, forgetting: str = "heldout", settings: str = "all",
+            n_boot: int = 1000, seed: int = 0, forgetting: str = "heldout", settings: str = "every seed",
             front: str = "linear", collected=None) -> pd.DataFrame:
     """Δ forgetting (b - a) at matched learning: one row per level, given as a fraction of the learning both
     methods reach on every seed; the point estimate, a 95 % bootstrap interval (held-out examples, eval
@@ -249,9 +256,7 @@ def compare(preset: str, dataset: str, a: str = "adamw", b: str = "sam", *, leve
         return pd.DataFrame()
     table = table[table["seed"].isin(seeds)]
     if settings == "every seed":
-        ran = table.groupby(["family", "setting", "lr"])["seed"].agg(set)  # a setting is its lr too
-        keep = {k for k, v in ran.items() if set(seeds) <= v}
-        table = table[[k in keep for k in zip(table["family"], table["setting"], table["lr"])]]
+        table = every_seed(table, seeds)
     entries = {k: v for k, v in entries.items() if k == "start" or k in set(table["name"])}
     sizes = draw_sizes(entries, dataset, forgetting)
 
@@ -337,15 +342,16 @@ def verdicts(preset: str, a: str = "adamw", families=FAMILIES, *, n_boot: int = 
 def robustness(preset: str, dataset: str | None = None, a: str = "adamw", b: str = "sam", *, level: float = 0.5,
                n_boot: int = 500, seed: int = 0) -> pd.DataFrame:
     """The verdict of ``compare`` at one matched-learning level under every definition of forgetting in
-    ``FORGETTING``, and with each seed's front built from only the settings every seed ran (``SETTINGS``);
+    ``FORGETTING`` (each seed's front built from the settings every seed ran), once with the first seed's extra
+    settings too (``SETTINGS``: "all") and once under the conservative step front (``FRONTS``);
     whether each agrees with the default's (a verdict must not flip with the definition). ``dataset=None``:
     every stage-2 set with frontier points, one after the other."""
     collected = collect(preset)
     out = []
     for ds in [dataset] if dataset else _sets(collected[1]):
         rows = []
-        variants = [(m, "all", "linear") for m in FORGETTING] + [("heldout", "every seed", "linear"),
-                                                                  ("heldout", "all", "step")]
+        variants = [(m, "every seed", "linear") for m in FORGETTING] + [("heldout", "all", "linear"),
+                                                                         ("heldout", "every seed", "step")]
         for measure, settings, front in variants:
             try:
                 t = compare(preset, ds, a, b, levels=(level,), n_boot=n_boot, seed=seed, forgetting=measure,

@@ -70,6 +70,7 @@ def frame(preset: str, names: list[str] | None = None) -> pd.DataFrame:
             row["wall_s"] = entry.get("provenance", {}).get("wall_s")
         if entry["status"] != "ok":
             row["command"] = entry["command"]
+            row["why"] = entry.get("why", "")
         rows.append(row)
     return pd.DataFrame(rows).set_index("experiment")
 
@@ -149,6 +150,9 @@ def missing_note(df: pd.DataFrame, preset: str) -> str:
     damaged = [experiment[i] for i, st in status.items() if st == "damaged"]
     named = (" Damaged (unreadable) entries: " + ", ".join(f"`{n}` (`cfsam run-missing --preset {preset} --only {n}`)"
                                                           for n in damaged) + ".") if damaged else ""
+    why = df[("", "why")] if ("", "why") in df else df.get("why")
+    retracted = why[why.fillna("").astype(str).str.startswith("retracted")].value_counts() if why is not None else {}
+    named += "".join(f" {n} of them {'is' if n == 1 else 'are'} {w.rstrip('.')}." for w, n in retracted.items())
     return (f"{len(missing)} result(s) are not available here ({kinds}); compute them with "
             f"`cfsam run-missing --preset {preset}` (or `make reproduce PRESET={preset}`); `cfsam doctor --preset "
             f"{preset}` says why each is not current.{named}")

@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 
 from cfsam.analysis import claims
-from cfsam.analysis.frontier import Effect, _sets, collect, compare, draw_sizes, learning_check, measures
+from cfsam.analysis.frontier import (Effect, _sets, collect, compare, draw_sizes, every_seed, learning_check,
+                                     measures)
 
 
 class Verdict(Enum):
@@ -162,8 +163,12 @@ def claim_verdicts(preset: str, *, level: float = 0.5, n_boot: int = 500, seed: 
                          collected=collected).iloc[0]
             v_match, v_step = outcome(m["effect"], f["expect"]), outcome(st["effect"], f["expect"])
             same = {}
-            if m["effect"] is not Effect.NO_COMMON:
-                setting, lr = front_setting(pts, ds, f["b"], m["learning level"])
+            if m["effect"] is not Effect.NO_COMMON:  # b's front setting among those every seed ran, as the fronts
+                both = pts[pts["family"].isin([f["a"], f["b"]]) & (pts["dataset"] == ds)]
+                seeds = set(both[both["family"] == f["b"]]["seed"])
+                if f["a"] != "none":
+                    seeds &= set(both[both["family"] == f["a"]]["seed"])
+                setting, lr = front_setting(every_seed(both, seeds), ds, f["b"], m["learning level"])
                 same = same_lr(collected, ds, f["a"], f["b"], setting, lr, level=m["learning level"],
                                n_boot=n_boot, seed=seed)
             v_same = outcome(same.get("effect"), f["expect"])
