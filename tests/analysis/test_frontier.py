@@ -118,7 +118,10 @@ def test_sam_forgets_less_at_matched_learning_on_synthetic_points(tmp_path, monk
     pd.testing.assert_frame_equal(frontier.verdicts("smoke", n_boot=50), table)
     # the paper's claims at matched learning (claims.yaml's `frontier`): only those with both families present
     cv = verdicts.claim_verdicts("smoke", n_boot=50).set_index("claim")
-    assert list(cv.index) == ["forgetting", "sam-mitigates"]
+    assert list(cv.index) == ["forgetting", "sam-mitigates", "sam-beats-wise-ft"]  # the preset plans Wise-FT too
+    wise = cv.loc["sam-beats-wise-ft"]
+    assert wise["verdict"] is verdicts.Verdict.NOT_COMPARABLE and "not computed yet" in wise["reason"]
+    cv = cv.drop(index="sam-beats-wise-ft")
     assert cv.loc["forgetting", "Δ forgetting"] == pytest.approx(0.4)  # F_adamw(0.2) = 0.4 against nothing
     assert cv.loc["sam-mitigates", "Δ forgetting"] == pytest.approx(-0.2)
     # the same lr, point by point: SAM forgets 0.1 k less at each k (mean over k = 1..4: -0.25), learns as much;
@@ -440,7 +443,7 @@ def test_chapter_sentences_say_each_verdict_and_what_does_not_reproduce():
     assert book.frontier_claims_sentence(cv) == (
         "The paper's claims on the frontier: *sam-mitigates* on gsm: **depends on the view**; at matched learning "
         "(0.157 nats) Δ forgetting +0.018 [+0.006, +0.030] nats, opposite; at the same lr (0.0003, setting 0.05) "
-        "-0.050 [-0.080, -0.010], reproduced, learning -0.100 (3 seeds); *sam-mitigates* on chat: not comparable, "
+        "-0.050 [-0.080, -0.010], reproduced, learning -0.100 (3 seeds); *sam-mitigates* on chat: no verdict yet, "
         "since its AdamW reference learned 0.074.")
     assert book.findings(cv).count("\n- ") == 1 and book.findings(cv.iloc[:0]).startswith("No frontier")
     assert book.frontier_claims_sentence(cv.iloc[:0]) == "No frontier comparison yet."

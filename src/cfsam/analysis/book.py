@@ -166,7 +166,7 @@ def _claim_sentence(r) -> str:
     """One claim on one set, both views: the verdict, then each view's Δ forgetting with its interval."""
     seeds = f"{r.seeds} seed{'s' if r.seeds != 1 else ''}"
     if r.verdict is Verdict.NOT_COMPARABLE and r.reason:
-        return f"*{r.claim}* on {r.dataset}: not comparable, since {r.reason}"
+        return f"*{r.claim}* on {r.dataset}: no verdict yet, since {r.reason}"
     text = f"*{r.claim}* on {r.dataset}: **{r.verdict}**"
     if r["learning level"] == r["learning level"]:
         text += (f"; at matched learning ({r['learning level']:.3f} nats) Δ forgetting {r['Δ forgetting']:+.3f} "
