@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from cfsam.analysis import book, frontier, verdicts
+from cfsam.analysis import book, frontier, screen, verdicts
+from cfsam.analysis import stats as exact
 from cfsam.core.io import write_json_atomic
 from cfsam.pipeline import cache, specs
 
@@ -305,13 +306,13 @@ def test_no_verdict_when_most_resamples_share_no_learning(tmp_path, monkeypatch)
 
 def test_permutation_spearman_by_hand():
     # five points in the same order: rho = 1, and 2 of the 5! pairings reach |rho| = 1
-    rho, p, how = frontier.permutation_spearman([1, 2, 3, 4, 5], [0.1, 0.4, 0.5, 0.9, 2.0])
+    rho, p, how = exact.permutation_spearman([1, 2, 3, 4, 5], [0.1, 0.4, 0.5, 0.9, 2.0])
     assert rho == pytest.approx(1.0) and how == "exact" and p == pytest.approx(2 / 120)
     # twelve untied points in reverse order: exact, and 2 of the 12! pairings reach |rho| = 1
-    rho, p, how = frontier.permutation_spearman(range(12), np.arange(12)[::-1], n_resamples=2000)
+    rho, p, how = exact.permutation_spearman(range(12), np.arange(12)[::-1], n_resamples=2000)
     assert rho == pytest.approx(-1.0) and how == "exact" and p == pytest.approx(2 / math.factorial(12))
     # ties beyond 8 points: random pairings
-    rho, p, how = frontier.permutation_spearman([0] * 2 + list(range(10)), range(12), n_resamples=2000)
+    rho, p, how = exact.permutation_spearman([0] * 2 + list(range(10)), range(12), n_resamples=2000)
     assert how == "2000 random pairings" and p < 0.01
 
 
@@ -324,26 +325,26 @@ def test_permutation_spearman_matches_scipys_test_of_spearmanr():
         x[:3], y[2:4] = x[0], y[2]  # ties in both
         ref = stats.permutation_test((x,), lambda a: stats.spearmanr(a, y).statistic, permutation_type="pairings",
                                      n_resamples=resamples, alternative="two-sided", random_state=0)
-        rho, p, _ = frontier.permutation_spearman(x, y, n_resamples=3000)
+        rho, p, _ = exact.permutation_spearman(x, y, n_resamples=3000)
         assert rho == pytest.approx(stats.spearmanr(x, y).statistic) and p == pytest.approx(ref.pvalue), n
 
 
 def test_exact_spearman_null_against_enumeration():
     """The dynamic program's null of D against every permutation, by hand for 3 and by itertools for 9, and
     the p-value it gives against the enumerated one (scipy's two-sided convention: twice the smaller tail)."""
-    null3 = frontier.spearman_null(3)
+    null3 = exact.spearman_null(3)
     assert {d: int(c) for d, c in enumerate(null3) if c} == {0: 1, 2: 2, 6: 2, 8: 1}
     perms = np.array(list(itertools.permutations(range(9))))
     d_all = ((perms - np.arange(9)) ** 2).sum(axis=1)
-    assert np.array_equal(frontier.spearman_null(9), np.bincount(d_all, minlength=9 * 80 // 3 + 1))
+    assert np.array_equal(exact.spearman_null(9), np.bincount(d_all, minlength=9 * 80 // 3 + 1))
     rng = np.random.default_rng(3)
     x, y = rng.normal(size=9), rng.normal(size=9)
-    rho, p, how = frontier.permutation_spearman(x, y)
+    rho, p, how = exact.permutation_spearman(x, y)
     d = int(((stats.rankdata(x) - stats.rankdata(y)) ** 2).sum())
     by_hand = min(1.0, 2 * min((d_all <= d).mean(), (d_all >= d).mean()))
     assert how == "exact" and p == pytest.approx(by_hand) and rho == pytest.approx(stats.spearmanr(x, y).statistic)
     with pytest.raises(ValueError, match="allowed 1..14"):
-        frontier.spearman_null(15)
+        exact.spearman_null(15)
 
 
 def test_the_papers_own_comparison_is_placed_like_the_frontier_points(tmp_path, monkeypatch):
@@ -408,10 +409,10 @@ def test_sam_gradient_sentence_ranks_the_ratio_against_learning():
 def test_screen_sentence_names_tasks_left_out_and_held_without_warrant():
     """smoke's suite is [copa]: a screen where copa is at chance and arc_c above it says both."""
     table = pd.DataFrame({"above chance": [False, True]}, index=["copa", "arc_c"])
-    text = frontier.screen_sentence("smoke", table)
+    text = screen.screen_sentence("smoke", table)
     assert text.startswith("Above chance by their interval: arc_c (1 of 2 screened).")
     assert "not in the suite: arc_c;" in text and "without being above chance here: copa." in text
-    assert frontier.screen_sentence("smoke", pd.DataFrame()) == ""
+    assert screen.screen_sentence("smoke", pd.DataFrame()) == ""
 
 
 def test_chapter_sentences_say_each_verdict_and_what_does_not_reproduce():

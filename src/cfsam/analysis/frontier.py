@@ -20,14 +20,14 @@ items are the same in every run, so they are resampled together, like the held-o
 from __future__ import annotations
 
 from enum import Enum
-from functools import lru_cache
 
 import numpy as np
 import pandas as pd
 
+from cfsam.analysis.stats import permutation_spearman
 from cfsam.pipeline import specs
-from cfsam.pipeline.presets import load_preset
 from cfsam.pipeline.cache import load_results
+from cfsam.pipeline.presets import load_preset
 
 START = "frontier-stage1"
 
@@ -525,100 +525,10 @@ def curves(points: pd.DataFrame) -> dict[tuple, tuple[np.ndarray, np.ndarray]]:
             for (ds, fam, seed), g in points.groupby(["dataset", "family", "seed"])}
 
 
-def screen(preset: str) -> pd.DataFrame:
-    """The screening run: each task's accuracy of the base model against chance (1 / choices, per item), with
-    a normal 95 % interval over items; ``above chance`` when the interval lies above it."""
-    entry = load_results(preset, ["screen"])["screen"] if "screen" in specs.expand(preset) else {"status": "missing"}
-    if entry["status"] != "ok":
-        return pd.DataFrame()
-    rows = []
-    for name, t in entry["eval"]["tasks"].items():
-        if t.get("status") != "ok":
-            rows.append({"task": name, "status": t.get("status")})
-            continue
-        recs = t["records"]
-        key = t["primary"] if t["primary"] in recs[0] else "acc"
-        acc = np.array([float(r[key]) for r in recs])
-        chance = float(np.mean([1.0 / len(r["ll"]) for r in recs]))
-        se = acc.std(ddof=1) / np.sqrt(len(acc)) if len(acc) > 1 else np.nan
-        low, high = acc.mean() - 1.96 * se, acc.mean() + 1.96 * se
-        rows.append({"task": name, "status": "ok", "items": len(acc), "metric": key, "score": acc.mean(),
-                     "low": low, "high": high, "chance": chance, "above chance": bool(low > chance)})
-    return pd.DataFrame(rows).set_index("task")
-
-
-def screen_sentence(preset: str, table: pd.DataFrame) -> str:
-    """Which screened tasks are above chance, which of them the frontier's suite uses, and any it leaves out
-    or holds without the screen's warrant."""
-    if table.empty or "above chance" not in table:
-        return ""
-    suite = load_preset(preset)["frontier"]["eval"]["tasks"]
-    above = [t for t in table.index if table.loc[t, "above chance"] == True]  # noqa: E712 (NaN: not scored)
-    text = (f"Above chance by their interval: {', '.join(above) or 'none'} ({len(above)} of {len(table)} screened). "
-            f"The frontier's suite: {', '.join(suite)}.")
-    left, unwarranted = [t for t in above if t not in suite], [t for t in suite if t in table.index and t not in above]
-    if left:
-        text += (f" Also above chance but not in the suite: {', '.join(left)}; the suite was fixed in the"
-                 " preset before this screen and the first frontier run were computed, and widening it now would make"
-                 " every computed point stale.")
-    if unwarranted:
-        text += f" In the suite without being above chance here: {', '.join(unwarranted)}."
-    return text
-
-
 FLATNESS = {"SC": ("flatness", "SC"), "AG": ("flatness", "AG"), "MAG": ("flatness", "MAG"),
             "Hessian top eigenvalue": ("curvature", "hessian_top_eigenvalue"),
             "Hessian trace": ("curvature", "hessian_trace"), "SAM sharpness": ("curvature", "sam_sharpness")}
 # every one of them is larger for a sharper model (book/methods.md): rho > 0 ranks "sharper forgets more"
-
-
-EXACT_SPEARMAN_MAX = 14  # the exact null below holds 2^n x n^3/3 counts: 119 MB at 14 points
-
-
-@lru_cache(maxsize=None)
-def spearman_null(n: int) -> np.ndarray:
-    """The exact null distribution of Spearman's D = sum_i (i - pi(i))^2 over all n! pairings pi of n untied
-    ranks: ``counts[D]``. A dynamic program over which ranks the first positions took (2^n states, not n!)."""
-    if not 1 <= n <= EXACT_SPEARMAN_MAX:
-        raise ValueError(f"exact Spearman null for n={n}: allowed 1..{EXACT_SPEARMAN_MAX}")
-    top = n * (n * n - 1) // 3
-    counts = np.zeros((1 << n, top + 1), dtype=np.int64)
-    counts[0, 0] = 1
-    for mask in range(1 << n):  # increasing: a state is complete before any state that adds a rank to it
-        i, row = mask.bit_count(), counts[mask]
-        for j in range(n):
-            if not mask >> j & 1:
-                d = (i - j) ** 2
-                counts[mask | 1 << j, d:] += row[:top + 1 - d]
-    return counts[-1]
-
-
-def permutation_spearman(x, y, *, n_resamples: int = 100_000, seed: int = 0) -> tuple[float, float, str]:
-    """Spearman's rho and its two-sided permutation p-value (scipy's convention: twice the smaller tail):
-    exact over every pairing up to 8 points, and up to ``EXACT_SPEARMAN_MAX`` without ties (from the exact
-    null of D); else ``n_resamples`` random pairings (said in the third value)."""
-    from scipy import stats
-
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    n, rho = len(x), float(stats.spearmanr(x, y).statistic)
-    untied = len(set(x)) == n and len(set(y)) == n
-    if n > 8 and untied and n <= EXACT_SPEARMAN_MAX:
-        null = spearman_null(n)
-        d = int(round(float(((stats.rankdata(x) - stats.rankdata(y)) ** 2).sum())))
-        greater, less = null[:d + 1].sum(), null[d:].sum()  # a small D is a large rho
-        return rho, float(min(1.0, 2 * min(greater, less) / null.sum())), "exact"
-    exact = n <= 8
-    rx, ry = stats.rankdata(x), stats.rankdata(y)
-    yc = ry - ry.mean()
-
-    def rho_of(a, axis=-1):  # Spearman's rho of each pairing: Pearson's r of the (average) ranks, all at once
-        ac = np.moveaxis(a, axis, -1) - np.mean(a, axis=axis)[..., None]
-        return (ac @ yc) / np.sqrt((ac ** 2).sum(axis=-1) * (yc ** 2).sum())
-
-    res = stats.permutation_test((rx,), rho_of, vectorized=True, permutation_type="pairings",
-                                 n_resamples=np.inf if exact else n_resamples, alternative="two-sided",
-                                 random_state=seed)
-    return rho, float(res.pvalue), "exact" if exact else f"{n_resamples} random pairings"
 
 
 def flatness_vs_forgetting(preset: str) -> pd.DataFrame:
