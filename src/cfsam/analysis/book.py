@@ -183,7 +183,7 @@ def _claim_sentence(r) -> str:
 
 def frontier_claims_sentence(claim_verdicts: pd.DataFrame) -> str:
     """Each claim's verdict on the frontier (``verdicts.claim_verdicts``): both views, intervals and seeds."""
-    said = [_claim_sentence(r) for _, r in claim_verdicts.iterrows()]
+    said = [_claim_sentence(r).rstrip(".") for _, r in claim_verdicts.iterrows()]
     return ("The paper's claims on the frontier: " + "; ".join(said) + ".") if said else (
         "No frontier comparison yet.")
 
@@ -192,7 +192,7 @@ def findings(claim_verdicts: pd.DataFrame) -> str:
     """The book's first page: one sentence per claim and set, as a Markdown list."""
     if claim_verdicts.empty:
         return "No frontier comparison is computed yet."
-    return "\n".join(f"- {_claim_sentence(r)}." for _, r in claim_verdicts.iterrows())
+    return "\n".join(f"- {_claim_sentence(r).rstrip('.')}." for _, r in claim_verdicts.iterrows())
 
 
 def robustness_sentence(robustness: pd.DataFrame) -> str:
