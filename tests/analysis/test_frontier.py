@@ -497,3 +497,8 @@ def test_frontier_figure_has_a_panel_per_set_in_rows_of_two_a_legend_outside_and
     dashed = [ln for ln in shown[0].get_lines() if ln.get_linestyle() == "--"]
     assert len(dashed) == 1 and dashed[0].get_xdata()[0] == 0.15
     assert len([ln for ln in shown[0].get_lines() if ln.get_linestyle() == "-" and len(ln.get_xdata()) > 2]) == 2  # fronts
+    # a run that unlearned far is left out of the view and counted, so the fronts stay readable
+    far = pd.concat([pts, pd.DataFrame([{"dataset": "a", "family": "sam", "learning": -0.8, "forgetting": 0.3}])])
+    ax = plots.frontier(far).axes[0]
+    assert ax.get_xlim()[0] == pytest.approx(-0.25 * 0.3 * 1.05)
+    assert [t.get_text() for t in ax.texts] == ["1 point further left (own loss rose)"]

@@ -153,6 +153,14 @@ def frontier(points, curves: Mapping[tuple, tuple] | None = None, levels: Mappin
         ax.axvline(0, color="grey", lw=0.5)
         ax.set(title=ds, xlabel="learning (fall of own held-out loss, nats)",
                ylabel="forgetting (rise of held-out Alpaca loss, nats)")
+        # runs that unlearn far would squeeze the fronts into a corner: show them as a count at the left edge
+        most = sub["learning"].max()
+        left = -0.25 * most if most > 0 else None
+        beyond = int((sub["learning"] < left).sum()) if left is not None else 0
+        if beyond:
+            ax.set_xlim(left=left * 1.05)
+            ax.text(0.01, 0.99, f"{beyond} point{'s' if beyond > 1 else ''} further left (own loss rose)",
+                    transform=ax.transAxes, va="top", fontsize=8)
     for ax in axes[len(sets):]:
         ax.set_visible(False)
     handles = {lab: h for ax in axes[:len(sets)] for h, lab in zip(*ax.get_legend_handles_labels())}
