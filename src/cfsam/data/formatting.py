@@ -106,11 +106,23 @@ def segments(turns: list[dict]) -> list[tuple[str, bool]]:
     return out
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer itself starts a text with BOS (Gemma's ``<bos>``; SmolLM2's does not).
+
+    Asked of the tokenizer's output, not of its ``add_bos_token`` attribute: transformers 5's Gemma
+    tokenizer reports False there yet prepends ``<bos>`` (its post-processor), and Gemma without it
+    degenerates ("The capital of France is France. The The The ..."). The evaluation's contexts are
+    encoded with the special tokens, so training and scoring then see the same start."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
 def tokenize(turns: list[dict], tokenizer, max_length: int) -> dict[str, list[int]]:
-    """input_ids and labels (-100 on prompt tokens); each response ends with EOS; truncated to max_length."""
+    """input_ids and labels (-100 on prompt tokens); BOS first where the tokenizer adds one; each response
+    ends with EOS; truncated to max_length."""
     ids: list[int] = []
     labels: list[int] = []
-    if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
+    if adds_bos(tokenizer):
         ids, labels = [tokenizer.bos_token_id], [IGNORE]
     for text, is_response in segments(turns):
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]

