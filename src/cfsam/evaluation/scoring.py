@@ -56,6 +56,12 @@ def _head_parts(model):
     return model.get_decoder(), model.get_output_embeddings()
 
 
+def _sliding_window(model) -> int | None:
+    """The window of the model's sliding-window layers (Gemma 3: 5 of every 6), or None if it has none."""
+    cfg = model.config
+    return cfg.sliding_window if "sliding_attention" in (getattr(cfg, "layer_types", None) or []) else None
+
+
 def _forward_rows(model, rows: list[tuple[list[int], list[list[int]]]], pad_id: int, prefix=None) -> list[list]:
     """One batch of packed rows (context, continuations) -> per-token log-probs (float64) of each continuation.
 
@@ -97,8 +103,17 @@ def _forward_rows(model, rows: list[tuple[list[int], list[list[int]]]], pad_id: 
             cache = copy.deepcopy(prefix[1])
             cache.batch_repeat_interleave(len(rows))
         dtype = next(model.parameters()).dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
-        hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+
+        def additive(ok):
+            return torch.zeros(ok.shape, dtype=dtype).masked_fill_(~ok, torch.finfo(dtype).min)[:, None].to(device)
+
+        mask = additive(allowed)
+        window = _sliding_window(model)
+        if window:  # a custom mask replaces the model's own, window included: sliding layers get theirs by position
+            keys = torch.cat([torch.arange(n_pre).expand(len(rows), n_pre), pos], dim=1) if prefix else pos
+            mask = {"full_attention": mask,
+                    "sliding_attention": additive(allowed & (pos[:, :, None] - keys[:, None, :] < window))}
+        hidden = decoder(input_ids=ids.to(device), attention_mask=mask, position_ids=pos.to(device),
                          past_key_values=cache, use_cache=cache is not None).last_hidden_state
     picked = hidden[torch.tensor(src_b, device=device), torch.tensor(src_p, device=device)]
     tgt = torch.tensor(targets, device=device)
@@ -226,9 +241,14 @@ def _score_rows(model, groups, pad_id: int, batch_size: int, max_batch_tokens: i
         n = max(1, min(batch_size, max_batch_tokens // max(length(order[i]) + len(key), 1)))
         batch = [r for r in order[i:i + n] if prefix_of[r] == key]
         if key and key not in caches:
+            from transformers import DynamicCache
+
             caches.clear()  # prefixes come one after the other: keep only the current one
             device = next(model.parameters()).device
-            cache = _head_parts(model)[0](input_ids=torch.tensor([key], device=device), use_cache=True).past_key_values
+            # a plain DynamicCache keeps every prefix token in every layer; the model's own would keep only the
+            # last window of its sliding layers, which the rows' masks (by position) could not address
+            cache = _head_parts(model)[0](input_ids=torch.tensor([key], device=device), use_cache=True,
+                                          past_key_values=DynamicCache()).past_key_values
             caches[key] = (len(key), cache)
         for r, lls in zip(batch, _forward_rows(model, [rows[r] for r in batch], pad_id, caches.get(key))):
             mine[r] = lls

@@ -15,6 +15,13 @@ training). For SmolLM2-135M the head is a fifth of the model's multiply-adds per
 
 The cross-entropy is taken on fp32 logits under autocast too, as transformers' ``ForCausalLMLoss`` does.
 
+Between the head and the loss a causal LM may transform its logits. Of the architectures whose forward
+we reproduce (``DIRECT``), Gemma 2 soft-caps them (``cap * tanh(logits / cap)``, ``final_logit_softcapping``;
+Gemma 3 keeps the option, off in its released models), which is applied here after the head; Gemma's
+embedding scaling by sqrt(hidden) happens inside the decoder. Any other architecture (Cohere's
+``logit_scale``, Granite's ``logits_scaling``, ...) takes the wrapper path below: its own forward applies
+whatever it does, on the kept positions only.
+
 Wrapped models (DDP, FSDP2 ``fully_shard``, a DeepSpeed engine) must run their own forward, or their
 hooks (gradient reduction, parameter gathering) do not fire: calling ``ddp.module.model(...)`` would
 silently skip DDP's reduction bookkeeping, and under FSDP2 the root's weights would still be sharded.
@@ -30,6 +37,9 @@ from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100
 CHUNK = 1024  # positions per head product: 1024 x 49152 fp32 logits = 192 MiB for SmolLM2
+# model_types whose causal LM's logits are lm_head(decoder(...)), then soft-capped where the config says so:
+# each is checked against its own ``model(**batch).loss`` (tests/training/test_loss.py, test_gemma.py)
+DIRECT = ("llama", "gemma3_text", "gemma2")
 
 
 def targets_and_mask(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,12 +54,25 @@ def _fp32(logits: torch.Tensor) -> torch.Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
 
 
-def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(_fp32(head(hidden)), targets, reduction="sum")
+def _logits(head: torch.nn.Module, hidden: torch.Tensor, cap: float | None = None) -> torch.Tensor:
+    """fp32 logits of the head, soft-capped as the causal LM's forward does (Gemma's final_logit_softcapping)."""
+    logits = _fp32(head(hidden))
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                cap: float | None = None) -> torch.Tensor:
+    return F.cross_entropy(_logits(head, hidden, cap), targets, reduction="sum")
+
+
+def softcap(model) -> float | None:
+    """The final-logit soft-cap that the (plain) model's forward applies after its head, or None."""
+    return getattr(model.config, "final_logit_softcapping", None) or None
 
 
 def _is_plain(model) -> bool:
-    """An unwrapped transformers causal LM whose decoder and head we may call ourselves."""
+    """An unwrapped transformers causal LM, of an architecture whose forward we reproduce (``DIRECT``),
+    whose decoder and head we may call ourselves."""
     from transformers import PreTrainedModel
 
     try:
@@ -57,6 +80,7 @@ def _is_plain(model) -> bool:
     except ImportError:  # pragma: no cover
         FSDPModule = ()
     return (isinstance(model, PreTrainedModel) and not isinstance(model, FSDPModule)
+            and getattr(model.config, "model_type", None) in DIRECT
             and hasattr(model, "model") and hasattr(model, "lm_head"))
 
 
@@ -84,21 +108,22 @@ def summed_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     kept, is_hidden = _kept(model, input_ids, attention_mask, mask)
     if not is_hidden:
         return F.cross_entropy(kept, targets, reduction="sum"), mask.sum()
-    return head_loss(model.lm_head, kept, targets, chunk=chunk, recompute=recompute), mask.sum()
+    return head_loss(model.lm_head, kept, targets, chunk=chunk, recompute=recompute, cap=softcap(model)), mask.sum()
 
 
 def head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, *, chunk: int = CHUNK,
-              recompute: bool = True) -> torch.Tensor:
-    """Summed cross-entropy of ``head(hidden)`` (n, V) against ``targets`` (n,), ``chunk`` rows at a time."""
+              recompute: bool = True, cap: float | None = None) -> torch.Tensor:
+    """Summed cross-entropy of ``head(hidden)`` (n, V), soft-capped at ``cap`` if given, against ``targets``
+    (n,), ``chunk`` rows at a time."""
     use_ckpt = recompute and torch.is_grad_enabled()
     total = 0
     # at least one (maybe empty) chunk: no labelled position still gives a zero loss with a graph
     for s in range(0, max(hidden.shape[0], 1), chunk):
         h, t = hidden[s:s + chunk], targets[s:s + chunk]
         if use_ckpt:  # the chunk's logits are dropped after the forward and remade in the backward
-            total = total + checkpoint(_chunk_loss, head, h, t, use_reentrant=False)
+            total = total + checkpoint(_chunk_loss, head, h, t, cap, use_reentrant=False)
         else:
-            total = total + _chunk_loss(head, h, t)
+            total = total + _chunk_loss(head, h, t, cap)
     return total
 
 
@@ -109,8 +134,9 @@ def row_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
     mask, targets = targets_and_mask(labels)
     kept, is_hidden = _kept(model, input_ids, attention_mask, mask)
     if is_hidden:
-        losses = [F.cross_entropy(_fp32(model.lm_head(kept[s:s + chunk])), targets[s:s + chunk], reduction="none")
-                  for s in range(0, kept.shape[0], chunk)]
+        cap = softcap(model)
+        losses = [F.cross_entropy(_logits(model.lm_head, kept[s:s + chunk], cap), targets[s:s + chunk],
+                                  reduction="none") for s in range(0, kept.shape[0], chunk)]
         losses = torch.cat(losses) if losses else kept.new_zeros(0, dtype=torch.float32)
     else:
         losses = F.cross_entropy(kept, targets, reduction="none")
