@@ -502,3 +502,20 @@ def test_frontier_figure_has_a_panel_per_set_in_rows_of_two_a_legend_outside_and
     ax = plots.frontier(far).axes[0]
     assert ax.get_xlim()[0] == pytest.approx(-0.25 * 0.3 * 1.05)
     assert [t.get_text() for t in ax.texts] == ["1 point further left (own loss rose)"]
+
+
+def test_rows_of_the_committed_frontier_tables_find_their_files(monkeypatch):
+    """Any number of the frontier's tables is two steps from its results file: the row names its entry."""
+    from pathlib import Path
+
+    monkeypatch.delenv("CFSAM_RESULTS", raising=False)
+    pts = frontier.points("cpu")
+    root = Path(__file__).resolve().parents[2] / "results" / "cpu"
+    picked = pts.sample(12, random_state=0)
+    for _, r in picked.iterrows():
+        e = cache.read_entry(root / f"{r['name']}.json.gz")
+        assert e["id"] == specs.experiment_id(specs.expand("cpu")[r["name"]])
+        own = e["heldout_loss"][r["dataset"]]["per_example"]  # the learning on the row comes from this file
+        start = cache.read_entry(root / "frontier-stage1.json.gz")["heldout_loss"][r["dataset"]]["per_example"]
+        mean = lambda pe: sum(a for a, _ in pe) / sum(n for _, n in pe)  # noqa: E731
+        assert r["learning"] == pytest.approx(mean(start) - mean(own), abs=1e-9)
