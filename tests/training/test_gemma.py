@@ -103,6 +103,28 @@ def test_per_example_losses_equal_one_example_forwards(gemma, cap):
     assert [s for s, _ in got] == pytest.approx([s for s, _ in want], rel=1e-5)
 
 
+def test_gemma2_soft_caps_by_default_and_the_direct_path_matches():
+    """Gemma 2 (in DIRECT too) soft-caps its final logits (and its attention) by default."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                           query_pre_attn_scalar=8, sliding_window=WINDOW, final_logit_softcapping=1.0,
+                                           pad_token_id=0, bos_token_id=2, eos_token_id=1))
+    assert loss_._is_plain(model) and loss_.softcap(model) == 1.0
+    b = _batches(300)[0]
+    out = model(**b)
+    out.loss.backward()
+    want_g = _grads(model)
+    model.zero_grad(set_to_none=True)
+    s, n = loss_.summed_loss(model, b["input_ids"], b["attention_mask"], b["labels"], chunk=5)
+    (s / n).backward()
+    assert float(s.detach() / n) == pytest.approx(float(out.loss.detach()), rel=1e-6)
+    for name, g in _grads(model).items():
+        torch.testing.assert_close(g, want_g[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_an_architecture_outside_direct_runs_its_own_forward():
     """Cohere scales its logits (logit_scale) after the head: the direct path would miss it, so its own
     forward runs (logits_to_keep), and the loss and gradients are its own."""
