@@ -216,9 +216,9 @@ def cmd_status(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    from cfsam.pipeline import batch
+    from cfsam.pipeline import launch
 
-    return batch.main(args)
+    return launch.main(args)
 
 
 def _csv(text: str | None) -> list[str] | None:
@@ -305,10 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--check", action="store_true", help="exit 1 when an entry is damaged or stale")
         s.set_defaults(func=cmd_status, check=check)
 
-    from cfsam.pipeline import batch
+    from cfsam.pipeline import batch, launch
 
-    batch.add_arguments(sub.add_parser("batch", help="execute chapters with papermill, locally or as Slurm jobs",
-                                       description=batch.__doc__.split("\n\n")[0]))
+    launch.add_arguments(sub.add_parser("batch", help="execute chapters with papermill, locally or as Slurm jobs",
+                                        description=batch.__doc__.split("\n\n")[0]))
     sub.choices["batch"].set_defaults(func=cmd_batch)
     return parser
 

@@ -14,6 +14,7 @@ import yaml
 
 from cfsam import cli
 from cfsam.pipeline import batch, slurm
+from cfsam.pipeline import launch as batch_command
 from cfsam.pipeline import runner
 
 PAPERMILL = str(Path(sys.executable).parent / "papermill")
@@ -174,7 +175,7 @@ def test_slurm_scripts(tmp_path, calls):
             args = cli.build_parser().parse_args(shlex.split(render)[3:])
             assert (args.preset, args.compute, args.slurm, args.notebooks) == ("smoke", False, False, "fig1,tab4")
             assert (args.notebooks_dir, args.out) == (nb_dir, out)
-            assert batch._parse_params(args.param) == {"seeds": [3]}
+            assert batch_command._parse_params(args.param) == {"seeds": [3]}
             continue
         assert {"#SBATCH --gpus-per-node=4", f"#SBATCH --mem={defaults['mem']}",
                 f"#SBATCH --cpus-per-task={defaults['cpus_per_task']}"} <= set(header)
