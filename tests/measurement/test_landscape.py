@@ -12,6 +12,7 @@ from cfsam.measurement import curvature
 from cfsam.measurement import heldout
 from cfsam.measurement import landscape
 from cfsam.measurement.landscape import Line, Surface
+from references import hvp_error, one_by_one
 
 
 def make_batches(n_batches=2, size=2, length=12, vocab=1000, seed=0):
@@ -63,13 +64,7 @@ def test_per_example_losses_match_a_one_example_loop(tiny):
             b["attention_mask"][i, b["attention_mask"].shape[1] - i:] = 0
             b["labels"][i, b["attention_mask"].shape[1] - i:] = -100
     got = heldout.per_example_losses(model, batches)
-    want = []
-    with torch.no_grad():
-        for b in batches:
-            for i in range(b["labels"].shape[0]):
-                one = {k: v[i:i + 1] for k, v in b.items()}
-                n = heldout.count_items([one])
-                want.append((model(**one).loss.item() * n, n))
+    want = one_by_one(model, batches)
     assert [n for _, n in got] == [n for _, n in want]
     assert [s for s, _ in got] == pytest.approx([s for s, _ in want], rel=1e-5)
     # the token mean derived from them is mean_loss
@@ -276,21 +271,8 @@ def test_hvp_through_the_language_model_matches_finite_differences():
     from cfsam.data.models import load_model
 
     model = load_model("tiny", dtype=torch.float64).model
-    batches = make_batches(length=8)
-    params = list(model.parameters())
-    g = torch.Generator().manual_seed(0)
-    v = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
-    hv = curvature.hvp(model, batches, v)
-    eps, grads = 1e-5, []  # truncation error ~eps^2; below ~1e-5 the model's float32 parts (RoPE) dominate
-    for sign in (1, -1):
-        with torch.no_grad():
-            torch._foreach_add_(params, v, alpha=sign * eps)
-        grads.append(curvature.gradient(model, batches)[1])
-        with torch.no_grad():
-            torch._foreach_add_(params, v, alpha=-sign * eps)
-    fd = torch.cat([(a - b).flatten() / (2 * eps) for a, b in zip(*grads)])
-    hv = torch.cat([t.flatten() for t in hv])
-    assert ((hv - fd).norm() / fd.norm()).item() < 1e-3
+    # eps 1e-5: below it the model's float32 parts (RoPE) dominate the finite difference
+    assert hvp_error(model, make_batches(length=8), eps=1e-5) < 1e-3
 
 
 def test_hvp_in_micro_batches_of_rows_equals_whole_batches(monkeypatch):

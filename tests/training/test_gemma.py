@@ -18,6 +18,7 @@ from cfsam.data.models import load_model, weights_hash
 from cfsam.evaluation import scoring
 from cfsam.measurement import curvature, heldout, landscape
 from cfsam.training import loss as loss_
+from references import hvp_error, one_by_one, padded_batches
 from cfsam.training.merge import wise_ft
 from cfsam.training.stage import train_stage
 from cfsam.training.step import StepContext, optimizer_step
@@ -36,19 +37,7 @@ def gemma():
 
 def _batches(vocab: int, seed: int = 0) -> list[dict]:
     """Right-padded micro-batches with prompt positions (label -100), rows longer than the window."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for lengths, prompts in (([21, 30, 9], [5, 12, 2]), ([17, 26], [4, 20])):
-        width = max(lengths)
-        ids = torch.randint(3, vocab, (len(lengths), width), generator=g)
-        mask = torch.zeros_like(ids)
-        labels = torch.full_like(ids, -100)
-        for i, (n, p) in enumerate(zip(lengths, prompts)):
-            mask[i, :n] = 1
-            labels[i, p:n] = ids[i, p:n]
-        ids[mask == 0] = 0
-        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
-    return out
+    return padded_batches(vocab, (([21, 30, 9], [5, 12, 2]), ([17, 26], [4, 20])), seed, low=3)
 
 
 def _capped(model, cap):
@@ -84,7 +73,7 @@ def test_direct_loss_and_gradients_equal_gemmas_own(gemma, cap, recompute):
         got += float(s.detach()) / n
     assert got == pytest.approx(want, rel=1e-6)
     for name, g in _grads(model).items():
-        torch.testing.assert_close(g, want_g[name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(g, want_g[name], rtol=1e-5, atol=1e-6, msg=name)  # float32 sums over threads
 
 
 @pytest.mark.parametrize("cap", [None, 2.0])
@@ -92,13 +81,7 @@ def test_per_example_losses_equal_one_example_forwards(gemma, cap):
     model = _capped(gemma.model, cap).eval()
     batches = _batches(model.config.vocab_size, seed=1)
     got = heldout.per_example_losses(model, batches)
-    want = []
-    with torch.no_grad():
-        for b in batches:
-            for i in range(b["labels"].shape[0]):
-                one = {k: v[i:i + 1] for k, v in b.items()}
-                k = heldout.count_items([one])
-                want.append((model(**one).loss.item() * k, k))
+    want = one_by_one(model, batches)
     assert [k for _, k in got] == [k for _, k in want]
     assert [s for s, _ in got] == pytest.approx([s for s, _ in want], rel=1e-5)
 
@@ -279,20 +262,7 @@ def test_landscape_3x3_on_gemma(gemma):
 
 def test_curvature_on_gemma_matches_finite_differences(gemma):
     model = load_model("tiny-gemma3", dtype=torch.float64).model
-    batches = _batches(model.config.vocab_size)
-    params = list(model.parameters())
-    g = torch.Generator().manual_seed(0)
-    v = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
-    hv = curvature.hvp(model, batches, v)
-    eps, grads = 1e-5, []
-    for sign in (1, -1):
-        with torch.no_grad():
-            torch._foreach_add_(params, v, alpha=sign * eps)
-        grads.append(curvature.gradient(model, batches)[1])
-        with torch.no_grad():
-            torch._foreach_add_(params, v, alpha=-sign * eps)
-    fd = torch.cat([(a - b).flatten() / (2 * eps) for a, b in zip(*grads)])
-    hv = torch.cat([t.flatten() for t in hv])
-    assert ((hv - fd).norm() / fd.norm()).item() < 1e-3
+    assert hvp_error(model, _batches(model.config.vocab_size)) < 1e-3
+    batches = _batches(gemma.model.config.vocab_size)
     summary = curvature.curvature(gemma.model, batches, iters=3, probes=2)
     assert all(np.isfinite(summary[k]) for k in ("sam_sharpness", "hessian_top_eigenvalue", "hessian_trace"))

@@ -5,23 +5,12 @@ import torch
 
 from cfsam.data.models import load_model
 from cfsam.training.loss import summed_loss
+from references import padded_batches
 
 
 def _batches(vocab: int, seed: int = 0) -> list[dict]:
     """Two right-padded micro-batches with prompt positions (label -100), of different widths."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for lengths, prompts in (([9, 14, 5], [3, 6, 2]), ([11, 7], [4, 7])):
-        width = max(lengths)
-        ids = torch.randint(0, vocab, (len(lengths), width), generator=g)
-        mask = torch.zeros_like(ids)
-        labels = torch.full_like(ids, -100)
-        for i, (n, p) in enumerate(zip(lengths, prompts)):
-            mask[i, :n] = 1
-            labels[i, p:n] = ids[i, p:n]
-        ids[mask == 0] = 0  # the pad token
-        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
-    return out
+    return padded_batches(vocab, (([9, 14, 5], [3, 6, 2]), ([11, 7], [4, 7])), seed)
 
 
 @pytest.fixture(scope="module")
