@@ -199,3 +199,14 @@ def test_entries_are_written_compressed_and_plain_ones_still_read(results):
     write_json_atomic(cache.entry_path("smoke", "base"), good)
     assert (results / "smoke" / "base.json.gz").read_bytes() == a  # no timestamp: same entry, same bytes
     assert not [r for r in cache.check("smoke") if r["status"] == "orphan"]
+
+
+def test_every_committed_entry_is_current(monkeypatch):
+    """A change to the specs that moved an id would make committed results read stale: every results file of
+    the study presets is one of its preset's experiments, under its current id (data not checked here)."""
+    monkeypatch.delenv("CFSAM_RESULTS", raising=False)
+    for preset in ("cpu", "cpu-pilot"):
+        files = sorted(p.name.removesuffix(".json.gz").removesuffix(".json")
+                       for p in cache.results_dir(preset).glob("*.json*"))
+        got = cache.load_results(preset, files, verify_data=False)
+        assert {n: got[n]["status"] for n in files} == {n: "ok" for n in files}, preset
