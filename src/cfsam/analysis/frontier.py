@@ -418,12 +418,13 @@ def _bootstrap_se(fn, sizes: dict, n_boot: int, seed: int) -> float:
 
 
 def learning_check(preset: str, *, n_boot: int = 500, seed: int = 0, min_nats: float = 0.1,
-                   min_se: float = 4.0) -> pd.DataFrame:
+                   min_se: float = 4.0, collected=None) -> pd.DataFrame:
     """Does each stage learn what it is said to? Stage 1 (base model -> ``frontier-stage1`` on its own
     held-out set, when the base model is measured) and every AdamW run of the preset's stage-2 learning rate
     at its end point: the fall of its own held-out loss, a bootstrap standard error over the held-out
-    examples, and whether it clears ``min_nats`` and ``min_se`` standard errors (the study's sizing rule)."""
-    entries, table = collect(preset)
+    examples, and whether it clears ``min_nats`` and ``min_se`` standard errors (the study's sizing rule).
+    ``collected``: ``collect(preset)``'s result, when the caller has it already."""
+    entries, table = collected or collect(preset)
     if table.empty:
         return pd.DataFrame()
     start, rows = entries["start"], []

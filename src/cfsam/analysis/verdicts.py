@@ -56,15 +56,11 @@ def combine(*views: Verdict) -> Verdict:
     return Verdict.DEPENDS
 
 
-def front_setting(points: pd.DataFrame, dataset: str, family: str, level: float,
-                  lr: float | None = None) -> tuple | None:
+def front_setting(points: pd.DataFrame, dataset: str, family: str, level: float) -> tuple | None:
     """The (setting, lr) a family's front stands on at learning ``level``: per seed, the point of least
     forgetting among those that learned at least ``level`` (the step front's point), the most common across
-    seeds (ties: the first seed's). ``lr`` restricts it to one learning rate; where no point reaches the
-    level, the setting that learned most."""
+    seeds (ties: the first seed's); where no point reaches the level, the setting that learned most."""
     sub = points[(points["dataset"] == dataset) & (points["family"] == family)]
-    if lr is not None:
-        sub = sub[sub["lr"] == lr]
     if sub.empty:
         return None
     picks = []
@@ -73,10 +69,6 @@ def front_setting(points: pd.DataFrame, dataset: str, family: str, level: float,
         r = ok.loc[ok["forgetting"].idxmin()] if not ok.empty else g.loc[g["learning"].idxmax()]
         picks.append((r["setting"], r["lr"]))
     return Counter(picks).most_common(1)[0][0]
-
-
-def _frac(r) -> float:
-    return float(r["at"]) / float(r["of"])
 
 
 def same_lr(collected, dataset: str, a: str, b: str, setting, lr: float, *, level: float = 0.0,
@@ -95,7 +87,9 @@ def same_lr(collected, dataset: str, a: str, b: str, setting, lr: float, *, leve
         if pick is not None:
             sa = pick[0]
             ta = at_lr[at_lr["setting"] == sa]
-    key = lambda r: (r["seed"], _frac(r))  # noqa: E731
+    def key(r):  # the same seed and share of the run
+        return r["seed"], float(r["at"]) / float(r["of"])
+
     kb = {key(r): r["name"] for _, r in tb.iterrows()}
     ka = {key(r): r["name"] for _, r in ta.iterrows()} if a != "none" else {k: None for k in kb}
     pairs = sorted(set(kb) & set(ka))
@@ -128,9 +122,9 @@ def same_lr(collected, dataset: str, a: str, b: str, setting, lr: float, *, leve
             "entries": " ".join(used["name"])}
 
 
-def sized(preset: str) -> dict[str, str]:
+def sized(preset: str, collected=None) -> dict[str, str]:
     """Per stage-2 set whose AdamW reference fails the sizing rule: why (no entry: the set passes)."""
-    lc = learning_check(preset)
+    lc = learning_check(preset, collected=collected)
     out = {}
     if lc.empty:
         return out
@@ -150,7 +144,7 @@ def claim_verdicts(preset: str, *, level: float = 0.5, n_boot: int = 500, seed: 
     entries, table = collected
     if table.empty:
         return pd.DataFrame()
-    pts, unsized, rows = measures(entries, table), sized(preset), []
+    pts, unsized, rows = measures(entries, table), sized(preset, collected), []
     planned = {}  # the families the preset runs on each set, computed or not
     for name, exp in specs.expand(preset).items():
         if exp.get("group") == "frontier" and name != START:
