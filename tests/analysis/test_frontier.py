@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from cfsam.analysis import book, frontier, screen, verdicts
+from cfsam.analysis import book, frontier, fronts, screen, study, verdicts
 from cfsam.analysis import stats as exact
 from cfsam.core.io import write_json_atomic
 from cfsam.pipeline import cache, specs
@@ -16,14 +16,14 @@ from cfsam.pipeline import cache, specs
 
 def test_step_front_by_hand():
     """The conservative front: the least forgetting among the points that learned at least that much."""
-    curve = frontier.pareto_curve([1.0, 2.0], [0.5, 1.0])
-    assert frontier.forgetting_at(curve, 1.5, "step") == 1.0 and frontier.forgetting_at(curve, 1.5) == 0.75
-    assert frontier.forgetting_at(curve, 0.5, "step") == 0.5 and frontier.forgetting_at(curve, 0.5) == 0.25
-    assert frontier.forgetting_at(curve, 1.0, "step") == 0.5 and np.isnan(frontier.forgetting_at(curve, 2.5, "step"))
+    curve = fronts.pareto_curve([1.0, 2.0], [0.5, 1.0])
+    assert fronts.forgetting_at(curve, 1.5, "step") == 1.0 and fronts.forgetting_at(curve, 1.5) == 0.75
+    assert fronts.forgetting_at(curve, 0.5, "step") == 0.5 and fronts.forgetting_at(curve, 0.5) == 0.25
+    assert fronts.forgetting_at(curve, 1.0, "step") == 0.5 and np.isnan(fronts.forgetting_at(curve, 2.5, "step"))
 
 
 def test_verdicts_combine_views_and_read_the_papers_direction():
-    V, E = verdicts.Verdict, frontier.Effect
+    V, E = verdicts.Verdict, fronts.Effect
     assert verdicts.outcome(E.LESS, "less") is V.REPRODUCED and verdicts.outcome(E.MORE, "less") is V.OPPOSITE
     assert verdicts.outcome(E.INCONCLUSIVE, "more") is V.INCONCLUSIVE
     assert verdicts.outcome(E.NO_COMMON, "less") is V.NOT_COMPARABLE and verdicts.outcome(None, "less") is V.NOT_COMPARABLE
@@ -66,15 +66,15 @@ def test_a_claim_that_depends_on_the_view_and_a_set_that_fails_the_sizing_rule(t
 
 
 def test_pareto_front_and_interpolation_by_hand():
-    x, y = frontier.pareto_curve([1.0, 2.0, 1.5], [0.5, 1.0, 2.0])  # (1.5, 2.0) is dominated by (2, 1)
+    x, y = fronts.pareto_curve([1.0, 2.0, 1.5], [0.5, 1.0, 2.0])  # (1.5, 2.0) is dominated by (2, 1)
     assert x.tolist() == [0.0, 1.0, 2.0] and y.tolist() == [0.0, 0.5, 1.0]
-    assert frontier.forgetting_at((x, y), 1.5) == pytest.approx(0.75)
-    assert np.isnan(frontier.forgetting_at((x, y), 2.5))  # beyond the front's reach: no extrapolation
+    assert fronts.forgetting_at((x, y), 1.5) == pytest.approx(0.75)
+    assert np.isnan(fronts.forgetting_at((x, y), 2.5))  # beyond the front's reach: no extrapolation
     # a point that learns more and forgets less than the stage-1 model: below it, its own forgetting
-    x, y = frontier.pareto_curve([1.0, 0.5], [-0.2, 0.3])
-    assert x.tolist() == [1.0] and frontier.forgetting_at((x, y), 0.5) == pytest.approx(-0.2)
-    x, y = frontier.pareto_curve([0.4, 0.2], [0.0, 0.0])  # never forgets: the whole front is flat at 0
-    assert frontier.forgetting_at((x, y), 0.1) == 0.0
+    x, y = fronts.pareto_curve([1.0, 0.5], [-0.2, 0.3])
+    assert x.tolist() == [1.0] and fronts.forgetting_at((x, y), 0.5) == pytest.approx(-0.2)
+    x, y = fronts.pareto_curve([0.4, 0.2], [0.0, 0.0])  # never forgets: the whole front is flat at 0
+    assert fronts.forgetting_at((x, y), 0.1) == 0.0
 
 
 def _entry(exp, name, own, s1, n=6, gold=None, acc=0.5):
@@ -110,13 +110,13 @@ def test_sam_forgets_less_at_matched_learning_on_synthetic_points(tmp_path, monk
     pts = frontier.points("smoke")
     assert sorted(pts["family"].unique()) == ["adamw", "sam"]
     assert pts.set_index("name").loc["open-platypus-adamw-lr0.001-s1234-2of4", "forgetting"] == pytest.approx(0.4)
-    table = frontier.compare("smoke", "open-platypus", n_boot=50)
+    table = fronts.compare("smoke", "open-platypus", n_boot=50)
     # reach 0.4; levels 0.1, 0.2, 0.3: F_adamw = 2L, F_sam = L, so delta = -L
     assert table["learning level"].tolist() == pytest.approx([0.1, 0.2, 0.3])
     assert table["Δ forgetting"].tolist() == pytest.approx([-0.1, -0.2, -0.3])
     assert (table["verdict"] == "sam: less forgetting").all() and (table["comparable draws"] == 1.0).all()
     # every family against AdamW on every set: only SAM has points here, so the same three rows
-    pd.testing.assert_frame_equal(frontier.verdicts("smoke", n_boot=50), table)
+    pd.testing.assert_frame_equal(fronts.compare_all("smoke", n_boot=50), table)
     # the paper's claims at matched learning (claims.yaml's `frontier`): only those with both families present
     cv = verdicts.claim_verdicts("smoke", n_boot=50).set_index("claim")
     assert list(cv.index) == ["forgetting", "sam-mitigates", "sam-beats-wise-ft"]  # the preset plans Wise-FT too
@@ -133,6 +133,15 @@ def test_sam_forgets_less_at_matched_learning_on_synthetic_points(tmp_path, monk
     assert (cv["verdict"] == verdicts.Verdict.REPRODUCED).all() and (cv["step front"] == verdicts.Verdict.REPRODUCED).all()
     names = set(cv.loc["sam-mitigates", "entries"].split())  # every entry it read, by its file's name
     assert names == {f"open-platypus-{m}-s1234-{k}of4" for m in ("adamw-lr0.001", "sam-rho2") for k in range(1, 5)}
+    # a chapter reads the cache once: given the study, nothing is loaded again, and the numbers are the same
+    from cfsam.analysis import study as study_mod
+
+    once = study.Study.of("smoke")
+    with monkeypatch.context() as m:
+        m.setattr(study_mod, "load_results", lambda *a, **k: pytest.fail("the cache was read again"))
+        pd.testing.assert_frame_equal(fronts.compare(once, "open-platypus", n_boot=50), table)
+        again = verdicts.claim_verdicts(once, n_boot=50).set_index("claim").drop(index="sam-beats-wise-ft")
+        pd.testing.assert_frame_equal(again, cv)
     lc = frontier.learning_check("smoke", n_boot=20)  # no base model measured: the AdamW reference only
     assert lc["dataset"].tolist() == ["open-platypus"] and lc["learning"].iloc[0] == pytest.approx(0.4)
     assert lc["se"].iloc[0] == pytest.approx(0.0) and lc["clears the sizing rule"].all()  # identical examples
@@ -151,9 +160,9 @@ def test_a_verdict_is_checked_under_every_definition_of_forgetting(tmp_path, mon
     pts = frontier.points("smoke").set_index("name")
     assert pts.loc["open-platypus-adamw-lr0.001-s1234-2of4", "ability fall (gold log-prob)"] == pytest.approx(0.4)
     assert pts.loc["open-platypus-adamw-lr0.001-s1234-2of4", "ability fall (accuracy)"] == pytest.approx(0.0)
-    full = frontier.robustness("smoke", "open-platypus", n_boot=30)
-    assert full["forgetting measure"].tolist() == [*frontier.FORGETTING, "heldout", "heldout"]
-    assert full["frontier from"].iloc[-2] == frontier.SETTINGS["all"]  # one seed: the same points
+    full = fronts.robustness("smoke", "open-platypus", n_boot=30)
+    assert full["forgetting measure"].tolist() == [*study.FORGETTING, "heldout", "heldout"]
+    assert full["frontier from"].iloc[-2] == fronts.SETTINGS["all"]  # one seed: the same points
     assert full["front"].iloc[-1] == "step" and full["Δ forgetting"].iloc[-1] == pytest.approx(-0.2)  # on its points
     assert full["same verdict as the default"].iloc[-2:].all() and full["Δ forgetting"].iloc[-2] == pytest.approx(-0.2)
     table = full.iloc[:-2].set_index("forgetting measure")
@@ -164,13 +173,13 @@ def test_a_verdict_is_checked_under_every_definition_of_forgetting(tmp_path, mon
     assert table.loc["accuracy", "Δ forgetting"] == pytest.approx(0.0)
     assert table.loc["accuracy", "verdict"] == "sam: inconclusive"
     assert not table.loc["accuracy", "same verdict as the default"]  # the flip is flagged
-    pd.testing.assert_frame_equal(frontier.robustness("smoke", n_boot=30), full)  # every set: the only one
+    pd.testing.assert_frame_equal(fronts.robustness("smoke", n_boot=30), full)  # every set: the only one
     assert book.robustness_sentence(full).startswith("SAM's verdict changes with the definition of forgetting: "
                                                      "on open-platypus, by accuracy with fronts from only the settings "
                                                      "every seed ran, sam: inconclusive")
     assert "same under every" in book.robustness_sentence(full[full["same verdict as the default"]])
     with pytest.raises(ValueError, match="unknown forgetting measure 'perplexity'; allowed: heldout"):
-        frontier.compare("smoke", "open-platypus", forgetting="perplexity")
+        fronts.compare("smoke", "open-platypus", forgetting="perplexity")
 
 
 def test_fronts_from_only_the_settings_every_seed_ran(tmp_path, monkeypatch):
@@ -189,16 +198,16 @@ def test_fronts_from_only_the_settings_every_seed_ran(tmp_path, monkeypatch):
                 name = f"metamathqa-{method}-s{seed}-{k}of4"
                 write_json_atomic(tmp_path / "cpu" / f"{name}.json",
                                   _entry(exps[name], name, own=2.0 - 0.1 * k, s1=1.0 + slope * k))
-    every = frontier.compare("cpu", "metamathqa", levels=(0.5,), n_boot=200, settings="all").iloc[0]
+    every = fronts.compare("cpu", "metamathqa", levels=(0.5,), n_boot=200, settings="all").iloc[0]
     assert every["Δ forgetting"] == pytest.approx((0.1 - 0.2) / 2) and every["seeds"] == 2
     assert every["low"] == pytest.approx(-0.2) and every["high"] == pytest.approx(0.1)  # seeds resampled
-    common = frontier.compare("cpu", "metamathqa", levels=(0.5,), n_boot=200).iloc[0]  # the default
+    common = fronts.compare("cpu", "metamathqa", levels=(0.5,), n_boot=200).iloc[0]  # the default
     assert common["Δ forgetting"] == pytest.approx(-0.2) and common["verdict"] == "sam: less forgetting"
-    rob = frontier.robustness("cpu", "metamathqa", n_boot=200)
+    rob = fronts.robustness("cpu", "metamathqa", n_boot=200)
     last = rob.iloc[-2]
-    assert last["frontier from"] == frontier.SETTINGS["all"] and not last["same verdict as the default"]
+    assert last["frontier from"] == fronts.SETTINGS["all"] and not last["same verdict as the default"]
     with pytest.raises(ValueError, match="unknown settings 'some'; allowed: every seed, all"):
-        frontier.compare("cpu", "metamathqa", settings="some")
+        fronts.compare("cpu", "metamathqa", settings="some")
 
 
 def test_sam_claims_stay_on_the_papers_sam_sets(tmp_path, monkeypatch):
@@ -214,7 +223,7 @@ def test_sam_claims_stay_on_the_papers_sam_sets(tmp_path, monkeypatch):
                 name = f"{ds}-{method}-s1234-{k}of4"
                 write_json_atomic(tmp_path / "cpu" / f"{name}.json",
                                   _entry(exps[name], name, own=2.0 - 0.1 * k, s1=1.0 + slope * k))
-    v = frontier.verdicts("cpu", n_boot=50)
+    v = fronts.compare_all("cpu", n_boot=50)
     assert sorted(set(zip(v["dataset"], v["comparison"].str[:3]))) == [("auto-wiki", "sam"), ("sharegpt", "sam")]
     cv = verdicts.claim_verdicts("cpu", n_boot=50)
     assert sorted(zip(cv["dataset"], cv["claim"])) == [("auto-wiki", "forgetting"), ("sharegpt", "forgetting"),
@@ -279,9 +288,9 @@ def test_no_matched_learning_when_a_method_never_learns(tmp_path, monkeypatch):
         for method, own in (("adamw-lr0.001", 2.0 - 0.1 * k), ("sam-rho2", 2.0 + 0.01 * k)):
             name = f"open-platypus-{method}-s1234-{k}of4"
             write_json_atomic(tmp_path / "smoke" / f"{name}.json", _entry(exps[name], name, own=own, s1=1.1))
-    table = frontier.compare("smoke", "open-platypus", n_boot=20)
+    table = fronts.compare("smoke", "open-platypus", n_boot=20)
     assert len(table) == 1 and table["verdict"].iloc[0].startswith("no common learning")
-    assert table["effect"].iloc[0] is frontier.Effect.NO_COMMON
+    assert table["effect"].iloc[0] is fronts.Effect.NO_COMMON
     nl = frontier.never_learned(frontier.points("smoke"))
     assert nl[["family", "seed"]].values.tolist() == [["sam", 1234]]
     assert nl["own loss rose by up to"].iloc[0] == pytest.approx(0.04)
@@ -297,11 +306,11 @@ def test_no_verdict_when_most_resamples_share_no_learning(tmp_path, monkeypatch)
             if method == "sam-rho2" and k == 4:  # SAM learns 0.01 nats on average, and loses on half the examples
                 e["heldout_loss"]["open-platypus"]["per_example"] = [[17.0, 10], [22.8, 10]] * 3
             write_json_atomic(tmp_path / "smoke" / f"{name}.json", e)
-    row = frontier.compare("smoke", "open-platypus", levels=(0.5,), n_boot=200).iloc[0]
+    row = fronts.compare("smoke", "open-platypus", levels=(0.5,), n_boot=200).iloc[0]
     assert row["learning level"] == pytest.approx(0.005)  # the point estimate has a common reach...
     assert row["comparable draws"] < 0.95  # ...that many resamples of the held-out examples do not
     assert row["verdict"].startswith("sam: inconclusive: comparable in only")
-    assert row["effect"] is frontier.Effect.INCONCLUSIVE
+    assert row["effect"] is fronts.Effect.INCONCLUSIVE
 
 
 def test_permutation_spearman_by_hand():
@@ -368,9 +377,12 @@ def test_end_points_average_each_settings_last_point_over_seeds():
         {"dataset": "d", "family": "adamw", "setting": 1e-4, "lr": 1e-4, "seed": 2, "at": 2, "of": 2, "learning": 0.2, "forgetting": 0.3},
         {"dataset": "d", "family": "adamw", "setting": 1e-4, "lr": 1e-4, "seed": 3, "at": 1, "of": 2, "learning": 9.0, "forgetting": 9.0},
         {"dataset": "d", "family": "sam", "setting": 2.0, "lr": 3e-4, "seed": 1, "at": 2, "of": 2, "learning": -0.1, "forgetting": 0.2}])
+    pts["name"] = [f"p{i}" for i in range(len(pts))]
     t = frontier.end_points(pts)
-    assert t.loc[("d", "adamw", 1e-4, 1e-4)].tolist() == pytest.approx([2, 0.3, 0.2])  # seed 3 has not ended
-    assert t.loc[("d", "sam", 2.0, 3e-4)].tolist() == pytest.approx([1, -0.1, 0.2])
+    cols = ["seeds", "learning", "forgetting"]
+    assert t.loc[("d", "adamw", 1e-4, 1e-4), cols].tolist() == pytest.approx([2, 0.3, 0.2])  # seed 3 has not ended
+    assert t.loc[("d", "sam", 2.0, 3e-4), cols].tolist() == pytest.approx([1, -0.1, 0.2])
+    assert t.loc[("d", "adamw", 1e-4, 1e-4), "entries"] == "p0 p1"  # each row names the entries it averages
 
 
 def test_tables_show_settings_as_written_and_measures_at_their_precision():
@@ -416,7 +428,7 @@ def test_screen_sentence_names_tasks_left_out_and_held_without_warrant():
 
 
 def test_chapter_sentences_say_each_verdict_and_what_does_not_reproduce():
-    E, V = frontier.Effect, verdicts.Verdict
+    E, V = fronts.Effect, verdicts.Verdict
     table = pd.DataFrame([
         {"dataset": "gsm", "comparison": "sam vs adamw", "share of common reach": 0.5, "verdict": "sam: more forgetting",
          "effect": E.MORE},
@@ -488,7 +500,7 @@ def test_frontier_figure_has_a_panel_per_set_in_rows_of_two_a_legend_outside_and
 
     pts = pd.DataFrame([{"dataset": ds, "family": fam, "learning": 0.1 * k, "forgetting": 0.05 * k * (1 + (fam == "sam"))}
                         for ds in ("a", "b", "c") for fam in ("adamw", "sam") for k in range(1, 4)])
-    fig = plots.frontier(pts, frontier.curves(pts.assign(seed=1)), {"a": 0.15})
+    fig = plots.frontier(pts, fronts.curves(pts.assign(seed=1)), {"a": 0.15})
     shown = [ax for ax in fig.axes if ax.get_visible()]
     assert [ax.get_title() for ax in shown] == ["a", "b", "c"] and len(fig.axes) == 4  # 2 x 2, the fourth hidden
     assert shown[0].get_position().width > 0.3  # half the figure's width: readable at page width

@@ -93,9 +93,10 @@ def test_the_frontier_correlation_leaves_flagged_estimates_out(monkeypatch):
                                                        "hessian_top_eigenvalue_converged": i != 4}}}
                for i, e in enumerate(eig)}
     pts = pd.DataFrame({"name": list(entries), "at": 4, "of": 4, "forgetting": [0.1, 0.2, 0.3, 0.4, 0.5]})
-    monkeypatch.setattr(frontier, "collect", lambda preset: (entries, pd.DataFrame({"x": [1]})))
-    monkeypatch.setattr(frontier, "measures", lambda entries, table: pts)
-    table = frontier.flatness_vs_forgetting("any")
+    from cfsam.analysis.study import Study
+
+    monkeypatch.setattr(frontier, "measures", lambda study: pts)
+    table = frontier.flatness_vs_forgetting(Study("any", entries, pts[["name", "at", "of"]]))
     assert table.loc["SC", "runs"] == 5
     assert table.loc["Hessian top eigenvalue", "runs"] == 4
     assert table.loc["Hessian top eigenvalue", "Spearman rho"] == pytest.approx(1.0)

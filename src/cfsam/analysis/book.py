@@ -8,8 +8,9 @@ import os
 import numpy as np
 import pandas as pd
 
-from cfsam.analysis import claims, frontier, plots, report
-from cfsam.analysis.frontier import Effect
+from cfsam.analysis import claims, frontier, fronts, plots, report
+from cfsam.analysis.fronts import Effect
+from cfsam.analysis.study import Study
 from cfsam.analysis.verdicts import Verdict, claim_verdicts
 from cfsam.pipeline import chapters, specs
 from cfsam.pipeline.cache import load_results
@@ -149,7 +150,7 @@ def verdicts_sentence(verdicts: pd.DataFrame) -> str:
 
 
 def shortfalls(verdicts: pd.DataFrame, never: pd.DataFrame) -> str:
-    """What does not reproduce, as a Markdown list: every matched-learning comparison of ``frontier.verdicts``
+    """What does not reproduce, as a Markdown list: every matched-learning comparison of ``fronts.compare_all``
     that does not show less forgetting, and every run of ``frontier.never_learned``."""
     def at(share):  # NaN: no common learning, so no level
         return f" at {share:.0%} of the common reach" if share == share else ""
@@ -196,7 +197,7 @@ def findings(claim_verdicts: pd.DataFrame) -> str:
 
 
 def robustness_sentence(robustness: pd.DataFrame) -> str:
-    """Whether ``frontier.robustness`` finds a verdict that changes with the definition of forgetting."""
+    """Whether ``fronts.robustness`` finds a verdict that changes with the definition of forgetting."""
     if robustness.empty:
         return ""
     flips = robustness[~robustness["same verdict as the default"]]
@@ -229,15 +230,16 @@ def larger_study(preset: str, results_dir: str | None = None) -> None:
     from IPython.display import Markdown, display
 
     names = open_chapter("frontier", preset, results_dir, missing=True)
-    display(report.show(frontier.learning_check(preset), 3, name=f"learning-check-{preset}"))
-    pts = frontier.points(preset)
+    study = Study.of(preset)
+    display(report.show(frontier.learning_check(study), 3, name=f"learning-check-{preset}"))
+    pts = frontier.points(study)
     if pts.empty:
         return
-    plots.frontier(pts, frontier.curves(pts))
-    cv = claim_verdicts(preset)
-    rob = frontier.robustness(preset, n_boot=300)
-    fvf = frontier.flatness_vs_forgetting(preset)
-    sg = frontier.sam_gradients(preset)
+    plots.frontier(pts, fronts.curves(pts))
+    cv = claim_verdicts(study)
+    rob = fronts.robustness(study, n_boot=300)
+    fvf = frontier.flatness_vs_forgetting(study)
+    sg = frontier.sam_gradients(study)
     never = frontier.never_learned(pts)
     for table, name in [(frontier.end_points(pts), "end-points"), (cv.drop(columns=["paper"]), "frontier-claims"),
                         (never, "never-learned"), (sg, "sam-gradients"), (rob, "frontier-robustness"),

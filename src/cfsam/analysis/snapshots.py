@@ -12,21 +12,26 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cfsam.analysis.frontier import _curves, arrays, collect, draw_sizes, forgetting_at, measures, point_row
+from cfsam.analysis.fronts import forgetting_at, seed_curves
+from cfsam.analysis.study import Study, arrays, measures, point_row
 from cfsam.pipeline import specs
 from cfsam.pipeline.cache import load_results
 from cfsam.pipeline.presets import load_preset
 
 
-def short_runs(preset: str, *, n_boot: int = 500, seed: int = 0) -> pd.DataFrame:
+def short_runs(study: Study | str, *, n_boot: int = 500, seed: int = 0) -> pd.DataFrame:
     """One row per computed short run: its learning and forgetting, the differences from the snapshot at the
     same share of its full run (short - snapshot), its forgetting above its method's front at its own
     learning, the intervals, and whether it lies on that front (the interval of the distance holds 0)."""
+    preset = study.preset if isinstance(study, Study) else study
     exps = specs.expand(preset)
     short = [n for n, e in exps.items() if e.get("group") == "short"]
-    entries, table = collect(preset) if short else ({}, pd.DataFrame())
-    if table.empty:
+    if not short:
         return pd.DataFrame()
+    study = Study.of(study)
+    if study.empty:
+        return pd.DataFrame()
+    entries, table = study.entries, study.table
     of = load_preset(preset)["frontier"]["snapshots"]
     rows, rng = [], np.random.default_rng(seed)
     for n, e in load_results(preset, short).items():
@@ -36,13 +41,12 @@ def short_runs(preset: str, *, n_boot: int = 500, seed: int = 0) -> pd.DataFrame
             continue
         fam = table[(table["dataset"] == me["dataset"]) & (table["family"] == me["family"]) &
                     (table["seed"] == me["seed"])]
-        sub = {"start": entries["start"], n: arrays(e), **{k: entries[k] for k in fam["name"]}}
-        rows_here = pd.concat([pd.DataFrame([me]), fam], ignore_index=True)
-        sizes = draw_sizes(sub, me["dataset"])
+        sub = study.only(pd.concat([pd.DataFrame([me]), fam], ignore_index=True), extra={n: arrays(e)})
+        sizes = sub.draw_sizes(me["dataset"])
 
         def stats(draws):
-            m = measures(sub, rows_here, draws).set_index("name")
-            curve = _curves(m.drop(index=n).reset_index(), me["family"])[me["seed"]]
+            m = measures(sub, draws).set_index("name")
+            curve = seed_curves(m.drop(index=n).reset_index(), me["family"])[me["seed"]]
             l, f = m.loc[n, "learning"], m.loc[n, "forgetting"]
             return np.array([l - m.loc[snap, "learning"], f - m.loc[snap, "forgetting"],
                              f - forgetting_at(curve, l), l, f])

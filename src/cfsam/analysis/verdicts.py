@@ -1,7 +1,7 @@
 """The paper's claims on the frontier study, in two views, as values.
 
 A comparison of method b with method a (families of ``frontier``) is read two ways:
-- **matched learning** (``frontier.compare``): b's forgetting minus a's where both learned the same amount,
+- **matched learning** (``fronts.compare``): b's forgetting minus a's where both learned the same amount,
   along their fronts; also under the conservative *step* front, which must not flip the verdict;
 - **the same learning rate** (``same_lr``): b at the setting its front uses at that learning level, against
   a at the same lr, point by point along the runs (the same seed, the same fraction of the run), paired over
@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 
 from cfsam.analysis import claims
-from cfsam.analysis.frontier import (START, Effect, _sets, collect, compare, draw_sizes, every_seed, learning_check,
-                                     measures, point_row)
-from cfsam.pipeline import specs
+from cfsam.analysis.frontier import learning_check
+from cfsam.analysis.fronts import Effect, compare, every_seed
+from cfsam.analysis.study import Study, measures
 
 
 class Verdict(Enum):
@@ -71,19 +71,21 @@ def front_setting(points: pd.DataFrame, dataset: str, family: str, level: float)
     return Counter(picks).most_common(1)[0][0]
 
 
-def same_lr(collected, dataset: str, a: str, b: str, setting, lr: float, *, level: float = 0.0,
+def same_lr(study: Study | str, dataset: str, a: str, b: str, setting, lr: float, *, level: float = 0.0,
             n_boot: int = 500, seed: int = 0) -> dict:
     """b at ``setting`` and ``lr`` against a at the same lr (a's setting there: its front setting at ``level``;
     AdamW has one), over the points both ran at the same seed and fraction of the run (a Wise-FT merge pairs
     with its run's end): mean Δ forgetting and Δ learning (b - a), each with a 95 % bootstrap interval over the
     held-out examples and the seeds. ``a="none"``: b against the stage-1 model (0, 0)."""
-    entries, table = collected
-    t = table[table["dataset"] == dataset]
+    study = Study.of(study)
+    if study.empty:
+        return {}
+    t = study.table[study.table["dataset"] == dataset]
     tb = t[(t["family"] == b) & (t["setting"] == setting) & (t["lr"] == lr)]
     sa, ta = None, t.iloc[:0]
     if a != "none":
         at_lr = t[(t["family"] == a) & (t["lr"] == lr)]
-        pick = front_setting(measures(entries, at_lr), dataset, a, level) if not at_lr.empty else None
+        pick = front_setting(measures(study.only(at_lr)), dataset, a, level) if not at_lr.empty else None
         if pick is not None:
             sa = pick[0]
             ta = at_lr[at_lr["setting"] == sa]
@@ -99,12 +101,12 @@ def same_lr(collected, dataset: str, a: str, b: str, setting, lr: float, *, leve
         return {**out, "Δ forgetting": np.nan, "low": np.nan, "high": np.nan, "Δ learning": np.nan,
                 "learning low": np.nan, "learning high": np.nan, "effect": Effect.NO_COMMON, "entries": ""}
     used = pd.concat([tb[tb["name"].isin([kb[p] for p in pairs])], ta[ta["name"].isin([ka[p] for p in pairs])]])
-    sub = {k: v for k, v in entries.items() if k == "start" or k in set(used["name"])}
-    sizes = draw_sizes(sub, dataset)
+    sub = study.only(used)
+    sizes = sub.draw_sizes(dataset)
     seeds = sorted({p[0] for p in pairs})
 
     def delta(draws, seed_draw):
-        pts = measures(sub, used, draws).set_index("name")
+        pts = measures(sub, draws).set_index("name")
         per_seed = {}
         for p in pairs:
             fb, lb = pts.loc[kb[p], ["forgetting", "learning"]]
@@ -122,9 +124,9 @@ def same_lr(collected, dataset: str, a: str, b: str, setting, lr: float, *, leve
             "entries": " ".join(used["name"])}
 
 
-def sized(preset: str, collected=None) -> dict[str, str]:
+def sized(study: Study | str) -> dict[str, str]:
     """Per stage-2 set whose AdamW reference fails the sizing rule: why (no entry: the set passes)."""
-    lc = learning_check(preset, collected=collected)
+    lc = learning_check(study)
     out = {}
     if lc.empty:
         return out
@@ -136,37 +138,31 @@ def sized(preset: str, collected=None) -> dict[str, str]:
     return out
 
 
-def claim_verdicts(preset: str, *, level: float = 0.5, n_boot: int = 500, seed: int = 0) -> pd.DataFrame:
+def claim_verdicts(study: Study | str, *, level: float = 0.5, n_boot: int = 500, seed: int = 0) -> pd.DataFrame:
     """Every claim of ``claims.yaml`` with a ``frontier`` comparison, on every stage-2 set with frontier points
     that the paper makes it on: the matched-learning view at ``level`` of the common reach (and under the step
     front), the same-lr view at the lr of b's front setting there, and the verdict of both."""
-    collected = collect(preset)
-    entries, table = collected
-    if table.empty:
+    study = Study.of(study)
+    if study.empty:
         return pd.DataFrame()
-    pts, unsized, rows = measures(entries, table), sized(preset, collected), []
-    planned = {}  # the families the preset runs on each set, computed or not
-    for name, exp in specs.expand(preset).items():
-        if exp.get("group") == "frontier" and name != START:
-            r = point_row(name, exp["run"])
-            planned.setdefault(r["dataset"], set()).add(r["family"])
+    pts, unsized, rows, planned = measures(study), sized(study), [], study.planned
     for claim in claims.registry():
         f = claim.get("frontier")
         if not f:
             continue
-        for ds in claims.claim_sets(claim, _sets(table)):
-            m = compare(preset, ds, f["a"], f["b"], levels=(level,), n_boot=n_boot, seed=seed, collected=collected)
+        for ds in claims.claim_sets(claim, study.sets):
+            m = compare(study, ds, f["a"], f["b"], levels=(level,), n_boot=n_boot, seed=seed)
             if m.empty:  # the preset plans both families here, but their runs are not computed yet: say so
                 if {f["b"], f["a"]} - {"none"} <= planned.get(ds, set()):
                     rows.append({"claim": claim["id"], "paper": claim["claim"], "dataset": ds,
                                  "comparison": f"{f['b']} vs {f['a']}", "verdict": Verdict.NOT_COMPARABLE,
-                                 "reason": f"its runs are not computed yet (`cfsam run-missing --preset {preset} "
+                                 "reason": f"its runs are not computed yet (`cfsam run-missing --preset {study.preset} "
                                            "--notebooks frontier`)", "learning level": np.nan, "seeds": 0,
                                  "same-lr Δ": np.nan, "entries": ""})
                 continue
             m = m.iloc[0]
-            st = compare(preset, ds, f["a"], f["b"], levels=(level,), n_boot=n_boot, seed=seed, front="step",
-                         collected=collected).iloc[0]
+            st = compare(study, ds, f["a"], f["b"], levels=(level,), n_boot=n_boot, seed=seed,
+                         front="step").iloc[0]
             v_match, v_step = outcome(m["effect"], f["expect"]), outcome(st["effect"], f["expect"])
             same = {}
             if m["effect"] is not Effect.NO_COMMON:  # b's front setting among those every seed ran, as the fronts
@@ -175,7 +171,7 @@ def claim_verdicts(preset: str, *, level: float = 0.5, n_boot: int = 500, seed: 
                 if f["a"] != "none":
                     seeds &= set(both[both["family"] == f["a"]]["seed"])
                 setting, lr = front_setting(every_seed(both, seeds), ds, f["b"], m["learning level"])
-                same = same_lr(collected, ds, f["a"], f["b"], setting, lr, level=m["learning level"],
+                same = same_lr(study, ds, f["a"], f["b"], setting, lr, level=m["learning level"],
                                n_boot=n_boot, seed=seed)
             v_same = outcome(same.get("effect"), f["expect"])
             verdict, reason = combine(v_match, v_same), ""
@@ -203,22 +199,20 @@ def claim_verdicts(preset: str, *, level: float = 0.5, n_boot: int = 500, seed: 
 FAMILIES = ("sam", "asam", "rehearsal", "wise_ft", "sam_rehearsal", "sam_wise_ft")
 
 
-def same_lr_table(preset: str, a: str = "adamw", families=FAMILIES, *, n_boot: int = 300,
+def same_lr_table(study: Study | str, a: str = "adamw", families=FAMILIES, *, n_boot: int = 300,
                   seed: int = 0) -> pd.DataFrame:
     """The same-lr view of every family against AdamW: each setting at each lr where both ran, on every set."""
-    collected = collect(preset)
-    table = collected[1]
-    if table.empty:
+    study = Study.of(study)
+    if study.empty:
         return pd.DataFrame()
-    rows = []
-    for ds in _sets(table):
+    table, rows = study.table, []
+    for ds in study.sets:
         t = table[table["dataset"] == ds]
         lrs = set(t[t["family"] == a]["lr"])
         for fam in families:
             for (setting, lr), _ in t[(t["family"] == fam) & t["lr"].isin(lrs)].groupby(["setting", "lr"]):
-                rows.append(same_lr(collected, ds, a, fam, setting, lr, n_boot=n_boot, seed=seed))
+                rows.append(same_lr(study, ds, a, fam, setting, lr, n_boot=n_boot, seed=seed))
     return pd.DataFrame(rows)
-
 
 
 def levels(claim_verdicts: pd.DataFrame, claim: str = "sam-mitigates") -> dict[str, float]:
