@@ -32,14 +32,22 @@ def test_eval_on_a_missing_cuda_device_is_named(no_loading, monkeypatch, capsys)
     assert "--device 'gpu7' is not a device name" in _error(capsys)
 
 
-def test_a_key_error_prints_without_quotes(monkeypatch, tmp_path, capsys):
-    def broken(*a, **k):
-        raise KeyError("stage_id is missing from the checkpoint")
+def test_the_packages_errors_are_one_line_and_a_bug_keeps_its_traceback(monkeypatch, tmp_path, capsys):
+    from cfsam.core.errors import UnknownName
+
+    def raises(err):
+        def broken(*a, **k):
+            raise err
+        return broken
 
     monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path))
-    monkeypatch.setattr(cache, "check", broken)
+    monkeypatch.setattr(cache, "check", raises(UnknownName("unknown task 'x'; allowed: copa")))
     assert cli.main(["status", "--preset", "smoke"]) == 2
-    assert _error(capsys).endswith("error: stage_id is missing from the checkpoint")
+    assert _error(capsys).endswith("error: unknown task 'x'; allowed: copa")  # not KeyError's quoted repr
+    for bug in (KeyError("stage_id"), RuntimeError("boom"), ValueError("not one of ours")):
+        monkeypatch.setattr(cache, "check", raises(bug))  # not a CfsamError: a bug, not the user's input
+        with pytest.raises(type(bug)):
+            cli.main(["status", "--preset", "smoke"])
 
 
 def test_a_yaml_error_is_one_line(tmp_path, capsys):

@@ -20,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+from cfsam.core.errors import CfsamError, UsageError
 from cfsam.training.config import CHOICES, DEFAULT_REHEARSAL_FRACTION, DEFAULTS, HELP, TYPES
 
 
@@ -58,7 +59,7 @@ def train_spec(args) -> dict:
     flags = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None}
     if args.preset:
         if args.stage is None:
-            raise ValueError("--preset needs --stage 1 or --stage 2")
+            raise UsageError("--preset needs --stage 1 or --stage 2")
         p = presets.load_preset(args.preset)
         s1 = specs.stage1(p, args.model or p["model"]) if args.stage == 1 else specs.stage1(p, p["model"])
         if args.stage == 1:
@@ -70,7 +71,7 @@ def train_spec(args) -> dict:
                 spec = {"rehearsal_from": p["stage1"]["dataset"], **p["rehearsal"], **spec}
     else:
         if args.model is None or args.dataset is None:
-            raise ValueError("cfsam train needs --model (a preset or a stage-1 directory) and --dataset "
+            raise UsageError("cfsam train needs --model (a preset or a stage-1 directory) and --dataset "
                              "(or --preset NAME --stage 1|2)")
         spec = {"model": args.model, "dataset": args.dataset}
     spec.update(flags)
@@ -123,7 +124,7 @@ def cmd_eval(args) -> int:
 
     names = tasks.check_names([t.strip() for t in args.tasks.split(",") if t.strip()])  # fail before loading
     if not names:
-        raise ValueError(f"--tasks {args.tasks!r} names no task; give task names, 'paper' (its 13 tasks) or 'all'")
+        raise UsageError(f"--tasks {args.tasks!r} names no task; give task names, 'paper' (its 13 tasks) or 'all'")
     _check_device(args.device)
     loaded = models.load_model(args.model, dtype=getattr(torch, args.dtype))
     results = evaluate(loaded, names, limit=args.limit, seed=args.seed, num_fewshot=args.num_fewshot,
@@ -151,12 +152,12 @@ def _check_device(device: str | None) -> None:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError) as err:
-        raise ValueError(f"--device {device!r} is not a device name ({err}); e.g. cpu, cuda, cuda:0") from err
+        raise UsageError(f"--device {device!r} is not a device name ({err}); e.g. cpu, cuda, cuda:0") from err
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (dev.index or 0) >= count:
             have = f"{count} CUDA device(s): cuda:0 to cuda:{count - 1}" if count else "no CUDA device"
-            raise ValueError(f"--device {device!r}: this machine has {have}; allowed: cpu"
+            raise UsageError(f"--device {device!r}: this machine has {have}; allowed: cpu"
                              + (", cuda" if count else ""))
 
 
@@ -169,7 +170,7 @@ def cmd_measure(args) -> int:
     keep = set(args.what.split(","))
     bad = keep - {"heldout", "eval", "landscape"}
     if bad:
-        raise ValueError(f"--what {','.join(sorted(bad))}: allowed heldout, eval, landscape")
+        raise UsageError(f"--what {','.join(sorted(bad))}: allowed heldout, eval, landscape")
     if "eval" not in keep:
         spec["eval"] = {**spec["eval"], "tasks": []}
     if "landscape" not in keep:
@@ -319,13 +320,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, KeyError, RuntimeError, FileNotFoundError, OSError) as err:
-        # library errors name the bad value and what is allowed: show them without a traceback
+    except (CfsamError, OSError) as err:
+        # the package's errors name the bad value and what is allowed, and the machine's (a path, the disk)
+        # name the file: show them without a traceback. Anything else is a bug and keeps its traceback.
         if args.verbose:
             raise
-        # a KeyError's str() quotes its message; a YAML error spans lines: one line, as it was meant
-        text = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"cfsam {args.command}: error: {' '.join(str(text).split())}", file=sys.stderr)
+        print(f"cfsam {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)  # one line
         return 2
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from cfsam.core import registry as registry_
+from cfsam.core.errors import UsageError
 from cfsam.evaluation import tasks
 from cfsam.pipeline.cache import load_results
 from cfsam.evaluation.metrics import paper_avg
@@ -68,7 +69,7 @@ def _task_arrays(entries: list[dict], measure: str) -> dict[str, dict]:
                 continue
             idx = [[rec["idx"] for rec in r["records"]] for r in res]
             if any(i != idx[0] for i in idx):
-                raise ValueError(f"task {name!r}: the runs were scored on different items; compare runs of one preset")
+                raise UsageError(f"task {name!r}: the runs were scored on different items; compare runs of one preset")
             primary = res[0]["primary"]
             value = (lambda rec: rec[primary]) if measure == "score" else (lambda rec: choice_logprob(rec, primary))
             values = np.array([[value(rec) for rec in r["records"]] for r in res], dtype=float)
@@ -112,7 +113,7 @@ def avg_with_bootstrap(entries: list[dict], measure: str = "score", *, n_boot: i
     items resampled within each task, the same draw for every entry."""
     arrays = _task_arrays(entries, measure)
     if not arrays:
-        raise ValueError("no task was scored in every run")
+        raise UsageError("no task was scored in every run")
     category_of = {n: a["category"] for n, a in arrays.items()}
     point = paper_avg({n: _task_score(a["values"], a["groups"], np.arange(a["values"].shape[1]))
                   for n, a in arrays.items()}, category_of)
@@ -221,7 +222,7 @@ def check(preset: str, claim_ids: list[str] | None = None, *, n_boot: int = 2000
     known = [c["id"] for c in claims]
     bad = [c for c in claim_ids or [] if c not in known]
     if bad:
-        raise ValueError(f"unknown claim(s) {', '.join(bad)}; allowed: {', '.join(known)}")
+        raise UsageError(f"unknown claim(s) {', '.join(bad)}; allowed: {', '.join(known)}")
     rows = []
     for claim in claims:
         if claim_ids and claim["id"] not in claim_ids:

@@ -39,6 +39,7 @@ Where the paper disagrees with itself:
 from __future__ import annotations
 
 from cfsam.core import registry
+from cfsam.core.errors import UsageError
 
 from functools import lru_cache
 
@@ -66,7 +67,7 @@ def paper_numbers(table: str | int | None = None) -> pd.DataFrame:
     table = str(table)
     sel = df[(df["table"] == table) | (df["table"].str[:-1] == table)]
     if sel.empty:
-        raise ValueError(f"unknown table {table!r}: the paper has {', '.join(df['table'].unique())} "
+        raise UsageError(f"unknown table {table!r}: the paper has {', '.join(df['table'].unique())} "
                          f"(a bare number selects all its sub-tables)")
     return sel.reset_index(drop=True)
 
@@ -76,7 +77,7 @@ def paper_table(table: str | int) -> pd.DataFrame:
     column per metric (in the paper's order). Tables 5-8 join their sub-tables into one row per run."""
     long = paper_numbers(table)
     if long.duplicated(KEY + ["metric"]).any():
-        raise ValueError(f"table {table!r} repeats runs across its sub-tables; pick one of {', '.join(TABLES)}")
+        raise UsageError(f"table {table!r} repeats runs across its sub-tables; pick one of {', '.join(TABLES)}")
     wide = long.set_index(KEY + ["metric"])["value"].unstack("metric")
     rows = pd.MultiIndex.from_frame(long[KEY].drop_duplicates())
     return wide.reindex(index=rows, columns=long["metric"].unique())
@@ -98,7 +99,7 @@ def delta(avg: pd.Series) -> pd.Series:
             ref = (same_model & (keys["method"] == run["method"]) & (keys["stage2"] == run["stage2"])
                    & (keys["optimizer"] == "adamw"))
         if ref.sum() != 1:
-            raise ValueError(f"run {tuple(run)} needs exactly one reference row for Delta, "
+            raise UsageError(f"run {tuple(run)} needs exactly one reference row for Delta, "
                              f"found {int(ref.sum())}: {keys[ref].to_dict('records')}")
         out.append(avg.iloc[i] - avg[ref.to_numpy()].iloc[0])
     return pd.Series(out, index=avg.index, name="Delta")

@@ -18,6 +18,8 @@ import numpy as np
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from cfsam.core.errors import UsageError
+
 
 # --------------------------------------------------------------------------------------- common
 def save_figure(fig: Figure, path, *, dpi: int = 150, close: bool = False) -> Path:
@@ -37,7 +39,7 @@ def shared_norm(arrays, vmin: float | None = None, vmax: float | None = None) ->
     finite = [np.asarray(a, dtype=float)[np.isfinite(a)] for a in arrays]
     finite = [a for a in finite if a.size]
     if not finite and (vmin is None or vmax is None):
-        raise ValueError("no finite values to scale colours by")
+        raise UsageError("no finite values to scale colours by")
     lo = min(float(a.min()) for a in finite) if vmin is None else vmin
     hi = max(float(a.max()) for a in finite) if vmax is None else vmax
     if hi <= lo:
@@ -55,7 +57,7 @@ def contour_grid(surfaces: Mapping[str, object], *, levels: int = 20, cmap: str 
                  vmin: float | None = None, vmax: float | None = None, labels: bool = True) -> Figure:
     """Filled contours with contour lines, one panel per model, one shared colour scale and levels."""
     if not surfaces:
-        raise ValueError("no surfaces to plot")
+        raise UsageError("no surfaces to plot")
     norm = shared_norm([s.losses for s in surfaces.values()], vmin, vmax)
     ticks = np.linspace(norm.vmin, norm.vmax, levels)
     fig, axes = _panels(len(surfaces), width=4.2, height=3.8)
@@ -75,7 +77,7 @@ def surface_grid(surfaces: Mapping[str, object], *, cmap: str = "viridis", vmin:
                  vmax: float | None = None, elev: float = 30, azim: float = -60, floor_contours: int = 15) -> Figure:
     """3-D surfaces (the paper's Fig. 1) with contours projected on the floor; shared colours and z-range."""
     if not surfaces:
-        raise ValueError("no surfaces to plot")
+        raise UsageError("no surfaces to plot")
     norm = shared_norm([s.losses for s in surfaces.values()], vmin, vmax)
     floor = norm.vmin - 0.3 * (norm.vmax - norm.vmin)  # contours drawn below the surface, not through it
     fig, axes = _panels(len(surfaces), width=4.5, height=4.2, projection="3d")
@@ -95,7 +97,7 @@ def surface_grid(surfaces: Mapping[str, object], *, cmap: str = "viridis", vmin:
 def line_plot(lines: Mapping[str, object], *, xlabel: str = "t (0: start model, 1: end model)") -> Figure:
     """1-D interpolation curves, one per entry, on one axis."""
     if not lines:
-        raise ValueError("no lines to plot")
+        raise UsageError("no lines to plot")
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, line in lines.items():
         ax.plot(line.t, line.losses, marker="o", markersize=3, label=name)

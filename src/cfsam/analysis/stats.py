@@ -9,6 +9,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from cfsam.core.errors import UsageError
+
 
 EXACT_SPEARMAN_MAX = 14  # the exact null below holds 2^n x n^3/3 counts: 119 MB at 14 points
 
@@ -18,7 +20,7 @@ def spearman_null(n: int) -> np.ndarray:
     """The exact null distribution of Spearman's D = sum_i (i - pi(i))^2 over all n! pairings pi of n untied
     ranks: ``counts[D]``. A dynamic program over which ranks the first positions took (2^n states, not n!)."""
     if not 1 <= n <= EXACT_SPEARMAN_MAX:
-        raise ValueError(f"exact Spearman null for n={n}: allowed 1..{EXACT_SPEARMAN_MAX}")
+        raise UsageError(f"exact Spearman null for n={n}: allowed 1..{EXACT_SPEARMAN_MAX}")
     top = n * (n * n - 1) // 3
     counts = np.zeros((1 << n, top + 1), dtype=np.int64)
     counts[0, 0] = 1

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from cfsam.core.errors import UsageError
+
 
 @dataclass
 class Runtime:
@@ -26,15 +28,15 @@ def deepspeed_mode() -> str:
     """The dist mode an accelerate DeepSpeed config asks for; refuses what cfsam's engine setup ignores."""
     stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     if stage not in ("1", "2", "3"):
-        raise ValueError(f"ACCELERATE_DEEPSPEED_ZERO_STAGE={stage}: cfsam's trainer runs ZeRO stage 1, 2 or 3 "
+        raise UsageError(f"ACCELERATE_DEEPSPEED_ZERO_STAGE={stage}: cfsam's trainer runs ZeRO stage 1, 2 or 3 "
                          "(stage 0 is plain data parallelism: use configs/accelerate_ddp.yaml)")
     if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none").lower() not in ("", "none"):
-        raise ValueError(f"deepspeed_config_file={os.environ['ACCELERATE_DEEPSPEED_CONFIG_FILE']} is not read: "
+        raise UsageError(f"deepspeed_config_file={os.environ['ACCELERATE_DEEPSPEED_CONFIG_FILE']} is not read: "
                          "cfsam builds the engine's config from its own options; set zero_stage in the "
                          "accelerate config instead")
     for flag in ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"):
         if os.environ.get(flag, "none").lower() not in ("", "none"):
-            raise ValueError(f"{flag}={os.environ[flag]} is not supported by cfsam's trainer; set it to none")
+            raise UsageError(f"{flag}={os.environ[flag]} is not supported by cfsam's trainer; set it to none")
     return f"zero{stage}"
 
 
@@ -47,18 +49,18 @@ def setup_distributed(mode: str) -> Runtime:
         else:
             mode = "fsdp" if use_fsdp else ("ddp" if world > 1 or dist.is_initialized() else "none")
     if is_zero(mode) and importlib.util.find_spec("deepspeed") is None:
-        raise ValueError(f"dist={mode!r} needs DeepSpeed: pip install deepspeed (the `cluster` extra)")
+        raise UsageError(f"dist={mode!r} needs DeepSpeed: pip install deepspeed (the `cluster` extra)")
     if mode == "fsdp":  # what an accelerate FSDP config asks for, where it differs from what runs here
         if os.environ.get("FSDP_VERSION", "2") != "2":
-            raise ValueError(f"FSDP_VERSION={os.environ['FSDP_VERSION']}: cfsam's trainer runs FSDP2 "
+            raise UsageError(f"FSDP_VERSION={os.environ['FSDP_VERSION']}: cfsam's trainer runs FSDP2 "
                              "(fully_shard); set fsdp_version: 2 in the accelerate config")
         for flag in ("FSDP_OFFLOAD_PARAMS", "FSDP_ACTIVATION_CHECKPOINTING"):
             if os.environ.get(flag, "false").lower() == "true":
-                raise ValueError(f"{flag}=true is not supported by cfsam's trainer; set it to false")
+                raise UsageError(f"{flag}=true is not supported by cfsam's trainer; set it to false")
     created = False
     if mode != "none" and not dist.is_initialized():
         if "RANK" not in os.environ:
-            raise ValueError(f"dist={mode!r} needs a launcher: torchrun --nproc_per_node N or accelerate launch")
+            raise UsageError(f"dist={mode!r} needs a launcher: torchrun --nproc_per_node N or accelerate launch")
         init_group()
         created = True
     rank = dist.get_rank() if mode != "none" else 0

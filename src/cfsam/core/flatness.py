@@ -24,17 +24,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from cfsam.core.errors import UsageError
+
 
 def flatness_metrics(Z, spacing: float) -> dict[str, float]:
     """SC, AG and MAG of a grid of losses with step ``spacing`` (definitions in the module docstring)."""
     Z = np.asarray(Z, dtype=np.float64)
     if Z.ndim != 2 or min(Z.shape) < 3:
-        raise ValueError(f"Z must be a 2-D grid of at least 3 x 3 losses; got shape {Z.shape}")
+        raise UsageError(f"Z must be a 2-D grid of at least 3 x 3 losses; got shape {Z.shape}")
     if not np.all(np.isfinite(Z)):
-        raise ValueError(f"Z holds {int((~np.isfinite(Z)).sum())} non-finite losses; flatness needs finite values")
+        raise UsageError(f"Z holds {int((~np.isfinite(Z)).sum())} non-finite losses; flatness needs finite values")
     h = float(spacing)
     if not (np.isfinite(h) and h > 0):
-        raise ValueError(f"spacing={spacing!r}; it must be a positive finite grid step")
+        raise UsageError(f"spacing={spacing!r}; it must be a positive finite grid step")
 
     c = Z[1:-1, 1:-1]  # interior points
     f_xx = (Z[2:, 1:-1] - 2 * c + Z[:-2, 1:-1]) / h**2

@@ -10,6 +10,8 @@ import shutil
 import zlib
 from pathlib import Path
 
+from cfsam.core.errors import CfsamError, UsageError
+
 
 def write_text_atomic(path: str | Path, text: str, mode: int | None = None) -> Path:
     """Write to a temporary sibling, then rename over the target (atomic on POSIX); a ``.gz`` path is
@@ -30,7 +32,7 @@ def write_text_atomic(path: str | Path, text: str, mode: int | None = None) -> P
     return path
 
 
-class DiskError(OSError):
+class DiskError(CfsamError, OSError):
     """A file that could not be written: the message names it, the reason and the free space there."""
 
 
@@ -67,7 +69,7 @@ def read_json(path: str | Path):
         data = path.read_bytes()
         return json.loads((gzip.decompress(data) if path.suffix == ".gz" else data).decode("utf-8"))
     except (gzip.BadGzipFile, EOFError, zlib.error, UnicodeDecodeError) as err:
-        raise ValueError(f"{type(err).__name__}: {err}") from err
+        raise UsageError(f"{type(err).__name__}: {err}") from err
 
 
 def _default(value):

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import yaml
 
+from cfsam.core.errors import UsageError
+
 ROOT = Path(__file__).resolve().parents[1] / "registry"
 # kind -> (file or folder under ROOT, what one entry is called in messages)
 KINDS = {"models": ("models.yaml", "model preset"), "datasets": ("datasets.yaml", "dataset"),
          "tasks": ("tasks", "task"), "presets": ("presets", "preset"), "claims": ("claims.yaml", "claim")}
 
 
-class RegistryError(ValueError):
+class RegistryError(UsageError):
     """An unknown name, or a registry file that cannot be read; the message says what is allowed."""
 
 

@@ -39,6 +39,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from cfsam.core.errors import UsageError
+
 try:  # torch >= 2.4
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover
@@ -125,13 +127,13 @@ class SAM(torch.optim.Optimizer):
     def __init__(self, params, base_optimizer=torch.optim.AdamW, rho: float = 2.0, adaptive: bool = False,
                  eps: float = 1e-12, sharded: bool | None = None, process_group=None, every: int = 1, **kwargs):
         if not rho > 0:
-            raise ValueError(f"SAM needs rho > 0, got rho={rho!r}")
+            raise UsageError(f"SAM needs rho > 0, got rho={rho!r}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every={every!r}: SAM every k updates needs an integer k >= 1 (1: every update)")
+            raise UsageError(f"every={every!r}: SAM every k updates needs an integer k >= 1 (1: every update)")
         if not eps > 0:
-            raise ValueError(f"SAM needs eps > 0, got eps={eps!r}")
+            raise UsageError(f"SAM needs eps > 0, got eps={eps!r}")
         if sharded not in (None, True, False):
-            raise ValueError(f"sharded must be None, True or False, got {sharded!r}")
+            raise UsageError(f"sharded must be None, True or False, got {sharded!r}")
         super().__init__(params, dict(rho=rho, adaptive=adaptive, sam_every=every, sam_updates=0, **kwargs))
         # The base optimizer works on the very same group dicts and state: one set of hyper-parameters
         # (an lr scheduler on either sees both) and one state_dict.
@@ -146,7 +148,7 @@ class SAM(torch.optim.Optimizer):
         self.last_grad_norm: float | None = None  # the (ASAM-weighted when adaptive) norm used for e
         self.last_perturbation_norm: float | None = None  # ||e|| over all ranks
         if sharded is None and any(getattr(p, "_fsdp_flattened", False) for p in self._params()):
-            raise ValueError(
+            raise UsageError(
                 "SAM got FSDP1 parameters with sharded=None: pass sharded=True for FULL_SHARD / "
                 "SHARD_GRAD_OP / HYBRID_SHARD (with process_group=the shard group for HYBRID) or "
                 "sharded=False for NO_SHARD")

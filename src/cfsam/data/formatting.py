@@ -6,6 +6,7 @@ from functools import lru_cache
 import datasets
 import torch
 
+from cfsam.core.errors import UsageError
 from cfsam.data.hub import load_hub
 from cfsam.data.sources import (
     HELDOUT_FRACTION,
@@ -204,7 +205,7 @@ def length_grouped_order(lengths: list[int], batch_size: int, seed: int, epoch: 
     only within a mega-batch does length decide who shares a batch. Deterministic in (seed, epoch),
     so a resumed run sees the same batches."""
     if batch_size <= 0 or mega <= 0:
-        raise ValueError(f"batch_size={batch_size}, mega={mega}: both must be positive")
+        raise UsageError(f"batch_size={batch_size}, mega={mega}: both must be positive")
     g = torch.Generator().manual_seed(seed + epoch)
     perm = torch.randperm(len(lengths), generator=g).tolist()
     size = mega * batch_size

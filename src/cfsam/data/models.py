@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError
 
 from cfsam.core import registry as registry_
+from cfsam.core.errors import RunFailed, UsageError
 from cfsam.core.io import disk_error
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 REGISTRY_FILE = Path(__file__).parent.parent / "registry" / "models.yaml"
 
 
-class ModelUnavailable(RuntimeError):
+class ModelUnavailable(RunFailed):
     """A preset that exists but cannot be loaded on this machine (the message says how to get it)."""
 
 
@@ -117,7 +118,7 @@ def prepare(name: str) -> Path:
     """Convert a ``gguf_wheel`` preset to a cached safetensors directory (once); return that directory."""
     spec = model_spec(name)
     if spec["source"] != "gguf_wheel":
-        raise ValueError(f"model {name!r} has source {spec['source']!r}; only gguf_wheel presets are prepared")
+        raise UsageError(f"model {name!r} has source {spec['source']!r}; only gguf_wheel presets are prepared")
     out = converted_dir(name)
     if _prepared(out):
         return out
@@ -145,7 +146,7 @@ def _convert(spec: dict, out: Path) -> Path:
     missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
     if missing or unexpected:
-        raise RuntimeError(f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}")
+        raise RunFailed(f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}")
     plain.tie_weights()
     plain.generation_config = loaded.generation_config
     tmp = out.with_name(out.name + ".tmp")

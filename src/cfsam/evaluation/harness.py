@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from cfsam.core.dist import local_device, rank_world
+from cfsam.core.errors import UsageError
 from cfsam.core.io import write_json_atomic
 from cfsam.data import models
 from cfsam.evaluation import tasks
@@ -60,7 +61,7 @@ def evaluate(model_or_loaded, task_list: list[str] | str, *, limit: int | None =
     """
     names = tasks.check_names([task_list] if isinstance(task_list, str) else list(task_list))
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive number of items or None, got {limit}")
+        raise UsageError(f"limit must be a positive number of items or None, got {limit}")
     loaded = _as_loaded(model_or_loaded)
     model, tok = loaded.model, loaded.tokenizer
     if device is not None:

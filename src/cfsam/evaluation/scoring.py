@@ -7,6 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cfsam.core.dist import rank_world
+from cfsam.core.errors import UsageError
 
 
 def prefix_token_id(tokenizer) -> int:
@@ -41,7 +42,7 @@ def encode_pairs(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int
             k_ids = next(bare_ids)
             c_ids, k_ids = ([prefix], k_ids) if not k_ids or k_ids[0] != prefix else (k_ids[:1], k_ids[1:])
         if not k_ids:
-            raise ValueError(f"continuation {cont!r} after context {ctx[-40:]!r} has no tokens to score")
+            raise UsageError(f"continuation {cont!r} after context {ctx[-40:]!r} has no tokens to score")
         out.append((list(c_ids), list(k_ids)))
     return out
 
@@ -49,9 +50,9 @@ def encode_pairs(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int
 def _head_parts(model):
     cfg = model.config
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
-        raise ValueError(f"{type(model).__name__} rescales its logits; the harness assumes logits = lm_head(hidden)")
+        raise UsageError(f"{type(model).__name__} rescales its logits; the harness assumes logits = lm_head(hidden)")
     if "flash" in str(getattr(cfg, "_attn_implementation", "")):
-        raise ValueError("the packed scoring needs a custom attention mask: load the model with "
+        raise UsageError("the packed scoring needs a custom attention mask: load the model with "
                          "attn_implementation='sdpa' or 'eager', not flash attention")
     return model.get_decoder(), model.get_output_embeddings()
 
@@ -169,7 +170,7 @@ def score_groups(model, groups: list[tuple[list[int], list[list[int]]]], *, pad_
     and continued from its KV cache. Runs data parallel when ``WORLD_SIZE`` > 1.
     """
     if batch_size < 1 or max_batch_tokens < 1:
-        raise ValueError(f"batch_size and max_batch_tokens must be positive, got {batch_size}, {max_batch_tokens}")
+        raise UsageError(f"batch_size and max_batch_tokens must be positive, got {batch_size}, {max_batch_tokens}")
     was_training = model.training
     model.eval()
     try:

@@ -36,6 +36,7 @@ from pathlib import Path
 import jinja2
 
 from cfsam.core import registry
+from cfsam.core.errors import RunFailed, UnknownName, UsageError
 from cfsam.data import sources
 
 TASK_DIR = Path(__file__).parent.parent / "registry" / "tasks"
@@ -44,7 +45,7 @@ PRIMARY_METRICS = ("acc", "acc_norm", "acc_tok", "mc2")
 FEWSHOT_DELIMITER = "\n\n"  # between few-shot examples, as lm-eval
 
 
-class TaskMissing(RuntimeError):
+class TaskMissing(RunFailed):
     """The task is defined but its data set is not available here (the message says why): never raised for a
     damaged file, which is a ``sources.DataError`` naming it."""
 
@@ -109,7 +110,7 @@ def paper_tasks() -> dict[str, list[str]]:
 def task_spec(name: str) -> dict:
     reg = _registry()
     if name not in reg:
-        raise KeyError(f"unknown task {name!r}; allowed: {', '.join(reg)}")
+        raise UnknownName(f"unknown task {name!r}; allowed: {', '.join(reg)}")
     return reg[name]
 
 
@@ -234,7 +235,7 @@ def subsample(n: int, limit: int | None, seed: int, name: str) -> list[int]:
     if limit is None or limit >= n:
         return list(range(n))
     if limit < 1:
-        raise ValueError(f"limit must be a positive number of items, got {limit}")
+        raise UsageError(f"limit must be a positive number of items, got {limit}")
     return sorted(random.Random(f"{seed}:{name}").sample(range(n), limit))
 
 
@@ -246,7 +247,7 @@ def stratified_subsample(groups: list[str], limit: int | None, seed: int, name: 
     if limit is None or limit >= n:
         return list(range(n))
     if limit < 1:
-        raise ValueError(f"limit must be a positive number of items, got {limit}")
+        raise UsageError(f"limit must be a positive number of items, got {limit}")
     rng = random.Random(f"{seed}:{name}:stratified")
     members: dict[str, list[int]] = {}
     for i, g in enumerate(groups):
@@ -271,7 +272,7 @@ def sampling(name: str) -> str:
     spec = task_spec(name)
     how = spec.get("sample", "random")
     if how not in ("random", "stratified") or (how == "stratified" and not spec.get("group")):
-        raise ValueError(f"task {name!r}: sample {how!r} is not allowed; use 'random', or 'stratified' with a "
+        raise UsageError(f"task {name!r}: sample {how!r} is not allowed; use 'random', or 'stratified' with a "
                          "'group' expression")
     return how
 
@@ -282,7 +283,7 @@ def load_items(name: str, *, limit: int | None = None, seed: int = 1234,
     ``sample: stratified`` and ``stratify`` holds) and the full item count."""
     spec = task_spec(name)
     if num_fewshot < 0:
-        raise ValueError(f"num_fewshot must be >= 0, got {num_fewshot}")
+        raise UsageError(f"num_fewshot must be >= 0, got {num_fewshot}")
     records = _records(spec, spec["split"])
     render = _Renderer(spec)
     chosen = (stratified_subsample([r["group"] for r in records], limit, seed, name)
@@ -304,7 +305,7 @@ def _shots(r: dict, pool: list[dict], k: int, fs: dict, seed: int, i: int, same_
     candidates = [p for j, p in enumerate(pool) if not (same_pool and j == i)
                   and (not fs.get("same_group") or p.get("group") == r.get("group"))]
     if len(candidates) < k:
-        raise ValueError(f"num_fewshot={k} but only {len(candidates)} few-shot examples are available")
+        raise UsageError(f"num_fewshot={k} but only {len(candidates)} few-shot examples are available")
     if fs.get("sampler", "random") == "first_n":
         return candidates[:k]
     return random.Random(f"{seed}:{i}").sample(candidates, k)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cfsam.core.errors import UsageError
 from cfsam.measurement.heldout import (
     Batch,
     LossFn,
@@ -54,7 +55,7 @@ def gradient(model: torch.nn.Module, batches: Sequence[Batch],
             torch._foreach_add_(grad, g)
             total, count = total + float(s.detach()), count + n
     if count == 0:
-        raise ValueError("the batches hold no labelled items (every label is -100); the loss is undefined")
+        raise UsageError("the batches hold no labelled items (every label is -100); the loss is undefined")
     torch._foreach_div_(grad, count)
     return total / count, grad
 
@@ -99,7 +100,7 @@ def power_iteration(model: torch.nn.Module, batches: Sequence[Batch], *, iters: 
     ``rel_change`` = |q_k - q_{k-1}| / |q_k| at the last iteration k (None after a single one: nothing to
     compare); ``converged``: rel_change <= ``converged_tol``."""
     if iters < 1:
-        raise ValueError(f"iters={iters}; power iteration needs at least one step")
+        raise UsageError(f"iters={iters}; power iteration needs at least one step")
     params = model_params(model)
     generator = torch.Generator().manual_seed(seed)
     v = [torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p) for p in params]
@@ -137,7 +138,7 @@ def hessian_trace(model: torch.nn.Module, batches: Sequence[Batch], *, probes: i
                   loss_fn: LossFn = response_token_loss) -> tuple[float, float]:
     """Hutchinson's estimate of tr(H), mean of v^T H v over Rademacher probes v, and its standard error."""
     if probes < 2:
-        raise ValueError(f"probes={probes}; Hutchinson's estimate with a standard error needs at least 2")
+        raise UsageError(f"probes={probes}; Hutchinson's estimate with a standard error needs at least 2")
     params = model_params(model)
     generator = torch.Generator().manual_seed(seed)
     samples = []
@@ -153,7 +154,7 @@ def sam_sharpness(model: torch.nn.Module, batches: Sequence[Batch], *, rho: floa
                   loss_fn: LossFn = response_token_loss) -> dict[str, float]:
     """SAM's sharpness max_{|e|<=rho} L(theta+e) - L(theta), first order: e = rho g / |g| (Foret et al. 2021)."""
     if not (math.isfinite(rho) and rho > 0):
-        raise ValueError(f"rho={rho!r}; it must be a positive finite radius")
+        raise UsageError(f"rho={rho!r}; it must be a positive finite radius")
     params = model_params(model)
     with evaluating(model):
         loss, grad = gradient(model, batches, loss_fn)

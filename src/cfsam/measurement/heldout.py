@@ -6,6 +6,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from cfsam.core.errors import UsageError
 from cfsam.training.loss import row_losses, summed_loss
 
 IGNORE = -100
@@ -40,7 +41,7 @@ def loss_and_count(model, batches, loss_fn) -> tuple[float, int]:
         total += float(s)
         count += n
     if count == 0:
-        raise ValueError("the batches hold no labelled items (every label is -100); the loss is undefined")
+        raise UsageError("the batches hold no labelled items (every label is -100); the loss is undefined")
     return total / count, count
 
 
@@ -64,7 +65,7 @@ def heldout_batches(dataset: str, tokenizer, *, n_examples: int = 8, batch_size:
     from cfsam.data import formatting
 
     if batch_size <= 0:
-        raise ValueError(f"batch_size={batch_size}; it must be positive")
+        raise UsageError(f"batch_size={batch_size}; it must be positive")
     ds = formatting.build_dataset(dataset, tokenizer, n=skip + n_examples, seed=seed, max_length=max_length,
                                   split=split)
     rows = [ds[i] for i in range(skip, len(ds))]
@@ -86,7 +87,7 @@ def split_rows(batches: Sequence[Batch], rows: int) -> list[Batch]:
     A loss that sums over examples is the same sum over these; what a pass keeps alive shrinks with
     the rows, which matters for double backward (``curvature.hvp``) that keeps the whole graph."""
     if rows <= 0:
-        raise ValueError(f"rows={rows}; it must be positive")
+        raise UsageError(f"rows={rows}; it must be positive")
     out = []
     for b in batches:
         n = next(v for v in b.values() if torch.is_tensor(v)).shape[0]
@@ -103,7 +104,7 @@ def split_rows(batches: Sequence[Batch], rows: int) -> list[Batch]:
 def model_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     params = list(model.parameters())  # tied weights (embeddings = lm_head) appear once
     if not params:
-        raise ValueError("the model has no parameters")
+        raise UsageError("the model has no parameters")
     return params
 
 

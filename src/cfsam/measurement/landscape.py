@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cfsam.core.errors import UsageError
 from cfsam.core.flatness import flatness_metrics
 from cfsam.measurement.heldout import (
     Batch,
@@ -99,7 +100,7 @@ class _Saved:
         stem = cls._stem(path)
         meta = json.loads(stem.with_name(stem.name + ".json").read_text())
         if meta.pop("kind", None) != cls.__name__:
-            raise ValueError(f"{stem}.json does not hold a {cls.__name__}")
+            raise UsageError(f"{stem}.json does not hold a {cls.__name__}")
         with np.load(stem.with_name(stem.name + ".npz")) as npz:
             arrays = {k: npz[k] for k in npz.files}
         return cls(**arrays, **meta)
@@ -144,9 +145,9 @@ def surface(model: torch.nn.Module, batches: Sequence[Batch], *, n: int = 11, sp
             model_info: dict | None = None, data_info: dict | None = None, progress: bool = True) -> Surface:
     """The loss on an n x n grid over [-span, span]^2 around the model's weights (restored exactly after)."""
     if not (isinstance(n, int) and n >= 3 and n % 2 == 1):
-        raise ValueError(f"n={n!r}; the grid needs an odd number of points >= 3 so theta0 is its centre")
+        raise UsageError(f"n={n!r}; the grid needs an odd number of points >= 3 so theta0 is its centre")
     if not (math.isfinite(span) and span > 0):
-        raise ValueError(f"span={span!r}; it must be a positive finite number")
+        raise UsageError(f"span={span!r}; it must be a positive finite number")
     params = model_params(model)
     batches = on_device(batches, params[0].device)
     d1 = random_direction(model, seed, which=0, filter_norm=filter_norm, ignore_1d=ignore_1d)
@@ -176,7 +177,7 @@ def surface(model: torch.nn.Module, batches: Sequence[Batch], *, n: int = 11, sp
 def summarize_flatness(surfaces: Sequence[Surface]) -> dict[str, dict]:
     """Per metric: mean, std (ddof=1; None for a single surface), the per-seed values and their seeds."""
     if not surfaces:
-        raise ValueError("no surfaces to summarise")
+        raise UsageError("no surfaces to summarise")
     per_seed = [s.flatness() for s in surfaces]
     out = {}
     for m in METRICS:
@@ -190,7 +191,7 @@ def flatness_over_seeds(model: torch.nn.Module, batches: Sequence[Batch], seeds:
                         **surface_kwargs) -> tuple[list[Surface], dict[str, dict]]:
     """One surface per direction seed, and the flatness metrics' mean and std over them."""
     if not seeds:
-        raise ValueError("seeds is empty; give at least one direction seed")
+        raise UsageError("seeds is empty; give at least one direction seed")
     surfaces = [surface(model, batches, seed=s, **surface_kwargs) for s in seeds]
     return surfaces, summarize_flatness(surfaces)
 
@@ -206,12 +207,12 @@ def interpolate(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: Seq
     """
     ts = np.linspace(0.0, 1.0, t) if isinstance(t, int) else np.asarray(t, dtype=np.float64)
     if ts.ndim != 1 or len(ts) < 2:
-        raise ValueError(f"t={t!r}; give at least 2 interpolation points (or their number)")
+        raise UsageError(f"t={t!r}; give at least 2 interpolation points (or their number)")
     names_a = [(k, p.shape) for k, p in model_a.named_parameters()]
     names_b = [(k, p.shape) for k, p in model_b.named_parameters()]
     if names_a != names_b:
         diff = sorted(set(names_a) ^ set(names_b))[:3]
-        raise ValueError(f"the two models' parameters differ (names or shapes), e.g. {diff}; "
+        raise UsageError(f"the two models' parameters differ (names or shapes), e.g. {diff}; "
                          "interpolation needs the same architecture")
     params_a = model_params(model_a)
     theta_b = [q.detach().to(device=p.device, dtype=p.dtype) for p, q in zip(params_a, model_params(model_b))]

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from cfsam.core.errors import UsageError
 from cfsam.core.io import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -41,13 +42,13 @@ def read_reference(path: str | Path, datasets=DATASETS, tasks=TASKS) -> dict:
     """A committed entry of a base model holding what the check compares, or ValueError saying what is missing."""
     ref = read_json(path)
     if not isinstance(ref, dict) or set(ref.get("spec", {}).get("run", {})) != {"model"}:
-        raise ValueError(f"{path}: not an entry of a base model (its spec.run must be {{'model': ...}})")
+        raise UsageError(f"{path}: not an entry of a base model (its spec.run must be {{'model': ...}})")
     missing = [f"heldout_loss.{d}.per_example" for d in datasets
                if "per_example" not in ref.get("heldout_loss", {}).get(d, {})]
     missing += [f"eval.tasks.{t}.records" for t in tasks if not ref.get("eval", {}).get("tasks", {}).get(t, {}).get("records")]
     if missing:
         have_d, have_t = sorted(ref.get("heldout_loss", {})), sorted(ref.get("eval", {}).get("tasks", {}))
-        raise ValueError(f"{path} lacks {', '.join(missing)}; it holds held-out sets {', '.join(have_d) or 'none'} "
+        raise UsageError(f"{path} lacks {', '.join(missing)}; it holds held-out sets {', '.join(have_d) or 'none'} "
                          f"and tasks {', '.join(have_t) or 'none'}")
     return ref
 
@@ -62,7 +63,7 @@ def measure(ref: dict, *, datasets=DATASETS, n_examples: int = 8, tasks=TASKS, n
     from cfsam.measurement import heldout
 
     if n_examples < 1 or n_items < 1:
-        raise ValueError(f"n_examples={n_examples}, n_items={n_items}; each must be at least 1")
+        raise UsageError(f"n_examples={n_examples}, n_items={n_items}; each must be at least 1")
     loaded = models.load_model(model or ref["spec"]["run"]["model"])
     net, tok = loaded.model.eval().to(local_device()), loaded.tokenizer
     h, ev = ref["spec"]["measure"]["heldout"], ref["spec"]["measure"]["eval"]

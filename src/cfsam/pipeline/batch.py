@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
+from cfsam.core.errors import RunFailed, UsageError
 from cfsam.pipeline import cache, chapters, runner
 from cfsam.pipeline.presets import load_preset, preset_name
 
@@ -52,7 +53,7 @@ def select_notebooks(notebooks: list[str] | None = None, notebooks_dir: Path | N
         return found
     bad = [nb for nb in notebooks if nb not in known]
     if bad:
-        raise ValueError(f"unknown notebook(s) {', '.join(bad)}; allowed: {', '.join(known)}")
+        raise UsageError(f"unknown notebook(s) {', '.join(bad)}; allowed: {', '.join(known)}")
     absent = [nb for nb in notebooks if not (nb_dir / f"{nb}.ipynb").exists()]
     if absent:
         raise FileNotFoundError(f"notebook file(s) missing in {nb_dir}: {', '.join(nb + '.ipynb' for nb in absent)}")
@@ -71,14 +72,14 @@ def check_parameters(path: Path) -> None:
         quiet.setLevel(level)
     lacking = [p for p in REQUIRED_PARAMETERS if p not in declared]
     if lacking:
-        raise ValueError(f"notebook {path} does not declare parameter(s) {', '.join(lacking)} in a cell tagged "
+        raise UsageError(f"notebook {path} does not declare parameter(s) {', '.join(lacking)} in a cell tagged "
                          f"'parameters' (declares: {', '.join(declared) or 'none'}); required: "
                          f"{', '.join(REQUIRED_PARAMETERS)}")
 
 
 def notebook_parameters(preset: str, extra: dict | None = None) -> dict:
     if "preset" in (extra or {}):
-        raise ValueError("the preset is set by --preset, not as an extra notebook parameter")
+        raise UsageError("the preset is set by --preset, not as an extra notebook parameter")
     return {"preset": preset, "results_dir": None, **(extra or {})}
 
 
@@ -152,5 +153,5 @@ def run_local(preset: str, notebooks: list[str] | None = None, *, out: Path | No
                  target)
         done.append(target)
     if failed:
-        raise RuntimeError(f"notebook(s) failed: {', '.join(failed)}; their outputs are {out}/<name>.failed.ipynb")
+        raise RunFailed(f"notebook(s) failed: {', '.join(failed)}; their outputs are {out}/<name>.failed.ipynb")
     return done

@@ -17,6 +17,7 @@ import logging
 import os
 from pathlib import Path
 
+from cfsam.core.errors import UsageError
 from cfsam.core.io import config_hash, read_json
 from cfsam.pipeline.presets import preset_name
 from cfsam.pipeline.specs import expand, experiment_id
@@ -106,12 +107,12 @@ def retractions(preset: str) -> dict[str, dict]:
     try:
         groups = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"{path}: {type(err).__name__}: {err}; it must be {form}") from err
+        raise UsageError(f"{path}: {type(err).__name__}: {err}; it must be {form}") from err
     out = {}
     for group in groups or []:
         if not (isinstance(group, dict) and isinstance(group.get("reason"), str) and isinstance(group.get("entries"), dict)
                 and all(isinstance(v, dict) and {"id", "start"} <= set(v) for v in group["entries"].values())):
-            raise ValueError(f"{path}: {str(group)[:120]!r} is not {form}")
+            raise UsageError(f"{path}: {str(group)[:120]!r} is not {form}")
         for name, which in group["entries"].items():
             out[name] = {"id": which["id"], "start": str(which["start"]), "reason": " ".join(group["reason"].split())}
     return out
@@ -122,9 +123,9 @@ def read_entry(path: Path) -> dict:
     try:
         entry = read_json(path)
     except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: {type(err).__name__}: {err}") from err
+        raise UsageError(f"{path}: {type(err).__name__}: {err}") from err
     if not isinstance(entry, dict) or "id" not in entry:
-        raise ValueError(f"{path}: not a results entry (a JSON object with an id), got {type(entry).__name__}")
+        raise UsageError(f"{path}: not a results entry (a JSON object with an id), got {type(entry).__name__}")
     return entry
 
 
@@ -137,7 +138,7 @@ def load_results(preset: str, names: list[str] | None = None, *, verify_data: bo
     out = {}
     for name in names or list(exps):
         if name not in exps:
-            raise ValueError(f"unknown experiment {name!r} in preset {preset!r}; allowed: {', '.join(exps)}")
+            raise UsageError(f"unknown experiment {name!r} in preset {preset!r}; allowed: {', '.join(exps)}")
         out[name] = _status(preset, name, exps[name], verify, retracted.get(name))
     return out
 

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import yaml
 
+from cfsam.core.errors import UsageError
+
 REPO = Path(__file__).resolve().parents[3]
 NOTEBOOKS_DIR = REPO / "notebooks"
 
 
-class ChapterError(ValueError):
+class ChapterError(UsageError):
     """An unknown chapter, or a notebook whose metadata cannot be read."""
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from cfsam.core.errors import RunFailed, UsageError
 from cfsam.pipeline import slurm
 from cfsam.pipeline.batch import run_local
 from cfsam.pipeline.presets import is_path
@@ -44,7 +45,7 @@ def _parse_params(items: list[str]) -> dict:
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name.isidentifier():
-            raise ValueError(f"parameter {item!r} must be NAME=VALUE with NAME a Python identifier")
+            raise UsageError(f"parameter {item!r} must be NAME=VALUE with NAME a Python identifier")
         out[name] = yaml.safe_load(value)
     return out
 
@@ -59,9 +60,9 @@ def main(args) -> int:
                   parameters=params, compute=args.compute)
         return 0
     if not args.compute:
-        raise ValueError("--no-compute is for local runs; the Slurm chapters job uses it by itself")
+        raise UsageError("--no-compute is for local runs; the Slurm chapters job uses it by itself")
     if args.submit and not args.dry_run and shutil.which("sbatch") is None:
-        raise RuntimeError("--submit: sbatch is not on PATH; write the scripts without --submit and run "
+        raise RunFailed("--submit: sbatch is not on PATH; write the scripts without --submit and run "
                            "submit_all.sh on the cluster")
     overrides = {"partition": args.partition, "gpus_per_node": args.gpus, "time": args.time,
                  "accelerate": args.accelerate}

@@ -10,6 +10,7 @@ import contextlib
 import os
 from pathlib import Path
 
+from cfsam.core.errors import UsageError
 from cfsam.core.io import free_space
 from cfsam.data import formatting, models
 from cfsam.pipeline.cache import results_dir
@@ -17,7 +18,7 @@ from cfsam.pipeline.specs import _stage_runs
 from cfsam.training.config import resolve
 
 
-class PreflightError(ValueError):
+class PreflightError(UsageError):
     """Something that would stop the run later, named with the value and what would fit."""
 
 

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from cfsam import __version__
 from cfsam.core.dist import init_group, local_device
 from cfsam.core import memory
+from cfsam.core.errors import RunFailed, UsageError
 from cfsam.core.io import read_json, write_json_atomic
 from cfsam.data import models, sources
 from cfsam.pipeline import preflight
@@ -209,10 +210,10 @@ def device_check() -> dict:
     try:
         result = read_json(path)
     except (OSError, ValueError) as err:
-        raise RuntimeError(f"CFSAM_DEVICE_CHECK={path} cannot be read ({type(err).__name__}: {err}); run "
+        raise RunFailed(f"CFSAM_DEVICE_CHECK={path} cannot be read ({type(err).__name__}: {err}); run "
                            "`python -m cfsam.measurement.selfcheck results/cpu/base.json.gz --out FILE` first") from err
     if not result.get("passed"):
-        raise RuntimeError(f"the device self-check in {path} failed ({'; '.join(result.get('failures', [])[:3])}): "
+        raise RunFailed(f"the device self-check in {path} failed ({'; '.join(result.get('failures', [])[:3])}): "
                            "this machine does not reproduce the committed reference, so nothing is computed")
     return {"device_check": result}
 
@@ -307,7 +308,7 @@ def _run_parallel(preset: str, exps: dict, todo: list[str], workers: int) -> dic
     import multiprocessing
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("workers > 1 runs experiments side by side in one process group's place; "
+        raise UsageError("workers > 1 runs experiments side by side in one process group's place; "
                          "under a multi-process launcher use workers=1")
     todo_groups = groups(exps, todo)
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -419,7 +420,7 @@ def _plan(preset: str, notebooks: list[str] | None, only: list[str] | None) -> t
     names = only or needed(preset, notebooks)
     unknown = [n for n in names if n not in exps]
     if unknown:
-        raise ValueError(f"unknown experiment(s) {', '.join(unknown)} in preset {preset!r}; allowed: {', '.join(exps)}")
+        raise UsageError(f"unknown experiment(s) {', '.join(unknown)} in preset {preset!r}; allowed: {', '.join(exps)}")
     status = load_results(preset, names)
     # experiments that measure one training run go one after another (headline first, as listed): a run
     # is trained once while its cache lives, which on a machine that a session lends is that session only
@@ -435,7 +436,7 @@ def compute_missing(preset: str, notebooks: list[str] | None = None, only: list[
     is logged and the others still run (under a multi-process launcher the first failure stops them all: the
     ranks must stay in step). The Summary says what was computed, current, not computable here, or failed."""
     if not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers={workers!r}; it must be a positive number of processes")
+        raise UsageError(f"workers={workers!r}; it must be a positive number of processes")
     exps, names, status, todo = _plan(preset, notebooks, only)
     summary = Summary(preset, current=[n for n in names if status[n]["status"] == "ok"])
     seen: dict = {}
@@ -488,7 +489,7 @@ def run_missing(preset: str, notebooks: list[str] | None = None, only: list[str]
     ``_run_parallel``). Experiments that cannot be computed here are skipped (``compute_missing``); if any
     failed, RuntimeError names them after the others ran."""
     if not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers={workers!r}; it must be a positive number of processes")
+        raise UsageError(f"workers={workers!r}; it must be a positive number of processes")
     if dry_run:
         _, _, status, todo = _plan(preset, notebooks, only)
         for n in todo:
@@ -496,5 +497,5 @@ def run_missing(preset: str, notebooks: list[str] | None = None, only: list[str]
         return todo
     summary = compute_missing(preset, notebooks, only, workers, echo=log.warning)
     if summary.failed:
-        raise RuntimeError(f"{len(summary.failed)} experiment(s) failed (see the log): {', '.join(summary.failed)}")
+        raise RunFailed(f"{len(summary.failed)} experiment(s) failed (see the log): {', '.join(summary.failed)}")
     return summary.computed

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from cfsam.core.errors import UsageError
 from cfsam.core.io import write_text_atomic
 from cfsam.pipeline import chapters, specs
 from cfsam.pipeline.presets import load_preset, preset_name
@@ -171,11 +172,11 @@ def slurm_config(path: Path | None = None, overrides: dict | None = None) -> dic
                                   (f"{path} (chapters)", cfg.get("chapters") or {}, [*SLURM_KEYS, "extra"])):
         bad = [k for k in keys if k not in allowed]
         if bad:
-            raise ValueError(f"unknown Slurm setting(s) {', '.join(bad)} in {source}; allowed: {', '.join(allowed)}")
+            raise UsageError(f"unknown Slurm setting(s) {', '.join(bad)} in {source}; allowed: {', '.join(allowed)}")
     cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
     gpus = cfg.get("gpus_per_node")
     if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
-        raise ValueError(f"Slurm setting gpus_per_node={gpus!r} must be an integer >= 1")
+        raise UsageError(f"Slurm setting gpus_per_node={gpus!r} must be an integer >= 1")
     config_file = accelerate_config(cfg.get("accelerate", "auto"))  # an unknown name fails now
     if not (REPO / config_file).exists():
         log.warning("accelerate config %s does not exist (yet); the jobs will fail without it", config_file)
@@ -191,7 +192,7 @@ def accelerate_config(name: str) -> str:
         return ACCELERATE_CONFIGS[name]
     if str(name).endswith((".yaml", ".yml")):
         return str(name)
-    raise ValueError(f"unknown accelerate config {name!r}; allowed: {', '.join(ACCELERATE_CONFIGS)}, auto or a .yaml "
+    raise UsageError(f"unknown accelerate config {name!r}; allowed: {', '.join(ACCELERATE_CONFIGS)}, auto or a .yaml "
                      "path")
 
 

@@ -10,6 +10,7 @@ An *experiment* is one model state (a *run*) and what is measured on it. A run i
 """
 from __future__ import annotations
 
+from cfsam.core.errors import UsageError
 from cfsam.core.io import config_hash
 from cfsam.evaluation import tasks
 from cfsam.pipeline.presets import load_preset
@@ -248,7 +249,7 @@ def needed(preset: str | dict, notebooks: list[str] | None = None) -> list[str]:
     known = chapters.chapters()
     bad = [n for n in notebooks if n not in known]
     if bad:
-        raise ValueError(f"unknown chapter(s) {', '.join(bad)}; allowed: {', '.join(known)}")
+        raise UsageError(f"unknown chapter(s) {', '.join(bad)}; allowed: {', '.join(known)}")
     keep = set().union(*(chapters.chapter_experiments(nb, names) for nb in notebooks))
     return [n for n in names if n in keep]
 

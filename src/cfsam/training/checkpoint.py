@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta
 
 from cfsam.core.dist import Runtime, barrier, is_zero, unwrap
+from cfsam.core.errors import UsageError
 from cfsam.core.io import disk_error, write_json_atomic
 from cfsam.data import models
 from cfsam.training import zero
@@ -32,7 +33,7 @@ from cfsam.training import zero
 CKPT_PREFIX = "checkpoint-"
 
 
-class DamagedCheckpoint(ValueError):
+class DamagedCheckpoint(UsageError):
     """A checkpoint that cannot be read (truncated, overwritten, written by an older cfsam): the message names
     it and the command that removes it; the stage then trains from its start."""
 
@@ -109,18 +110,18 @@ def load_checkpoint(ckpt: Path, model, opt, sched, scaler, sid: str, rt: Runtime
     remove = f"delete it with `rm -r {ckpt}`"
     state = _read(ckpt, "trainer_state.pt", lambda: _trainer_state(ckpt / "trainer_state.pt"))
     if state["run_id"] != sid:
-        raise ValueError(f"{ckpt} belongs to run {state['run_id']}, not {sid} (another config in the same out "
+        raise UsageError(f"{ckpt} belongs to run {state['run_id']}, not {sid} (another config in the same out "
                          f"folder): use another --out, or {remove}")
     if is_zero(rt.mode):
         if not (ckpt / "zero").is_dir() or state["world"] != rt.world:
-            raise ValueError(f"{ckpt} was not written by DeepSpeed with {rt.world} processes (it has "
+            raise UsageError(f"{ckpt} was not written by DeepSpeed with {rt.world} processes (it has "
                              f"{'a DeepSpeed' if (ckpt / 'zero').is_dir() else 'no DeepSpeed'} checkpoint of "
                              f"{state['world']}): resume with the same dist and process count, or {remove}")
         _read(ckpt, "zero/", lambda: model.load_checkpoint(str(ckpt / "zero"), tag="state", load_optimizer_states=True,
                                                           load_lr_scheduler_states=False))
     else:
         if not (ckpt / "dcp").is_dir():
-            raise ValueError(f"{ckpt} was written under DeepSpeed: resume with the same dist, or {remove}")
+            raise UsageError(f"{ckpt} was written under DeepSpeed: resume with the same dist, or {remove}")
         model_sd, optim_sd = get_state_dict(model, opt)
         _read(ckpt, "dcp/", lambda: _dcp_load({"model": model_sd, "optim": optim_sd}, ckpt / "dcp", rt))
         set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
@@ -137,7 +138,7 @@ def _trainer_state(path: Path) -> dict:
     state = torch.load(path, weights_only=True)
     missing = {"step", "run_id", "scheduler", "history", "scaler", "world"} - set(state if isinstance(state, dict) else ())
     if missing:
-        raise ValueError(f"not a trainer state (it lacks {', '.join(sorted(missing))})")
+        raise UsageError(f"not a trainer state (it lacks {', '.join(sorted(missing))})")
     return state
 
 

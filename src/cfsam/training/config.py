@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 from cfsam.core import registry
+from cfsam.core.errors import UsageError
 from cfsam.core.io import config_hash
 
 OPTIMIZERS = ("adamw", "sam")
@@ -75,7 +76,7 @@ ADDED_LATER = {"group_by_length": False}
 DEFAULT_REHEARSAL_FRACTION = 0.1  # `cfsam train --rehearsal` without a fraction
 
 
-class SpecError(ValueError):
+class SpecError(UsageError):
     """An unknown option or an impossible value, named with what is allowed."""
 
 

@@ -69,6 +69,7 @@ from transformers import Trainer
 from transformers.training_args import OptimizerNames
 from transformers.utils import is_sagemaker_mp_enabled
 
+from cfsam.core.errors import UsageError
 from cfsam.core.sam import SAM
 from cfsam.training.step import TrainingDiverged
 
@@ -91,9 +92,9 @@ class SAMTrainerMixin:
 
     def __init__(self, *args, rho: float = 0.05, adaptive: bool = False, **kwargs):
         if not (isinstance(rho, (int, float)) and rho > 0 and math.isfinite(rho)):
-            raise ValueError(f"SAMTrainer needs a finite rho > 0, got rho={rho!r}")
+            raise UsageError(f"SAMTrainer needs a finite rho > 0, got rho={rho!r}")
         if not isinstance(adaptive, bool):
-            raise ValueError(f"adaptive must be True or False, got adaptive={adaptive!r}")
+            raise UsageError(f"adaptive must be True or False, got adaptive={adaptive!r}")
         self.sam_rho, self.sam_adaptive = float(rho), adaptive
         self._sam_pending: list[tuple[dict, object]] = []  # (micro-batch, num_items_in_batch) since the last step
         self._sam_history: list[tuple[float, float]] = []  # (grad norm, perturbation norm) since the last log
@@ -119,7 +120,7 @@ class SAMTrainerMixin:
         elif optim in (OptimizerNames.LOMO.value, OptimizerNames.ADALOMO.value) or "layerwise" in optim:
             refused = (f"optim={optim!r}", "it steps inside backward, before SAM could perturb the weights")
         if refused:
-            raise ValueError(
+            raise UsageError(
                 f"SAMTrainer does not support {refused[0]}: {refused[1]}. Allowed: one process, DataParallel or "
                 "DDP, in fp32/bf16/fp16, with an optimizer that steps in optimizer.step(). For sharded SAM use "
                 "cfsam's own trainer (cfsam.core.sam.SAM with sharded=..., cfsam.training.zero.ZeroSAM).")
@@ -251,5 +252,5 @@ def _pad_id(tokenizer, model) -> int:
             pad = pad[0] if pad else None
         if pad is not None:
             return int(pad)
-    raise ValueError("SAMTrainer needs a data_collator, or a pad token id to pad with: pass processing_class=tokenizer "
+    raise UsageError("SAMTrainer needs a data_collator, or a pad token id to pad with: pass processing_class=tokenizer "
                      "or set model.config.pad_token_id")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from cfsam.core.errors import UsageError
 from cfsam.data import models
 from cfsam.training.config import merge_id, model_ref
 
@@ -25,26 +26,26 @@ log = logging.getLogger(__name__)
 def interpolate(sd1: dict, sd2: dict, alpha: float) -> dict:
     """(1 - alpha) * sd1 + alpha * sd2, key by key (fp32 arithmetic, cast back to each tensor's dtype)."""
     if sd1.keys() != sd2.keys():
-        raise ValueError(f"the two models differ in parameters: only in stage 1 {sorted(sd1.keys() - sd2.keys())[:5]}, "
+        raise UsageError(f"the two models differ in parameters: only in stage 1 {sorted(sd1.keys() - sd2.keys())[:5]}, "
                          f"only in stage 2 {sorted(sd2.keys() - sd1.keys())[:5]}")
     out = {}
     for k, a in sd1.items():
         b = sd2[k]
         if a.shape != b.shape:
-            raise ValueError(f"{k}: shape {tuple(a.shape)} in stage 1 but {tuple(b.shape)} in stage 2")
+            raise UsageError(f"{k}: shape {tuple(a.shape)} in stage 1 but {tuple(b.shape)} in stage 2")
         if a.is_floating_point():
             out[k] = ((1.0 - alpha) * a.float() + alpha * b.float()).to(a.dtype)
         elif torch.equal(a, b):
             out[k] = a
         else:
-            raise ValueError(f"{k}: integer buffer differs between the stages and cannot be interpolated")
+            raise UsageError(f"{k}: integer buffer differs between the stages and cannot be interpolated")
     return out
 
 
 def wise_ft(stage1_dir, stage2_dir, out_dir, alpha: float = 0.5) -> Path:
     """Merge two saved stages into ``out_dir``; returns ``out_dir``."""
     if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
-        raise ValueError(f"alpha={alpha!r}; allowed: 0 <= alpha <= 1 (0: stage 1, 1: stage 2)")
+        raise UsageError(f"alpha={alpha!r}; allowed: 0 <= alpha <= 1 (0: stage 1, 1: stage 2)")
     stage1_dir, stage2_dir, out_dir = Path(stage1_dir), Path(stage2_dir), Path(out_dir)
     for d in (stage1_dir, stage2_dir):
         if not (d / "config.json").exists():
@@ -58,7 +59,7 @@ def wise_ft(stage1_dir, stage2_dir, out_dir, alpha: float = 0.5) -> Path:
         if done.get("run_id") == record["run_id"]:
             log.info("merge %s already in %s", record["run_id"], out_dir)
             return out_dir
-        raise ValueError(f"{out_dir} holds another merge ({done.get('run_id')}); use another out_dir or delete it")
+        raise UsageError(f"{out_dir} holds another merge ({done.get('run_id')}); use another out_dir or delete it")
 
     m1 = models.load_model(str(stage1_dir)).model
     loaded2 = models.load_model(str(stage2_dir))

@@ -59,6 +59,7 @@ from cfsam.core.dist import (
     setup_distributed,
     wrap_model,
 )
+from cfsam.core.errors import UsageError
 from cfsam.core.io import write_json_atomic
 from cfsam.core.sam import SAM
 from cfsam.data import formatting, models, sources
@@ -124,7 +125,7 @@ def train_stage(model, dataset, out_dir=None, *, keep_checkpoints: bool = False,
             _check_same_data(metrics, kw, out_dir)
             log.info("stage %s already trained in %s: reusing it", sid, out_dir)
             return metrics
-        raise ValueError(f"{out_dir} holds a finished run of another config (run {metrics.get('run_id')}, "
+        raise UsageError(f"{out_dir} holds a finished run of another config (run {metrics.get('run_id')}, "
                          f"this one is {sid}): use another out_dir or delete it")
     if isinstance(model, dict):  # continue a stage: train it first (or find it in the cache)
         parent = train_stage(**model)
@@ -142,11 +143,11 @@ def train_stage(model, dataset, out_dir=None, *, keep_checkpoints: bool = False,
             if env in os.environ and os.environ[env] != str(ours).lower():
                 log.warning("accelerate's %s=%s is not used: this stage runs %s %s", env, os.environ[env], flag, ours)
     if precision == "fp16" and (rt.mode == "fsdp" or is_zero(rt.mode)):
-        raise ValueError(f"precision='fp16' is not supported with dist={rt.mode!r} here (its GradScaler would need "
+        raise UsageError(f"precision='fp16' is not supported with dist={rt.mode!r} here (its GradScaler would need "
                          "sharded inf checks); use precision='bf16'")
     micro_total = grad_accum * rt.world
     if batch_size % micro_total:
-        raise ValueError(f"batch_size={batch_size} (global) must be a multiple of grad_accum * world_size = "
+        raise UsageError(f"batch_size={batch_size} (global) must be a multiple of grad_accum * world_size = "
                          f"{grad_accum} * {rt.world}")
     try:
         return _run(model, dataset, out_dir, config, sid, kw, rt, keep_checkpoints, callback)
@@ -159,7 +160,7 @@ def _read_metrics(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ValueError(f"{path} is damaged ({err}): delete {path.parent} to retrain that stage") from err
+        raise UsageError(f"{path} is damaged ({err}): delete {path.parent} to retrain that stage") from err
 
 
 def _check_same_data(metrics: dict, kw: dict, out_dir: Path) -> None:
@@ -170,7 +171,7 @@ def _check_same_data(metrics: dict, kw: dict, out_dir: Path) -> None:
             continue
         here, then = sources.file_hashes(name), (metrics.get("data_sha256") or {}).get(name)
         if then is not None and here != then:
-            raise ValueError(f"{out_dir} was trained on other {name!r} files than the ones here "
+            raise UsageError(f"{out_dir} was trained on other {name!r} files than the ones here "
                              f"({sources.data_dir() or 'the Hub'}): delete {out_dir} to retrain it")
 
 
@@ -180,7 +181,7 @@ def _load_data(dataset, tokenizer, kw) -> tuple:
     else:
         ds = dataset if kw["n_train"] is None else dataset.select(range(min(kw["n_train"], len(dataset))))
         if kw["n_train"] is not None and len(dataset) < kw["n_train"]:
-            raise ValueError(f"n_train={kw['n_train']} but the dataset has {len(dataset)} rows")
+            raise UsageError(f"n_train={kw['n_train']} but the dataset has {len(dataset)} rows")
     info = {"dataset": dataset if isinstance(dataset, str) else "custom",
             "label": sources.label(dataset) if isinstance(dataset, str) else None, "n_stage": len(ds)}
     frac = kw["rehearsal_fraction"]
@@ -212,7 +213,7 @@ def _run(model_name_or_dir, dataset, out_dir: Path, config: dict, sid: str, kw: 
     batch_size, grad_accum = kw["batch_size"], kw["grad_accum"]
     steps_per_epoch = len(ds) // batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(ds)} examples are fewer than one batch (batch_size={batch_size})")
+        raise UsageError(f"{len(ds)} examples are fewer than one batch (batch_size={batch_size})")
     total_steps = max(1, math.ceil(kw["epochs"] * steps_per_epoch))
     if kw["max_steps"] is not None:
         total_steps = min(total_steps, kw["max_steps"])

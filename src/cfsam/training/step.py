@@ -9,12 +9,13 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from cfsam.core.errors import RunFailed
 from cfsam.core.sam import SAM, global_norm
 from cfsam.training import zero
 from cfsam.training.loss import summed_loss
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RunFailed):
     """A non-finite loss or gradient: the run stopped; the last good checkpoint is kept."""
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from cfsam.core.errors import UsageError
 from cfsam.core.sam import global_norm
 
 STAGES = (1, 2, 3)
@@ -40,7 +41,7 @@ def engine_config(stage: int, micro_batch: int, grad_accum: int, world: int, max
     """The DeepSpeed config cfsam runs: fp32 weights and masters (bf16 is cfsam's own autocast),
     the batch split as in cfsam.training, clipping by DeepSpeed at ``max_grad_norm``."""
     if stage not in STAGES:
-        raise ValueError(f"ZeRO stage {stage!r} is not supported here; allowed: 1 | 2 | 3 "
+        raise UsageError(f"ZeRO stage {stage!r} is not supported here; allowed: 1 | 2 | 3 "
                          "(stage 0 is plain data parallelism: use dist='ddp')")
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -73,7 +74,7 @@ def is_engine(model) -> bool:
 def _stage(engine) -> int:
     stage = int(engine.zero_optimization_stage())
     if stage not in STAGES:
-        raise ValueError(f"the engine runs ZeRO stage {stage}; ZeroSAM needs stage 1, 2 or 3")
+        raise UsageError(f"the engine runs ZeRO stage {stage}; ZeroSAM needs stage 1, 2 or 3")
     return stage
 
 
@@ -128,11 +129,11 @@ class ZeroSAM:
 
     def __init__(self, engine, rho: float = 2.0, adaptive: bool = False, eps: float = 1e-12, every: int = 1):
         if not rho > 0:
-            raise ValueError(f"SAM needs rho > 0, got rho={rho!r}")
+            raise UsageError(f"SAM needs rho > 0, got rho={rho!r}")
         if not eps > 0:
-            raise ValueError(f"SAM needs eps > 0, got eps={eps!r}")
+            raise UsageError(f"SAM needs eps > 0, got eps={eps!r}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every={every!r}: SAM every k updates needs an integer k >= 1 (1: every update)")
+            raise UsageError(f"every={every!r}: SAM every k updates needs an integer k >= 1 (1: every update)")
         self.engine = engine
         self.every = every
         self.stage = _stage(engine)
