@@ -44,6 +44,7 @@ import random
 import resource
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -150,7 +151,8 @@ def train_stage(model, dataset, out_dir=None, *, keep_checkpoints: bool = False,
         raise UsageError(f"batch_size={batch_size} (global) must be a multiple of grad_accum * world_size = "
                          f"{grad_accum} * {rt.world}")
     try:
-        return _run(model, dataset, out_dir, config, sid, kw, rt, keep_checkpoints, callback)
+        return _run(model, dataset, out_dir, config=config, sid=sid, kw=kw, rt=rt,
+                    keep_checkpoints=keep_checkpoints, callback=callback)
     finally:
         if rt.created_group:
             torch.distributed.destroy_process_group()
@@ -200,32 +202,38 @@ def _load_data(dataset, tokenizer, kw) -> tuple:
     return ds.select_columns(["input_ids", "labels"]), info
 
 
-def _run(model_name_or_dir, dataset, out_dir: Path, config: dict, sid: str, kw: dict, rt: Runtime,
-         keep_checkpoints: bool, callback) -> dict:
-    t_start = time.time()
-    torch.manual_seed(kw["seed"])
-    random.seed(kw["seed"])
-    np.random.seed(kw["seed"])
-    loaded = models.load_model(str(model_name_or_dir), dtype=torch.float32)
-    tokenizer = loaded.tokenizer
-    ds, data_info = _load_data(dataset, tokenizer, kw)
+@dataclass
+class _Plan:
+    """How a stage cuts its data into steps: per epoch, in all, per micro-batch, and where it saves snapshots."""
+    steps_per_epoch: int
+    total_steps: int
+    micro: int                   # examples per micro-batch on each rank
+    snapshot_at: dict[int, int]  # step -> snapshot index (the models saved along the run)
 
+
+def _plan(n_examples: int, kw: dict, rt: Runtime) -> _Plan:
     batch_size, grad_accum = kw["batch_size"], kw["grad_accum"]
-    steps_per_epoch = len(ds) // batch_size
+    steps_per_epoch = n_examples // batch_size
     if steps_per_epoch == 0:
-        raise UsageError(f"{len(ds)} examples are fewer than one batch (batch_size={batch_size})")
+        raise UsageError(f"{n_examples} examples are fewer than one batch (batch_size={batch_size})")
     total_steps = max(1, math.ceil(kw["epochs"] * steps_per_epoch))
     if kw["max_steps"] is not None:
         total_steps = min(total_steps, kw["max_steps"])
+    n_snap = kw["snapshots"]
+    snapshot_at = {max(1, round(i * total_steps / n_snap)): i for i in range(1, n_snap)} if n_snap > 1 else {}
+    return _Plan(steps_per_epoch, total_steps, batch_size // (grad_accum * rt.world), snapshot_at)
 
-    micro = batch_size // (grad_accum * rt.world)
-    model = wrap_model(loaded.model, rt)
+
+def _optimizers(model, kw: dict, rt: Runtime, plan: _Plan):
+    """The wrapped model, its optimizer (SAM around its base, or the DeepSpeed engine's), the schedule, the
+    fp16 GradScaler and the step's context."""
+    model = wrap_model(model, rt)
     model.train()
     if is_zero(rt.mode):
         # the engine steps a plain AdamW (the client optimizer); SAM's two passes sit around the engine
         sched_opt = build_optimizer(model, "adamw", kw["lr"], kw["weight_decay"], kw["rho"], kw["adaptive"])
-        model = zero.initialize(model, sched_opt, zero.engine_config(int(rt.mode[-1]), micro, grad_accum, rt.world,
-                                                                     kw["max_grad_norm"]))
+        model = zero.initialize(model, sched_opt, zero.engine_config(int(rt.mode[-1]), plan.micro, kw["grad_accum"],
+                                                                     rt.world, kw["max_grad_norm"]))
         opt = (zero.ZeroSAM(model, rho=kw["rho"], adaptive=kw["adaptive"], every=kw["sam_every"])
                if kw["optimizer"] == "sam" else None)
     else:
@@ -234,17 +242,70 @@ def _run(model_name_or_dir, dataset, out_dir: Path, config: dict, sid: str, kw: 
         sched_opt = opt.base_optimizer if isinstance(opt, SAM) else opt  # SAM steps through its base optimizer
     from transformers import get_scheduler
 
-    sched = get_scheduler(kw["lr_scheduler"], sched_opt, num_warmup_steps=math.ceil(kw["warmup_ratio"] * total_steps),
-                          num_training_steps=total_steps)
+    sched = get_scheduler(kw["lr_scheduler"], sched_opt,
+                          num_warmup_steps=math.ceil(kw["warmup_ratio"] * plan.total_steps),
+                          num_training_steps=plan.total_steps)
     precision = kw["precision"]
     scaler = torch.amp.GradScaler(rt.device.type) if precision == "fp16" else None
     ctx = StepContext(world=rt.world, no_sync=model.no_sync if rt.mode == "ddp" else None,
                       autocast_dtype={"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision],
                       scaler=scaler, max_grad_norm=kw["max_grad_norm"], device_type=rt.device.type,
                       engine=model if is_zero(rt.mode) else None)
+    return model, opt, sched, scaler, ctx
 
-    history = {"step": [], "loss": [], "grad_norm": [], "sam_grad_norm": [], "perturbation_norm": [], "lr": [],
-               "skipped": [], "tokens": 0, "train_seconds": 0.0}
+
+class _Batches:
+    """A step's micro-batches on this rank. The data order is a function of (seed, epoch), so a resumed run
+    sees the same batches; one order is held at a time."""
+
+    def __init__(self, ds, kw: dict, rt: Runtime, plan: _Plan, pad_id: int):
+        self.ds, self.kw, self.rt, self.plan, self.pad_id = ds, kw, rt, plan, pad_id
+        self.lengths = [len(x) for x in ds["input_ids"]] if kw["group_by_length"] else None
+        self.orders: dict[int, torch.Tensor] = {}
+
+    def at(self, step: int) -> tuple[list[dict], torch.Tensor, int]:
+        """The micro-batches of ``step`` (on the run's device), their response-token count and the epoch."""
+        kw, rt, micro, grad_accum = self.kw, self.rt, self.plan.micro, self.kw["grad_accum"]
+        batch_size = kw["batch_size"]
+        epoch, pos = divmod(step, self.plan.steps_per_epoch)
+        if epoch not in self.orders:  # one order per epoch
+            self.orders.clear()
+            self.orders[epoch] = (
+                torch.tensor(formatting.length_grouped_order(self.lengths, batch_size, kw["seed"], epoch))
+                if kw["group_by_length"] else
+                torch.randperm(len(self.ds), generator=torch.Generator().manual_seed(kw["seed"] + epoch)))
+        perm = self.orders[epoch]
+        mine = perm[pos * batch_size:(pos + 1) * batch_size][rt.rank * micro * grad_accum:][:micro * grad_accum]
+        micro_batches = []
+        n_tokens = torch.zeros((), dtype=torch.long)
+        for j in range(grad_accum):
+            rows = self.ds[mine[j * micro:(j + 1) * micro].tolist()]
+            feats = [{"input_ids": a, "labels": b} for a, b in zip(rows["input_ids"], rows["labels"])]
+            mb = formatting.collate(feats, self.pad_id)
+            n_tokens += mb["attention_mask"].sum()
+            micro_batches.append({k: v.to(rt.device) for k, v in mb.items()})
+        return micro_batches, n_tokens, epoch
+
+
+HISTORY = ("step", "loss", "grad_norm", "sam_grad_norm", "perturbation_norm", "lr", "skipped")  # per step
+
+
+def _run(model_name_or_dir, dataset, out_dir: Path, *, config: dict, sid: str, kw: dict, rt: Runtime,
+         keep_checkpoints: bool, callback) -> dict:
+    """Set up, resume from the latest checkpoint if any, train to the end (saving snapshots and checkpoints
+    on the way), then save the model and ``metrics.json``."""
+    t_start = time.time()
+    torch.manual_seed(kw["seed"])
+    random.seed(kw["seed"])
+    np.random.seed(kw["seed"])
+    loaded = models.load_model(str(model_name_or_dir), dtype=torch.float32)
+    tokenizer = loaded.tokenizer
+    ds, data_info = _load_data(dataset, tokenizer, kw)
+    plan = _plan(len(ds), kw, rt)
+    total_steps = plan.total_steps
+    model, opt, sched, scaler, ctx = _optimizers(loaded.model, kw, rt, plan)
+
+    history = {**{k: [] for k in HISTORY}, "tokens": 0, "train_seconds": 0.0}
     start_step, resumed_from = 0, None
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = latest_checkpoint(out_dir)
@@ -254,32 +315,12 @@ def _run(model_name_or_dir, dataset, out_dir: Path, config: dict, sid: str, kw: 
         log.info("resuming stage %s from %s (step %d of %d)", sid, ckpt, start_step, total_steps)
     last_ckpt = ckpt
 
-    pad_id = tokenizer.pad_token_id
-    lengths = [len(x) for x in ds["input_ids"]] if kw["group_by_length"] else None
-    orders: dict[int, torch.Tensor] = {}
-    # models saved along the run, for measuring learning and forgetting as it happens: step -> index
+    batches = _Batches(ds, kw, rt, plan, tokenizer.pad_token_id)
     n_snap = kw["snapshots"]
-    snapshot_at = {max(1, round(i * total_steps / n_snap)): i for i in range(1, n_snap)} if n_snap > 1 else {}
     bar = tqdm(total=total_steps, initial=start_step, disable=rt.rank != 0, desc=f"train {kw['optimizer']}")
     t_loop = time.time()
     for step in range(start_step, total_steps):
-        # the data order is a function of (seed, epoch): a resumed run sees the same batches
-        epoch, pos = divmod(step, steps_per_epoch)
-        if epoch not in orders:  # one order per epoch
-            orders.clear()
-            orders[epoch] = (torch.tensor(formatting.length_grouped_order(lengths, batch_size, kw["seed"], epoch))
-                             if kw["group_by_length"] else
-                             torch.randperm(len(ds), generator=torch.Generator().manual_seed(kw["seed"] + epoch)))
-        perm = orders[epoch]
-        mine = perm[pos * batch_size:(pos + 1) * batch_size][rt.rank * micro * grad_accum:][:micro * grad_accum]
-        micro_batches = []
-        n_tokens = torch.zeros((), dtype=torch.long)
-        for j in range(grad_accum):
-            rows = ds[mine[j * micro:(j + 1) * micro].tolist()]
-            feats = [{"input_ids": a, "labels": b} for a, b in zip(rows["input_ids"], rows["labels"])]
-            mb = formatting.collate(feats, pad_id)
-            n_tokens += mb["attention_mask"].sum()
-            micro_batches.append({k: v.to(rt.device) for k, v in mb.items()})
+        micro_batches, n_tokens, epoch = batches.at(step)
         lr_now = sched.get_last_lr()[0]
         try:
             rec = optimizer_step(model, opt, micro_batches, ctx)
@@ -295,7 +336,7 @@ def _run(model_name_or_dir, dataset, out_dir: Path, config: dict, sid: str, kw: 
             dist.all_reduce(n_tokens)
         history["tokens"] += int(n_tokens)
         rec.update(step=step + 1, lr=lr_now)
-        for key in ("step", "loss", "grad_norm", "sam_grad_norm", "perturbation_norm", "lr", "skipped"):
+        for key in HISTORY:
             history[key].append(rec[key])
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.4f}")
@@ -305,42 +346,50 @@ def _run(model_name_or_dir, dataset, out_dir: Path, config: dict, sid: str, kw: 
                      rec["grad_norm"], extra, lr_now)
         if callback is not None:
             callback(dict(rec))
-        if step + 1 in snapshot_at and step + 1 < total_steps:
-            snap = out_dir / snapshot_name(snapshot_at[step + 1], n_snap)
-            save_model(model, rt, tokenizer, snap, {"run_id": sid, "step": step + 1, "at": snapshot_at[step + 1],
-                                                     "of": n_snap})
+        if step + 1 in plan.snapshot_at and step + 1 < total_steps:
+            at = plan.snapshot_at[step + 1]
+            save_model(model, rt, tokenizer, out_dir / snapshot_name(at, n_snap),
+                       {"run_id": sid, "step": step + 1, "at": at, "of": n_snap})
         if kw["checkpoint_every"] and (step + 1) % kw["checkpoint_every"] == 0 and step + 1 < total_steps:
             history["train_seconds"] += time.time() - t_loop
             t_loop = time.time()
             last_ckpt = save_checkpoint(out_dir, step + 1, model, opt, sched, scaler, history, sid, rt)
     bar.close()
     history["train_seconds"] += time.time() - t_loop
+    return _finish(model, tokenizer, out_dir, rt, history, plan, keep_checkpoints=keep_checkpoints,
+                   run={"run_id": sid, "config": config, "data": data_info, "model_source": loaded.source,
+                        "resumed_from_step": resumed_from, "t_start": t_start, "n_snap": n_snap, "kw": kw})
 
-    # ---- the trained model, then metrics.json (the marker of a finished run)
+
+def _finish(model, tokenizer, out_dir: Path, rt: Runtime, history: dict, plan: _Plan, *, keep_checkpoints: bool,
+            run: dict) -> dict:
+    """The trained model, then metrics.json (the marker of a finished run); the checkpoints go unless kept."""
     weights = save_model(model, rt, tokenizer, out_dir)
     peak, peak_kind = _peak_memory(rt.device)
     metrics = None
     if rt.rank == 0:
         metrics = {
-            "run_id": sid, "status": "finished", "config": config, "data": data_info,
-            "data_sha256": _data_sha256(kw),
-            "model_source": loaded.source, "out_dir": str(out_dir),
+            "run_id": run["run_id"], "status": "finished", "config": run["config"], "data": run["data"],
+            "data_sha256": _data_sha256(run["kw"]),
+            "model_source": run["model_source"], "out_dir": str(out_dir),
             "weights_hash": weights,
             "steps": history["step"], "loss": history["loss"], "grad_norm": history["grad_norm"],
             "sam_grad_norm": history["sam_grad_norm"], "perturbation_norm": history["perturbation_norm"],
             "lr": history["lr"], "skipped": history["skipped"], "final_loss": history["loss"][-1],
-            "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "resumed_from_step": resumed_from,
-            "snapshots": {snapshot_name(i, n_snap): step for step, i in snapshot_at.items()},
+            "total_steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch,
+            "resumed_from_step": run["resumed_from_step"],
+            "snapshots": {snapshot_name(i, run["n_snap"]): step for step, i in plan.snapshot_at.items()},
             "tokens": history["tokens"], "train_seconds": history["train_seconds"],
             "tokens_per_s": history["tokens"] / max(history["train_seconds"], 1e-9),
-            "wall_seconds": time.time() - t_start, "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
+            "wall_seconds": time.time() - run["t_start"], "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
             "world_size": rt.world, "dist": rt.mode, "device": str(rt.device), "torch": torch.__version__,
         }
         write_json_atomic(out_dir / "metrics.json", metrics)
         if not keep_checkpoints:
             for old in out_dir.glob(CKPT_PREFIX + "*"):
                 shutil.rmtree(old, ignore_errors=True)
-        log.info("stage %s finished: %d steps, final loss %.4f, %s", sid, total_steps, metrics["final_loss"], out_dir)
+        log.info("stage %s finished: %d steps, final loss %.4f, %s", run["run_id"], plan.total_steps,
+                 metrics["final_loss"], out_dir)
     barrier(rt)
     if metrics is None:
         metrics = json.loads((out_dir / "metrics.json").read_text())
