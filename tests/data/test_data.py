@@ -3,7 +3,7 @@
 import datasets
 import pytest
 
-from cfsam.data import sources
+from cfsam.data import catalog, sources
 from cfsam.data import formatting
 
 def manifest_counts() -> dict[str, int]:
@@ -153,8 +153,8 @@ def test_llamacpp_clean_follows_the_extractor_rules_by_hand():
     # extract_hellaswag.cpp: "[header]", "[step]", "[substeps]" dropped, " [title]" -> ". ", then ONE pass of
     # "  " -> " " (three spaces leave two), then one leading and one trailing space dropped
     raw = "[header] How to paint a wall [title] Buy paint. [step] Pick a colour  [substeps] it dries. "
-    assert sources.llamacpp_clean(raw) == "How to paint a wall. Buy paint. Pick a colour  it dries."
-    assert sources.llamacpp_clean("Roof shingle removal") == "Roof shingle removal"
+    assert catalog.llamacpp_clean(raw) == "How to paint a wall. Buy paint. Pick a colour  it dries."
+    assert catalog.llamacpp_clean("Roof shingle removal") == "Roof shingle removal"
 
 
 def test_hub_sources_are_named_by_id_config_split_and_revision(monkeypatch):

@@ -7,7 +7,7 @@ from functools import lru_cache
 import datasets
 import jinja2
 
-from cfsam.data.sources import DataError, DataUnavailable, dataset_spec, llamacpp_clean
+from cfsam.data.catalog import DataError, DataUnavailable, dataset_spec, llamacpp_clean
 
 
 def hub_spec(name: str) -> dict:

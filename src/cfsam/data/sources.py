@@ -11,8 +11,8 @@ from pathlib import Path
 
 import datasets
 
-from cfsam.core import registry as registry_
-from cfsam.core.registry import RegistryError
+from cfsam.data import hub
+from cfsam.data.catalog import DamagedFile, DataError, DataUnavailable, dataset_names, dataset_spec, registry
 
 log = logging.getLogger(__name__)
 
@@ -24,38 +24,7 @@ datasets.disable_progress_bars()
 datasets.disable_caching()
 
 
-REGISTRY_FILE = Path(__file__).parent.parent / "registry" / "datasets.yaml"
-
-
 HELDOUT_FRACTION, HELDOUT_MAX = 0.05, 500  # fixed held-out slice of every training set (seed 0)
-
-
-class DataError(RegistryError):
-    """Unknown dataset, missing file, or a malformed record."""
-
-
-class DataUnavailable(DataError):
-    """A set that cannot be had here by design: the mirror lacks it (as the registry and the mirror's
-    MANIFEST.md say), it has no Hub copy, or the Hub cannot be reached. Only this makes an eval task 'missing'."""
-
-
-class DamagedFile(DataError):
-    """A mirror file that is there but cannot be read as its set: truncated, malformed, not a plain file, or
-    not the size MANIFEST.md lists. Always an error naming the file, never a 'missing' set."""
-
-
-def registry() -> dict[str, dict]:
-    return registry_.entries("datasets")
-
-
-def dataset_names(kind: str | None = None) -> list[str]:
-    return [n for n, s in registry().items() if kind is None or s["kind"] == kind]
-
-
-def dataset_spec(name: str) -> dict:
-    if name not in registry():
-        raise DataError(f"unknown dataset {name!r}; allowed: {', '.join(registry())}")
-    return registry()[name]
 
 
 def data_dir() -> Path | None:
@@ -197,10 +166,10 @@ def file_hashes(name: str, splits: list[str] | None = None) -> dict[str, str]:
     "unpinned" when the registry pins none (the Hub's latest was read)."""
     spec = dataset_spec(name)
     if not use_mirror():
-        hub = spec.get("hub", {})
-        if "id" not in hub:
-            return {"missing": hub.get("missing", "no Hub copy registered")}
-        return {"hub:" + _hub().hub_ref(name, s): hub.get("revision", "unpinned") for s in (splits or [None])}
+        on_hub = spec.get("hub", {})
+        if "id" not in on_hub:
+            return {"missing": on_hub.get("missing", "no Hub copy registered")}
+        return {"hub:" + hub.hub_ref(name, s): on_hub.get("revision", "unpinned") for s in (splits or [None])}
     if "substitute" in spec:
         return {k: v for s in spec["substitute"]["sets"] for k, v in file_hashes(s).items()}
     if "missing" in spec:
@@ -288,18 +257,6 @@ def _load_table(files: list[str], columns: list[str], sep: str) -> datasets.Data
     return datasets.concatenate_datasets(parts)
 
 
-def llamacpp_clean(text: str) -> str:
-    """llama.cpp's HellaSwag export cleaning (klosax/hellaswag_text_data, extract_hellaswag.cpp).
-
-    Its replacements, in its order, each one left-to-right pass as str.replace; then one leading and one
-    trailing space go (the C++ trailing erase is erase(end()), undefined: its evident intent is kept)."""
-    for old, new in (("[header]", ""), ("[step]", ""), ("[substeps]", ""), (" [title]", ". "), ("[title] ", ""),
-                     ("[title].", ""), ("  ", " ")):
-        text = text.replace(old, new)
-    text = text[1:] if text.startswith(" ") else text
-    return text[:-1] if text.endswith(" ") else text
-
-
 def _load_hellaswag6(files: list[str]) -> datasets.Dataset:
     # llama.cpp's format: context line, gold label line, 4 ending lines
     rows = []
@@ -319,11 +276,11 @@ def load_eval(name: str, split: str) -> list[dict]:
     if spec["kind"] != "eval":
         raise DataError(f"dataset {name!r} is a training set; evaluation sets: {', '.join(dataset_names('eval'))}")
     if not use_mirror():
-        return _hub().hub_records(name, split)
+        return hub.hub_records(name, split)
     if "files" not in spec:
         reason = spec.get("missing") or f"dataset {name!r} is not in the mirror"
         if "id" in spec.get("hub", {}):
-            reason += f"; CFSAM_DATA_SOURCE=hub reads it from the Hugging Face Hub ({_hub().hub_ref(name)})"
+            reason += f"; CFSAM_DATA_SOURCE=hub reads it from the Hugging Face Hub ({hub.hub_ref(name)})"
         raise DataUnavailable(reason)
     return load_raw(name, split).to_list()  # a damaged or absent file raises DataError: not a missing set
 
@@ -344,13 +301,6 @@ def availability(name: str) -> str:
         except DataError as err:
             return f"unavailable: {err}"
     try:
-        return f"hub ({_hub().hub_ref(name)})"
+        return f"hub ({hub.hub_ref(name)})"
     except DataError as err:
         return f"unavailable: {err}"
-
-
-def _hub():
-    """The Hub adapter (it builds on this module's registry, so it is imported when first needed)."""
-    from cfsam.data import hub
-
-    return hub
