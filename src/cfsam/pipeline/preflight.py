@@ -3,6 +3,8 @@ model cache can be written, and every experiment's data sizes fit its data (``n_
 share, the held-out and landscape examples). The preset's keys are checked when it loads
 (``presets.load_preset``) and every stage spec when the experiment ids are computed; what is left needs the
 data's record counts, read here once per set (the records are cached for the training that follows).
+And what this machine cannot compute at all (``unreachable``): a set or a base model that cannot be had here,
+which ``run-missing`` reports and skips rather than fails.
 """
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ from pathlib import Path
 
 from cfsam.core.errors import UsageError
 from cfsam.core.io import free_space
-from cfsam.data import formatting, models
-from cfsam.pipeline.cache import results_dir
+from cfsam.data import formatting, models, sources
+from cfsam.pipeline.cache import datasets_of, results_dir
 from cfsam.pipeline.specs import _stage_runs
 from cfsam.training.config import resolve
 
@@ -81,3 +83,62 @@ def data_sizes(exps: dict[str, dict], names: list[str]) -> None:
             skip = h["n"] if h and ls.get("disjoint") and ls["dataset"] in h["datasets"] else 0
             need(ls["dataset"], "heldout", skip + ls["n_examples"],
                  "landscape.n_examples" + (f" (after the {skip} held-out ones)" if skip else ""), exp)
+
+
+# ------------------------------------------------------------------ what this machine cannot compute
+def _base_model(run) -> str | None:
+    """The model a run starts from (a preset name or a folder), through parents, snapshots and merges."""
+    while isinstance(run, dict):
+        run = run["wise_ft"]["stage1"] if "wise_ft" in run else run["snapshot"]["run"] if "snapshot" in run \
+            else run.get("model")
+    return run
+
+
+def unreachable(exp: dict, seen: dict[tuple[str, str], str | None] | None = None) -> str | None:
+    """Why an experiment cannot be computed on this machine (None: it can): a training or held-out set the
+    mirror lacks and the Hub cannot give here, or a base model that cannot be had (DataUnavailable,
+    ModelUnavailable). A set that is here but damaged is no such reason: its experiment runs and fails,
+    naming the file. ``seen`` remembers the answers across experiments (the records read stay cached)."""
+    seen = {} if seen is None else seen
+    for name in sorted(datasets_of(exp)):
+        if ("data", name) not in seen:
+            try:
+                formatting.load_records(name, "train")
+                seen["data", name] = None
+            except sources.DataUnavailable as err:
+                seen["data", name] = str(err)
+        if seen["data", name]:
+            return seen["data", name]
+    from cfsam.evaluation import tasks
+
+    for task in exp["measure"].get("eval", {}).get("tasks", []):
+        spec = tasks.task_spec(task)
+        name = spec["dataset"]
+        if ("eval", name) not in seen:
+            try:
+                sources.load_eval(name, spec["split"])
+                seen["eval", name] = None
+            except sources.DataUnavailable as err:
+                # a set that this source lacks by design (RACE-high in the mirror) is a missing task of the
+                # entry, as it would be anywhere; one it should give but cannot here makes the entry wait
+                seen["eval", name] = None if _lacked_by_design(name) else str(err)
+        if seen["eval", name]:
+            return seen["eval", name]
+    model = _base_model(exp["run"])
+    if isinstance(model, str) and model in models.model_names():
+        if ("model", model) not in seen:
+            try:
+                models.load_tokenizer(model)  # the cheap part of a model: it fails the same way when it is not here
+                seen["model", model] = None
+            except models.DamagedModelFile:
+                seen["model", model] = None  # here but damaged: an error of the run, not a reason to skip it
+            except models.ModelUnavailable as err:
+                seen["model", model] = str(err)
+        return seen["model", model]
+    return None
+
+
+def _lacked_by_design(name: str) -> bool:
+    """Whether the source read here (the mirror, else the Hub) lacks this set by its registry entry."""
+    spec = sources.dataset_spec(name)
+    return "files" not in spec if sources.use_mirror() else "id" not in spec.get("hub", {})

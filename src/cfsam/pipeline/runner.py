@@ -10,31 +10,28 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import os
-import platform
 import shutil
-import subprocess
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import transformers
 from filelock import FileLock
 from tqdm.auto import tqdm
 
-from cfsam import __version__
 from cfsam.core.dist import init_group, local_device
 from cfsam.core import memory
 from cfsam.core.errors import RunFailed, UsageError
-from cfsam.core.io import read_json, write_json_atomic
+from cfsam.core.io import write_json_atomic
 from cfsam.data import models, sources
 from cfsam.pipeline import preflight
-from cfsam.pipeline.cache import REPO, data_hashes, datasets_of, entry_path, load_results, status_of
+from cfsam.pipeline.cache import datasets_of, entry_path, load_results, status_of
+from cfsam.pipeline.preflight import unreachable
 from cfsam.pipeline.presets import preset_name
+from cfsam.pipeline.provenance import code_version, device_check, provenance
 from cfsam.pipeline.specs import MEASURE_VERSION, expand, experiment_id, last_stage, needed, run_id, run_kind
 
 log = logging.getLogger(__name__)
@@ -182,62 +179,6 @@ def _jsonable(d: dict) -> dict:
     return {k: v.tolist() if hasattr(v, "tolist") else v for k, v in d.items()}
 
 
-@functools.lru_cache(maxsize=1)
-def code_version() -> dict:
-    """The commit (and whether tracked files differed from it) of the code this process runs: read once,
-    at its first experiment, so that commits made while a long ``run-missing`` runs are not credited."""
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    if os.environ.get("CFSAM_GIT_COMMIT"):
-        # a staged copy (a cluster's, an accelerator's): its sender names the commit it copied, and whether
-        # tracked files differed from it (CFSAM_GIT_DIRTY=1), since the copy's own .git may be missing or older
-        return {"git_commit": os.environ["CFSAM_GIT_COMMIT"], "git_dirty": os.environ.get("CFSAM_GIT_DIRTY") == "1",
-                "git_from": "CFSAM_GIT_COMMIT"}
-    return {"git_commit": git("rev-parse", "HEAD"),
-            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-
-
-def device_check() -> dict:
-    """The device self-check this process runs after (``cfsam.measurement.selfcheck``; scripts/offline_gpu):
-    the result file that CFSAM_DEVICE_CHECK names, for provenance; a failed or unreadable one stops the run."""
-    path = os.environ.get("CFSAM_DEVICE_CHECK")
-    if not path:
-        return {}
-    try:
-        result = read_json(path)
-    except (OSError, ValueError) as err:
-        raise RunFailed(f"CFSAM_DEVICE_CHECK={path} cannot be read ({type(err).__name__}: {err}); run "
-                           "`python -m cfsam.measurement.selfcheck results/cpu/base.json.gz --out FILE` first") from err
-    if not result.get("passed"):
-        raise RunFailed(f"the device self-check in {path} failed ({'; '.join(result.get('failures', [])[:3])}): "
-                           "this machine does not reproduce the committed reference, so nothing is computed")
-    return {"device_check": result}
-
-
-def provenance(started: float, ended: float, exp: dict, model=None) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cfsam_version": __version__, **code_version(), **device_check(),
-        "data": data_hashes(exp),
-        "model_weights_hash": models.weights_hash(model) if model is not None else None,
-        "machine": {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__, "transformers": transformers.__version__,
-                    "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"},
-        "start": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
-        "end": datetime.fromtimestamp(ended, timezone.utc).isoformat(timespec="seconds"),
-        "wall_s": round(ended - started, 1),
-    }
-
-
-# ---------------------------------------------------------------------------------- experiments
 def run_one(preset: str, name: str, exp: dict | None = None) -> dict | None:
     """Materialise and measure one experiment; rank 0 writes its entry. Skips one that another process
     finished meanwhile (the lock on the entry is held while measuring)."""
@@ -351,66 +292,6 @@ class Summary:
         for name, err in self.failed.items():
             out.append(f"FAILED {name}: {err}")
         return out
-
-
-def _base_model(run) -> str | None:
-    """The model a run starts from (a preset name or a folder), through parents, snapshots and merges."""
-    while isinstance(run, dict):
-        run = run["wise_ft"]["stage1"] if "wise_ft" in run else run["snapshot"]["run"] if "snapshot" in run \
-            else run.get("model")
-    return run
-
-
-def unreachable(exp: dict, seen: dict[tuple[str, str], str | None] | None = None) -> str | None:
-    """Why an experiment cannot be computed on this machine (None: it can): a training or held-out set the
-    mirror lacks and the Hub cannot give here, or a base model that cannot be had (DataUnavailable,
-    ModelUnavailable). A set that is here but damaged is no such reason: its experiment runs and fails,
-    naming the file. ``seen`` remembers the answers across experiments (the records read stay cached)."""
-    from cfsam.data import formatting
-
-    seen = {} if seen is None else seen
-    for name in sorted(datasets_of(exp)):
-        if ("data", name) not in seen:
-            try:
-                formatting.load_records(name, "train")
-                seen["data", name] = None
-            except sources.DataUnavailable as err:
-                seen["data", name] = str(err)
-        if seen["data", name]:
-            return seen["data", name]
-    from cfsam.evaluation import tasks
-
-    for task in exp["measure"].get("eval", {}).get("tasks", []):
-        spec = tasks.task_spec(task)
-        name = spec["dataset"]
-        if ("eval", name) not in seen:
-            try:
-                sources.load_eval(name, spec["split"])
-                seen["eval", name] = None
-            except sources.DataUnavailable as err:
-                # a set that this source lacks by design (RACE-high in the mirror) is a missing task of the
-                # entry, as it would be anywhere; one it should give but cannot here makes the entry wait
-                seen["eval", name] = None if _lacked_by_design(name) else str(err)
-        if seen["eval", name]:
-            return seen["eval", name]
-    model = _base_model(exp["run"])
-    if isinstance(model, str) and model in models.model_names():
-        if ("model", model) not in seen:
-            try:
-                models.load_tokenizer(model)  # the cheap part of a model: it fails the same way when it is not here
-                seen["model", model] = None
-            except models.DamagedModelFile:
-                seen["model", model] = None  # here but damaged: an error of the run, not a reason to skip it
-            except models.ModelUnavailable as err:
-                seen["model", model] = str(err)
-        return seen["model", model]
-    return None
-
-
-def _lacked_by_design(name: str) -> bool:
-    """Whether the source read here (the mirror, else the Hub) lacks this set by its registry entry."""
-    spec = sources.dataset_spec(name)
-    return "files" not in spec if sources.use_mirror() else "id" not in spec.get("hub", {})
 
 
 def _plan(preset: str, notebooks: list[str] | None, only: list[str] | None) -> tuple[dict, list[str], dict, list[str]]:
