@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from cfsam.analysis import book, frontier, fronts, screen, study, verdicts
+from cfsam.analysis import book, cost, frontier, fronts, screen, study, verdicts
 from cfsam.analysis import stats as exact
 from cfsam.core.io import write_json_atomic
 from cfsam.pipeline import cache, specs
@@ -244,13 +244,13 @@ def test_cost_counts_a_runs_training_once_for_its_points(tmp_path, monkeypatch):
         e["provenance"]["start"] = "2026-11-30T00:00:00+00:00" if k == 0 else "2026-11-30T00:00:30+00:00"
         e["provenance"]["end"] = "2026-11-30T00:02:10+00:00" if k == 0 else "2026-11-30T00:00:50+00:00"
         write_json_atomic(tmp_path / "smoke" / f"{name}.json", e)
-    empty = report.cost("smoke", ["open-platypus-sam-rho2-s1234-1of4"])  # nothing computed: empty, with its columns
+    empty = cost.cost("smoke", ["open-platypus-sam-rho2-s1234-1of4"])  # nothing computed: empty, with its columns
     assert empty.empty and empty.dropna(subset=["steps"]).empty
-    c = report.cost("smoke", names)
+    c = cost.cost("smoke", names)
     assert c.loc[names[1], "train_s"] == 100.0  # each point says what its run took
     assert c.loc["total", "train_s"] == 100.0 and c.loc["total", "wall_s"] == 150.0  # the total trains once
     assert c.loc["total", "machine_s"] == 130.0 and c["machine_s"].drop("total").isna().all()
-    assert report._busy_seconds([(pd.Timestamp(0, unit="s"), pd.Timestamp(10, unit="s")),
+    assert cost._busy_seconds([(pd.Timestamp(0, unit="s"), pd.Timestamp(10, unit="s")),
                                  (pd.Timestamp(20, unit="s"), pd.Timestamp(25, unit="s"))]) == 15.0  # a gap is idle
 
 
@@ -268,7 +268,7 @@ def test_missing_cost_times_each_phase_and_trains_each_run_once(tmp_path, monkey
     write_json_atomic(tmp_path / "smoke" / f"{done}.json", e)
     names = [done, "open-platypus-adamw-lr0.001-s1234-2of4", "open-platypus-wiseft-a0.5-s1234",
              "s2-auto-wiki-adamw-e1", "rehearsal-open-platypus-adamw", "open-platypus-sam-rho2-s1234-1of4"]
-    t = report.missing_cost("smoke", names)
+    t = cost.missing_cost("smoke", names)
     assert done not in t.index and len(t) == 5
     assert t.loc[names[1], ["train_s", "measure_s"]].tolist() == [10.0, 8.0]  # its run is retrained, once
     assert t.loc[names[2], ["train_s", "wall_s"]].tolist() == [0.0, 8.0]  # merged from that run: trained already
@@ -277,7 +277,7 @@ def test_missing_cost_times_each_phase_and_trains_each_run_once(tmp_path, monkey
     assert t.loc["rehearsal-open-platypus-adamw", "train_s"] == 25.0
     assert np.isnan(t.loc["rehearsal-open-platypus-adamw", "measure_s"])  # the paper's suite: nothing like it yet
     assert np.isnan(t.loc[names[5], "train_s"]) and t.loc[names[5], "measure_s"] == 8.0  # no SAM run timed yet
-    said = report.missing_cost_sentence(t)
+    said = cost.missing_cost_sentence(t)
     assert said.startswith(f"The 5 experiments still missing here would take about {26 / 3600:.1f} hours "
                            "(2 of them; 3 have no like experiment")
 

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from cfsam.analysis import claims, frontier, fronts, plots, report
+from cfsam.analysis import claims, cost, frontier, fronts, plots, report
 from cfsam.analysis.fronts import Effect
 from cfsam.analysis.study import Study
 from cfsam.analysis.verdicts import Verdict, claim_verdicts
@@ -132,9 +132,9 @@ def correlation_sentence(corr: pd.DataFrame) -> str:
             f"as the paper reads its Table 1; negative: the opposite); the other {len(corr) - len(clear)} cover zero.")
 
 
-def cost_sentence(cost: pd.DataFrame) -> str:
-    """SAM's seconds per step against AdamW's (medians over the training runs of ``report.cost``)."""
-    per = cost.dropna(subset=["s_per_step"]).groupby("optimizer")["s_per_step"].median() if not cost.empty else {}
+def cost_sentence(spent: pd.DataFrame) -> str:
+    """SAM's seconds per step against AdamW's (medians over the training runs of ``cost.cost``)."""
+    per = spent.dropna(subset=["s_per_step"]).groupby("optimizer")["s_per_step"].median() if not spent.empty else {}
     if "sam" not in per or "adamw" not in per:
         return "This needs current results of both SAM and AdamW runs; the cache lacks them (see the note above)."
     return (f"A SAM step took {per['sam']:.1f} s against AdamW's {per['adamw']:.1f} s (medians): "
@@ -243,7 +243,7 @@ def larger_study(preset: str, results_dir: str | None = None) -> None:
     never = frontier.never_learned(pts)
     for table, name in [(frontier.end_points(pts), "end-points"), (cv.drop(columns=["paper"]), "frontier-claims"),
                         (never, "never-learned"), (sg, "sam-gradients"), (rob, "frontier-robustness"),
-                        (fvf, "flatness-vs-forgetting"), (report.cost(preset, names), "frontier-cost")]:
+                        (fvf, "flatness-vs-forgetting"), (cost.cost(preset, names), "frontier-cost")]:
         if not table.empty:
             display(report.show(table, 1 if name == "frontier-cost" else 3, name=f"{name}-{preset}"))
     display(Markdown(f"**What the {preset} runs show.** " + " ".join(
