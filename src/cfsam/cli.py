@@ -227,17 +227,8 @@ def _csv(text: str | None) -> list[str] | None:
 
 
 # -------------------------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cfsam", description="Catastrophic forgetting and SAM in LLM tuning")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    sub.add_parser("info", help="presets, models and datasets, and whether each is available here").set_defaults(
-        func=cmd_info)
-    p = sub.add_parser("prepare-model", help="convert an embedded GGUF model to a cached safetensors dir")
-    p.add_argument("model", default="smollm2-135m", nargs="?")
-    p.set_defaults(func=cmd_prepare_model)
-
+def _add_train(sub) -> None:
+    """``cfsam train``: every trainer option is a flag, generated from ``training.config.DEFAULTS``."""
     t = sub.add_parser("train", help="train one stage (stage 1: instruction tuning; stage 2: continue with AdamW or SAM)",
                        description="Train one stage. Options left out come from --preset/--stage, else from the "
                                    "trainer's defaults (cfsam.training.config.DEFAULTS). The model is cached in "
@@ -259,6 +250,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--rehearsal", action="store_true",
                    help=f"mix stage-1 data into this stage (fraction: the preset's, else {DEFAULT_REHEARSAL_FRACTION})")
     t.set_defaults(func=cmd_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cfsam", description="Catastrophic forgetting and SAM in LLM tuning")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("info", help="presets, models and datasets, and whether each is available here").set_defaults(
+        func=cmd_info)
+    p = sub.add_parser("prepare-model", help="convert an embedded GGUF model to a cached safetensors dir")
+    p.add_argument("model", default="smollm2-135m", nargs="?")
+    p.set_defaults(func=cmd_prepare_model)
+
+    _add_train(sub)
 
     m = sub.add_parser("merge", help="Wise-FT: (1 - alpha) * stage 1 + alpha * stage 2")
     m.add_argument("stage1")

@@ -44,7 +44,6 @@ import random
 import resource
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -74,6 +73,7 @@ from cfsam.training.checkpoint import (
     snapshot_name,
 )
 from cfsam.training.config import canonical, resolve, run_id
+from cfsam.training.plan import Batches, Plan, plan_steps
 from cfsam.training.step import (
     StepContext,
     TrainingDiverged,
@@ -202,29 +202,7 @@ def _load_data(dataset, tokenizer, kw) -> tuple:
     return ds.select_columns(["input_ids", "labels"]), info
 
 
-@dataclass
-class _Plan:
-    """How a stage cuts its data into steps: per epoch, in all, per micro-batch, and where it saves snapshots."""
-    steps_per_epoch: int
-    total_steps: int
-    micro: int                   # examples per micro-batch on each rank
-    snapshot_at: dict[int, int]  # step -> snapshot index (the models saved along the run)
-
-
-def _plan(n_examples: int, kw: dict, rt: Runtime) -> _Plan:
-    batch_size, grad_accum = kw["batch_size"], kw["grad_accum"]
-    steps_per_epoch = n_examples // batch_size
-    if steps_per_epoch == 0:
-        raise UsageError(f"{n_examples} examples are fewer than one batch (batch_size={batch_size})")
-    total_steps = max(1, math.ceil(kw["epochs"] * steps_per_epoch))
-    if kw["max_steps"] is not None:
-        total_steps = min(total_steps, kw["max_steps"])
-    n_snap = kw["snapshots"]
-    snapshot_at = {max(1, round(i * total_steps / n_snap)): i for i in range(1, n_snap)} if n_snap > 1 else {}
-    return _Plan(steps_per_epoch, total_steps, batch_size // (grad_accum * rt.world), snapshot_at)
-
-
-def _optimizers(model, kw: dict, rt: Runtime, plan: _Plan):
+def _optimizers(model, kw: dict, rt: Runtime, plan: Plan):
     """The wrapped model, its optimizer (SAM around its base, or the DeepSpeed engine's), the schedule, the
     fp16 GradScaler and the step's context."""
     model = wrap_model(model, rt)
@@ -254,39 +232,6 @@ def _optimizers(model, kw: dict, rt: Runtime, plan: _Plan):
     return model, opt, sched, scaler, ctx
 
 
-class _Batches:
-    """A step's micro-batches on this rank. The data order is a function of (seed, epoch), so a resumed run
-    sees the same batches; one order is held at a time."""
-
-    def __init__(self, ds, kw: dict, rt: Runtime, plan: _Plan, pad_id: int):
-        self.ds, self.kw, self.rt, self.plan, self.pad_id = ds, kw, rt, plan, pad_id
-        self.lengths = [len(x) for x in ds["input_ids"]] if kw["group_by_length"] else None
-        self.orders: dict[int, torch.Tensor] = {}
-
-    def at(self, step: int) -> tuple[list[dict], torch.Tensor, int]:
-        """The micro-batches of ``step`` (on the run's device), their response-token count and the epoch."""
-        kw, rt, micro, grad_accum = self.kw, self.rt, self.plan.micro, self.kw["grad_accum"]
-        batch_size = kw["batch_size"]
-        epoch, pos = divmod(step, self.plan.steps_per_epoch)
-        if epoch not in self.orders:  # one order per epoch
-            self.orders.clear()
-            self.orders[epoch] = (
-                torch.tensor(formatting.length_grouped_order(self.lengths, batch_size, kw["seed"], epoch))
-                if kw["group_by_length"] else
-                torch.randperm(len(self.ds), generator=torch.Generator().manual_seed(kw["seed"] + epoch)))
-        perm = self.orders[epoch]
-        mine = perm[pos * batch_size:(pos + 1) * batch_size][rt.rank * micro * grad_accum:][:micro * grad_accum]
-        micro_batches = []
-        n_tokens = torch.zeros((), dtype=torch.long)
-        for j in range(grad_accum):
-            rows = self.ds[mine[j * micro:(j + 1) * micro].tolist()]
-            feats = [{"input_ids": a, "labels": b} for a, b in zip(rows["input_ids"], rows["labels"])]
-            mb = formatting.collate(feats, self.pad_id)
-            n_tokens += mb["attention_mask"].sum()
-            micro_batches.append({k: v.to(rt.device) for k, v in mb.items()})
-        return micro_batches, n_tokens, epoch
-
-
 HISTORY = ("step", "loss", "grad_norm", "sam_grad_norm", "perturbation_norm", "lr", "skipped")  # per step
 
 
@@ -301,7 +246,7 @@ def _run(model_name_or_dir, dataset, out_dir: Path, *, config: dict, sid: str, k
     loaded = models.load_model(str(model_name_or_dir), dtype=torch.float32)
     tokenizer = loaded.tokenizer
     ds, data_info = _load_data(dataset, tokenizer, kw)
-    plan = _plan(len(ds), kw, rt)
+    plan = plan_steps(len(ds), kw, rt)
     total_steps = plan.total_steps
     model, opt, sched, scaler, ctx = _optimizers(loaded.model, kw, rt, plan)
 
@@ -315,7 +260,7 @@ def _run(model_name_or_dir, dataset, out_dir: Path, *, config: dict, sid: str, k
         log.info("resuming stage %s from %s (step %d of %d)", sid, ckpt, start_step, total_steps)
     last_ckpt = ckpt
 
-    batches = _Batches(ds, kw, rt, plan, tokenizer.pad_token_id)
+    batches = Batches(ds, kw, rt, plan, tokenizer.pad_token_id)
     n_snap = kw["snapshots"]
     bar = tqdm(total=total_steps, initial=start_step, disable=rt.rank != 0, desc=f"train {kw['optimizer']}")
     t_loop = time.time()
@@ -361,7 +306,7 @@ def _run(model_name_or_dir, dataset, out_dir: Path, *, config: dict, sid: str, k
                         "resumed_from_step": resumed_from, "t_start": t_start, "n_snap": n_snap, "kw": kw})
 
 
-def _finish(model, tokenizer, out_dir: Path, rt: Runtime, history: dict, plan: _Plan, *, keep_checkpoints: bool,
+def _finish(model, tokenizer, out_dir: Path, rt: Runtime, history: dict, plan: Plan, *, keep_checkpoints: bool,
             run: dict) -> dict:
     """The trained model, then metrics.json (the marker of a finished run); the checkpoints go unless kept."""
     weights = save_model(model, rt, tokenizer, out_dir)
