@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from cfsam.core.defaults import DEFAULT_RHO
 from cfsam.core.errors import UsageError
 
 try:  # torch >= 2.4
@@ -124,7 +125,7 @@ class SAM(torch.optim.Optimizer):
     torch.distributed.checkpoint calls it with zero gradients and lr 0 to create optimizer state.
     """
 
-    def __init__(self, params, base_optimizer=torch.optim.AdamW, rho: float = 2.0, adaptive: bool = False,
+    def __init__(self, params, base_optimizer=torch.optim.AdamW, rho: float = DEFAULT_RHO, adaptive: bool = False,
                  eps: float = 1e-12, sharded: bool | None = None, process_group=None, every: int = 1, **kwargs):
         if not rho > 0:
             raise UsageError(f"SAM needs rho > 0, got rho={rho!r}")

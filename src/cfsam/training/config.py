@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 from cfsam.core import registry
+from cfsam.core.defaults import DEFAULT_RHO
 from cfsam.core.errors import UsageError
 from cfsam.core.io import config_hash
 
@@ -32,7 +33,7 @@ DEFAULTS = {
     "max_length": 256,
     "n_train": None,          # examples of the training set (None: all)
     "seed": 1234,
-    "rho": 2.0,               # SAM radius (the paper's 2); SAM only
+    "rho": DEFAULT_RHO,       # SAM radius (the paper's 2); SAM only
     "adaptive": False,        # ASAM; SAM only
     "sam_every": 1,           # SAM step every k optimizer steps, plain steps between; SAM only
     "rehearsal_from": None,   # the stage-1 set to replay

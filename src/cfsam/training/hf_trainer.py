@@ -69,6 +69,7 @@ from transformers import Trainer
 from transformers.training_args import OptimizerNames
 from transformers.utils import is_sagemaker_mp_enabled
 
+from cfsam.core.defaults import DEFAULT_RHO
 from cfsam.core.errors import UsageError
 from cfsam.core.sam import SAM
 from cfsam.training.step import TrainingDiverged
@@ -87,10 +88,10 @@ def _reuse(optimizer: torch.optim.Optimizer):
 class SAMTrainerMixin:
     """SAM's two passes in ``training_step``; mix into ``Trainer`` or a subclass of it (mixin first).
 
-    ``rho``: radius of the perturbation ball (> 0); ``adaptive``: ASAM (Kwon et al. 2021; use a larger
+    ``rho``: radius of the perturbation ball (> 0; default the paper's 2, ``DEFAULT_RHO``); ``adaptive``: ASAM (Kwon et al. 2021; use a larger
     rho, e.g. 0.5-2). See the module docstring for the design and what is refused."""
 
-    def __init__(self, *args, rho: float = 0.05, adaptive: bool = False, **kwargs):
+    def __init__(self, *args, rho: float = DEFAULT_RHO, adaptive: bool = False, **kwargs):
         if not (isinstance(rho, (int, float)) and rho > 0 and math.isfinite(rho)):
             raise UsageError(f"SAMTrainer needs a finite rho > 0, got rho={rho!r}")
         if not isinstance(adaptive, bool):

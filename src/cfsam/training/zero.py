@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from cfsam.core.defaults import DEFAULT_RHO
 from cfsam.core.errors import UsageError
 from cfsam.core.sam import global_norm
 
@@ -127,7 +128,7 @@ class ZeroSAM:
     step from pass 1. The count is the engine's ``global_steps``, which its checkpoints keep, so a
     resumed run continues the cycle exactly."""
 
-    def __init__(self, engine, rho: float = 2.0, adaptive: bool = False, eps: float = 1e-12, every: int = 1):
+    def __init__(self, engine, rho: float = DEFAULT_RHO, adaptive: bool = False, eps: float = 1e-12, every: int = 1):
         if not rho > 0:
             raise UsageError(f"SAM needs rho > 0, got rho={rho!r}")
         if not eps > 0:
