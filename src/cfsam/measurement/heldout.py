@@ -58,6 +58,11 @@ def per_example_losses(model: torch.nn.Module, batches: Sequence[Batch]) -> list
     return out
 
 
+# rows per forward when an entry's held-out losses are measured: a speed setting, not part of what is measured
+# (per-example losses do not depend on the batch: tests/measurement/test_heldout_agreement.py), so not in the id
+MEASURE_BATCH = 8
+
+
 def heldout_batches(dataset: str, tokenizer, *, n_examples: int = 8, batch_size: int = 4, max_length: int = 128,
                     seed: int = 1234, split: str = "heldout", skip: int = 0) -> list[Batch]:
     """A fixed list of padded batches of a named training set (``cfsam.data``), tokenised once: examples

@@ -70,8 +70,8 @@ def measure(ref: dict, *, datasets=DATASETS, n_examples: int = 8, tasks=TASKS, n
     out = {"weights_hash": models.weights_hash(net), "eos_token_id": tok.eos_token_id,
            "config_eos_token_id": getattr(net.config, "eos_token_id", None), "heldout": {}, "eval": {}}
     for ds in datasets:
-        # the runner's batches (8 a batch, right padding): the first n of its seeded order are these
-        batches = heldout.heldout_batches(ds, tok, n_examples=min(n_examples, h["n"]), batch_size=8,
+        # the runner's batches (MEASURE_BATCH a batch, right padding): the first n of its seeded order are these
+        batches = heldout.heldout_batches(ds, tok, n_examples=min(n_examples, h["n"]), batch_size=heldout.MEASURE_BATCH,
                                           max_length=h["max_length"], seed=h["seed"])
         out["heldout"][ds] = heldout.per_example_losses(net, batches)
     for task in tasks:

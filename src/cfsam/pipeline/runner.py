@@ -144,7 +144,7 @@ def measure(model_ref: str, spec: dict) -> tuple[dict, torch.nn.Module]:
     h = spec.get("heldout", {"datasets": [], "n": 0, "max_length": 256, "seed": 0})
     t = time.time()
     for ds in h["datasets"]:
-        batches = heldout.heldout_batches(ds, loaded.tokenizer, n_examples=h["n"], batch_size=8,
+        batches = heldout.heldout_batches(ds, loaded.tokenizer, n_examples=h["n"], batch_size=heldout.MEASURE_BATCH,
                                           max_length=h["max_length"], seed=h["seed"])
         per_example = heldout.per_example_losses(loaded.model, batches)  # [summed loss, tokens] each
         loss = sum(s for s, _ in per_example) / max(sum(n for _, n in per_example), 1)  # the token mean
