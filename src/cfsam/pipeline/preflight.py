@@ -15,8 +15,8 @@ from pathlib import Path
 from cfsam.core.errors import UsageError
 from cfsam.core.io import free_space
 from cfsam.data import formatting, models, sources
+from cfsam.pipeline import runs
 from cfsam.pipeline.cache import datasets_of, results_dir
-from cfsam.pipeline.specs import _stage_runs
 from cfsam.training.config import resolve
 
 
@@ -65,7 +65,7 @@ def data_sizes(exps: dict[str, dict], names: list[str]) -> None:
 
     for exp in names:
         spec = exps[exp]
-        for stage in _stage_runs(spec["run"]):
+        for stage in runs.parse(spec["run"]).stages():
             kw = resolve(stage)
             if not isinstance(kw["dataset"], str):
                 continue
@@ -86,14 +86,6 @@ def data_sizes(exps: dict[str, dict], names: list[str]) -> None:
 
 
 # ------------------------------------------------------------------ what this machine cannot compute
-def _base_model(run) -> str | None:
-    """The model a run starts from (a preset name or a folder), through parents, snapshots and merges."""
-    while isinstance(run, dict):
-        run = run["wise_ft"]["stage1"] if "wise_ft" in run else run["snapshot"]["run"] if "snapshot" in run \
-            else run.get("model")
-    return run
-
-
 def unreachable(exp: dict, seen: dict[tuple[str, str], str | None] | None = None) -> str | None:
     """Why an experiment cannot be computed on this machine (None: it can): a training or held-out set the
     mirror lacks and the Hub cannot give here, or a base model that cannot be had (DataUnavailable,
@@ -124,7 +116,7 @@ def unreachable(exp: dict, seen: dict[tuple[str, str], str | None] | None = None
                 seen["eval", name] = None if _lacked_by_design(name) else str(err)
         if seen["eval", name]:
             return seen["eval", name]
-    model = _base_model(exp["run"])
+    model = runs.parse(exp["run"]).base_model()
     if isinstance(model, str) and model in models.model_names():
         if ("model", model) not in seen:
             try:

@@ -27,7 +27,7 @@ from cfsam.core import memory
 from cfsam.core.errors import RunFailed, UsageError
 from cfsam.core.io import write_json_atomic
 from cfsam.data import models, sources
-from cfsam.pipeline import preflight
+from cfsam.pipeline import preflight, runs
 from cfsam.pipeline.cache import datasets_of, entry_path, load_results, status_of
 from cfsam.pipeline.preflight import unreachable
 from cfsam.pipeline.presets import preset_name
@@ -81,23 +81,21 @@ def materialize(run: dict) -> tuple[str, dict | None]:
     from cfsam.training.checkpoint import snapshot_name
     from cfsam.training.stage import default_dir, train_stage
 
-    kind = run_kind(run)
-    if kind == "base":
-        return run["model"], None
-    if kind == "wise_ft":
-        w = run["wise_ft"]
-        s1, _ = materialize(w["stage1"])
-        s2, metrics = materialize(w["stage2"])
-        out = models.cache_dir() / "runs" / run_id(run)
+    r = runs.parse(run)
+    if isinstance(r, runs.Base):
+        return r.model, None
+    if isinstance(r, runs.WiseFT):
+        s1, _ = materialize(r.stage1)
+        s2, metrics = materialize(r.stage2)
+        out = models.cache_dir() / "runs" / r.id()
         with _exclusive(out):
             _discard_if_damaged(out, "merge.json")
             if _rank() == 0:
-                wise_ft(s1, s2, out, alpha=w["alpha"])
+                wise_ft(s1, s2, out, alpha=r.alpha)
         return str(out), {"stage2": metrics}
-    if kind == "snapshot":  # a model saved along a stage: train the stage with its snapshots
-        snap = run["snapshot"]
-        stage = {**snap["run"], "snapshots": snap["of"]}
-        out = default_dir(stage) / snapshot_name(snap["at"], snap["of"]) if snap["at"] < snap["of"] else None
+    if isinstance(r, runs.Snapshot):  # a model saved along a stage: train the stage with its snapshots
+        stage = {**r.run, "snapshots": r.of}
+        out = default_dir(stage) / snapshot_name(r.at, r.of) if r.at < r.of else None
         if out is not None:  # a damaged snapshot: its stage saves it again while it trains again
             with _exclusive(default_dir(stage)):
                 _discard_if_damaged(out, "snapshot.json", whole=default_dir(stage))

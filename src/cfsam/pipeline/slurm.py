@@ -13,7 +13,7 @@ import yaml
 
 from cfsam.core.errors import UsageError
 from cfsam.core.io import write_text_atomic
-from cfsam.pipeline import chapters, specs
+from cfsam.pipeline import chapters, runs, specs
 from cfsam.pipeline.presets import load_preset, preset_name
 
 log = logging.getLogger(__name__)
@@ -47,26 +47,13 @@ def _job_name(experiment: str) -> str:
 
 def _trained(run: dict) -> dict:
     """The run a job trains for ``run``: a snapshot's stage (its snapshots are saved while it trains), else itself."""
-    return run["snapshot"]["run"] if specs.run_kind(run) == "snapshot" else run
-
-
-def _base_model(run: dict) -> str | None:
-    """The model preset a run starts from (a merge: its stage 1's)."""
-    while isinstance(run, dict):
-        run = _trained(run)
-        run = run["wise_ft"]["stage1"] if specs.run_kind(run) == "wise_ft" else run.get("model")
-    return run
+    r = runs.parse(run)
+    return r.run if isinstance(r, runs.Snapshot) else run
 
 
 def _needs(run: dict) -> list[dict]:
     """The runs a run's model is made from: a stage's parent stage, a merge's two stages; none for a base model."""
-    run = _trained(run)
-    kind = specs.run_kind(run)
-    if kind == "wise_ft":
-        return [run["wise_ft"]["stage1"], run["wise_ft"]["stage2"]]
-    if kind == "stage" and isinstance(run["model"], dict):
-        return [run["model"]]
-    return []
+    return runs.parse(_trained(run)).parents()
 
 
 def job_graph(preset: str, notebooks: list[str] | None = None, notebooks_dir: Path | None = None) -> list[dict]:
@@ -97,7 +84,7 @@ def job_graph(preset: str, notebooks: list[str] | None = None, notebooks_dir: Pa
         rid = specs.run_id(run)
         if rid in job_of:
             return
-        key = "base" if specs.run_kind(run) == "base" else rid
+        key = "base" if runs.parse(run).kind == "base" else rid
         members = [n for n in by_run.get(rid, []) if n in keep]
         if not members and pulled:
             members = by_run.get(rid, [])[:1]  # a parent only: one experiment of it, so that a job trains it
@@ -105,7 +92,7 @@ def job_graph(preset: str, notebooks: list[str] | None = None, notebooks_dir: Pa
             return  # nothing of the preset measures it: its children's jobs train it themselves
         job = jobs.setdefault(key, {"name": "base" if key == "base" else _job_name(members[0]),
                                     "kind": "base" if key == "base" else "run", "experiments": [], "pulled": [],
-                                    "after": [], "run": run, "model": _base_model(run)})
+                                    "after": [], "run": run, "model": runs.parse(run).base_model()})
         job["experiments"] += members
         job["pulled"] += [n for n in members if n not in keep]
         job_of[rid] = key

@@ -13,6 +13,7 @@ from __future__ import annotations
 from cfsam.core.errors import UsageError
 from cfsam.core.io import config_hash
 from cfsam.evaluation import tasks
+from cfsam.pipeline import runs
 from cfsam.pipeline.presets import load_preset
 from cfsam.training import config as train_config
 
@@ -38,35 +39,18 @@ def snapshot(run: dict, at: int, of: int) -> dict:
 
 
 def run_kind(run: dict) -> str:
-    for kind in ("wise_ft", "snapshot"):
-        if kind in run:
-            return kind
-    return "stage" if "dataset" in run else "base"
+    """base, stage, snapshot or wise_ft (``runs.parse``)."""
+    return runs.parse(run).kind
 
 
 def run_id(run: dict) -> str:
-    kind = run_kind(run)
-    if kind == "base":
-        return run["model"]
-    if kind == "stage":
-        return train_config.run_id(run)
-    if kind == "snapshot":
-        return config_hash(canonical_run(run))
-    w = run["wise_ft"]
-    return train_config.merge_id({"run": run_id(w["stage1"])}, {"run": run_id(w["stage2"])}, w["alpha"])
+    """The id of a run's model (``runs``): the name of its cache folder and part of its experiments' ids."""
+    return runs.parse(run).id()
 
 
 def canonical_run(run: dict) -> dict:
     """What identifies a run's model: defaults filled in, starting models by id (``training.config``)."""
-    kind = run_kind(run)
-    if kind == "base":
-        return {"model": run["model"]}
-    if kind == "stage":
-        return train_config.canonical(run)
-    if kind == "snapshot":
-        snap = run["snapshot"]
-        return {"run": run_id(snap["run"]), "at": snap["at"], "of": snap["of"]}
-    return {"wise_ft": run_id(run)}
+    return runs.parse(run).canonical()
 
 
 def experiment_id(exp: dict) -> str:
@@ -136,16 +120,7 @@ def expand(preset: str | dict) -> dict[str, dict]:
 
 def _stage_runs(run: dict):
     """Every stage spec a run trains, itself and the stages it starts from or merges."""
-    kind = run_kind(run)
-    if kind == "stage":
-        yield run
-        if isinstance(run["model"], dict):
-            yield from _stage_runs(run["model"])
-    elif kind == "snapshot":
-        yield from _stage_runs(run["snapshot"]["run"])
-    elif kind == "wise_ft":
-        yield from _stage_runs(run["wise_ft"]["stage1"])
-        yield from _stage_runs(run["wise_ft"]["stage2"])
+    return runs.parse(run).stages()
 
 
 def _share_snapshots(exps: dict) -> None:
@@ -256,17 +231,13 @@ def needed(preset: str | dict, notebooks: list[str] | None = None) -> list[str]:
 
 def last_stage(run: dict) -> dict | None:
     """The spec of a run's last training stage (a merge's tuned side), resolved; None for a base model."""
-    kind = run_kind(run)
-    if kind == "wise_ft":
-        return last_stage(run["wise_ft"]["stage2"])
-    if kind == "snapshot":
-        return last_stage(run["snapshot"]["run"])
-    return train_config.resolve(run) if kind == "stage" else None
+    return runs.parse(run).last_stage()
 
 
 def describe(run: dict) -> dict:
     """The paper's identity of a run: method, stage-2 set, optimizer, epochs, SAM's settings, its kind."""
-    kind, last = run_kind(run), last_stage(run)
+    r = runs.parse(run)
+    kind, last = r.kind, r.last_stage()
     if last is None:
         return {"at": None, "of": None, "seed": None, "lr": None, "rehearsal_fraction": None, "alpha": None,
                 "method": "none", "stage2": "", "optimizer": "none", "epochs": None, "kind": "base",
@@ -274,9 +245,9 @@ def describe(run: dict) -> dict:
     stage = "stage2" if isinstance(last["model"], dict) or kind == "wise_ft" else "stage1"
     method = "wise_ft" if kind == "wise_ft" else ("rehearsal" if last["rehearsal_fraction"] else "none")
     sam = last["optimizer"] == "sam"
-    point = run["snapshot"] if kind == "snapshot" else {}
-    return {"at": point.get("at"), "of": point.get("of"), "seed": last["seed"], "lr": last["lr"],
+    at, of = (r.at, r.of) if isinstance(r, runs.Snapshot) else (None, None)
+    return {"at": at, "of": of, "seed": last["seed"], "lr": last["lr"],
             "rehearsal_fraction": last["rehearsal_fraction"],
-            "alpha": run["wise_ft"]["alpha"] if kind == "wise_ft" else None, "method": method, "stage2": last["dataset"] if stage == "stage2" else "", "optimizer": last["optimizer"],
+            "alpha": r.alpha if isinstance(r, runs.WiseFT) else None, "method": method, "stage2": last["dataset"] if stage == "stage2" else "", "optimizer": last["optimizer"],
             "epochs": last["epochs"], "kind": stage, "rho": last["rho"] if sam else None,
             "adaptive": last["adaptive"] if sam else None}
