@@ -85,10 +85,9 @@ def worker(args) -> dict:
         b = heldout.heldout_batches(ls["dataset"], tok, n_examples=ls["n_examples"], batch_size=ls["batch_size"],
                                     max_length=h["max_length"], seed=h["seed"], skip=h["n"])
         if args.worker == "landscape":
-            landscape.flatness_over_seeds(model, b, seeds=ls["seeds"], n=ls["grid"], span=ls["span"],
-                                          filter_norm=ls["filter_norm"])
+            landscape.flatness_of(model, b, ls)
         else:
-            curvature.curvature(model, b, iters=ls["hessian_iters"], probes=ls["hutchinson_probes"])
+            curvature.curvature_of(model, b, ls)
     return {"peak_rss": peak(), "marks": marks}
 
 

@@ -180,3 +180,9 @@ def curvature(model: torch.nn.Module, batches: Sequence[Batch], *, rho: float = 
             "hessian_top_eigenvalue_rel_change": top["rel_change"],
             "hessian_top_eigenvalue_converged": top["converged"],
             "hessian_trace": trace, "hessian_trace_stderr": trace_se, "hutchinson_probes": probes}
+
+
+def curvature_of(model: torch.nn.Module, batches: Sequence[Batch], spec: dict) -> dict[str, float]:
+    """``curvature`` as a preset's ``landscape`` spec says: ``hessian_iters`` power iterations and
+    ``hutchinson_probes`` probes (the one place its keys become this module's arguments)."""
+    return curvature(model, batches, iters=spec["hessian_iters"], probes=spec["hutchinson_probes"])

@@ -196,6 +196,13 @@ def flatness_over_seeds(model: torch.nn.Module, batches: Sequence[Batch], seeds:
     return surfaces, summarize_flatness(surfaces)
 
 
+def flatness_of(model: torch.nn.Module, batches: Sequence[Batch], spec: dict) -> tuple[list[Surface], dict[str, dict]]:
+    """``flatness_over_seeds`` as a preset's ``landscape`` spec says: its direction ``seeds``, a ``grid`` x
+    ``grid`` surface over ``span``, ``filter_norm`` (the one place its keys become this module's arguments)."""
+    return flatness_over_seeds(model, batches, seeds=spec["seeds"], n=spec["grid"], span=spec["span"],
+                               filter_norm=spec["filter_norm"])
+
+
 def interpolate(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: Sequence[Batch], *,
                 t: Sequence[float] | int = 11, loss_fn: LossFn = response_token_loss,
                 model_info_a: dict | None = None, model_info_b: dict | None = None,

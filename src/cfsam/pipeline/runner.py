@@ -163,12 +163,10 @@ def measure(model_ref: str, spec: dict) -> tuple[dict, torch.nn.Module]:
         batches = heldout.heldout_batches(ls["dataset"], loaded.tokenizer, n_examples=ls["n_examples"],
                                           batch_size=ls["batch_size"], max_length=h["max_length"], seed=h["seed"],
                                           skip=skip)
-        surfaces, summary = landscape.flatness_over_seeds(loaded.model, batches, seeds=ls["seeds"], n=ls["grid"],
-                                                          span=ls["span"], filter_norm=ls["filter_norm"])
+        surfaces, summary = landscape.flatness_of(loaded.model, batches, ls)
         out["landscape"] = {"flatness": summary,
                             "surfaces": [_jsonable(dataclasses.asdict(s)) for s in surfaces],
-                            "curvature": curvature.curvature(loaded.model, batches, iters=ls["hessian_iters"],
-                                                             probes=ls["hutchinson_probes"])}
+                            "curvature": curvature.curvature_of(loaded.model, batches, ls)}
         out["measure_seconds"]["landscape"] = round(time.time() - t, 1)
     return out, loaded.model
 
