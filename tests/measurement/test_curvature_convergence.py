@@ -71,16 +71,20 @@ def test_flatness_vs_forgetting_leaves_flagged_estimates_out(monkeypatch):
     from cfsam.analysis import report
 
     forgot = [0.1, 0.2, 0.3, 0.4, 0.5]
-    rows = {"base": {"status": "ok", "loss:alpaca": 1.0}}
+    entries = {"base": {"status": "ok", "heldout_loss": {"alpaca": {"loss": 1.0}}}}
     for i, f in enumerate(forgot):
-        rows[f"run{i}"] = {"status": "ok", "loss:alpaca": 1.0 + f, "SC": 10.0 + i,
-                           "curvature:hessian_top_eigenvalue": [50.0, 60.0, 70.0, 80.0, -57.0][i],
-                           "curvature:hessian_top_eigenvalue_converged": i != 4}
-    monkeypatch.setattr(report, "frame", lambda preset, names: pd.DataFrame(rows).T.infer_objects())
+        entries[f"run{i}"] = {"status": "ok", "heldout_loss": {"alpaca": {"loss": 1.0 + f}},
+                              "landscape": {"flatness": {"SC": {"mean": 10.0 + i}},
+                                            "curvature": {"hessian_top_eigenvalue": [50.0, 60.0, 70.0, 80.0, -57.0][i],
+                                                          "hessian_top_eigenvalue_converged": i != 4}}}
+    monkeypatch.setattr(report, "load_results", lambda preset, names: entries)
+    monkeypatch.setattr(report, "load_preset", lambda preset: {"stage1": {"dataset": "alpaca"}})
     table = report.flatness_vs_forgetting("any", [], n_boot=50)
-    assert table.loc["SC", "runs"] == 5 and table.loc["SC", "spearman"] == pytest.approx(1.0)
-    assert table.loc["curvature:hessian_top_eigenvalue", "runs"] == 4
-    assert table.loc["curvature:hessian_top_eigenvalue", "spearman"] == pytest.approx(1.0)  # -57 would make it 0
+    assert table.loc["SC", "runs"] == 5 and table.loc["SC", "Spearman rho"] == pytest.approx(1.0)
+    assert table.loc["SC", "p"] == pytest.approx(2 / 120)  # exact: 1 of the 5! pairings in each tail
+    assert table.loc["Hessian top eigenvalue", "runs"] == 4
+    assert table.loc["Hessian top eigenvalue", "Spearman rho"] == pytest.approx(1.0)  # -57 would make it 0
+    assert table.loc["Hessian top eigenvalue", "entries"] == "run0 run1 run2 run3"
 
 
 def test_the_frontier_correlation_leaves_flagged_estimates_out(monkeypatch):

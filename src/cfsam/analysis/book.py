@@ -120,14 +120,14 @@ def rho_sentence(lf: pd.DataFrame) -> str:
 
 def correlation_sentence(corr: pd.DataFrame) -> str:
     """Which flatness measures' rank correlation with forgetting has an interval that excludes zero."""
-    corr = corr.dropna(subset=["spearman"]) if not corr.empty else corr
+    corr = corr.dropna(subset=["Spearman rho"]) if not corr.empty else corr
     if corr.empty:
         return "No run with a measured landscape has a current result in the cache yet (see the note above)."
-    clear = corr[(corr["ci_low"] > 0) | (corr["ci_high"] < 0)]
+    clear = corr[(corr["low"] > 0) | (corr["high"] < 0)]
     n = int(corr["runs"].max())
     if clear.empty:
         return f"Over {n} runs no measure's interval excludes zero: no evidence either way."
-    listed = ", ".join(f"{m} {r:+.2f}" for m, r in clear["spearman"].items())
+    listed = ", ".join(f"{m} {r:+.2f}" for m, r in clear["Spearman rho"].items())
     return (f"Over {n} runs, the intervals that exclude zero: {listed} (positive: the sharper run forgot more, "
             f"as the paper reads its Table 1; negative: the opposite); the other {len(corr) - len(clear)} cover zero.")
 

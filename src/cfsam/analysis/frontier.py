@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cfsam.analysis.stats import permutation_spearman
+from cfsam.analysis import flatness
 from cfsam.analysis.study import EVAL_KEYS, START, Study, loss_mean, measures, per_example, stage1_set
 from cfsam.pipeline import specs
 from cfsam.pipeline.cache import load_results
@@ -169,33 +169,14 @@ def never_learned(points: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-FLATNESS = {"SC": ("flatness", "SC"), "AG": ("flatness", "AG"), "MAG": ("flatness", "MAG"),
-            "Hessian top eigenvalue": ("curvature", "hessian_top_eigenvalue"),
-            "Hessian trace": ("curvature", "hessian_trace"), "SAM sharpness": ("curvature", "sam_sharpness")}
-# every one of them is larger for a sharper model (book/methods.md): rho > 0 ranks "sharper forgets more"
-
-
-def flatness_vs_forgetting(study: Study | str) -> pd.DataFrame:
+def flatness_vs_forgetting(study: Study | str, *, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
     """Over the independent stage-2 end points with a landscape (one per run: the last snapshot), each flatness
-    measure against forgetting (rise of the held-out stage-1 loss): Spearman's rho, its permutation p-value,
-    and which way it ranks. Flatness is measured on examples disjoint from those that measure forgetting."""
+    measure against forgetting (rise of the held-out stage-1 loss), by ``flatness.correlations``. Flatness is
+    measured on examples disjoint from those that measure forgetting."""
     study = Study.of(study)
     if study.empty:
         return pd.DataFrame()
     entries, pts = study.entries, measures(study)
     ends = pts[(pts["at"] == pts["of"]) & pts["name"].map(lambda n: "landscape" in entries[n])]
-    rows = []
-    for label, (part, key) in FLATNESS.items():
-        vals = ends["name"].map(lambda n: (entries[n]["landscape"].get(part) or {}).get(key))
-        vals = vals.map(lambda v: v.get("mean") if isinstance(v, dict) else v).astype(float)
-        # an estimate flagged unconverged (cfsam.measurement.curvature.CONVERGED_TOL) is left out
-        flagged = ends["name"].map(lambda n: (entries[n]["landscape"].get(part) or {}).get(f"{key}_converged") is False)
-        ok = vals.notna() & ends["forgetting"].notna() & ~flagged.astype(bool)
-        if ok.sum() < 3:
-            continue
-        rho, p, how = permutation_spearman(vals[ok], ends.loc[ok, "forgetting"])
-        ranks = "sharper forgets more" if rho > 0 else "flatter forgets more"
-        rows.append({"measure": label, "runs": int(ok.sum()), "Spearman rho": rho, "p": p, "p from": how,
-                     "ranks": ranks, "the paper's way": ranks == "sharper forgets more",
-                     "entries": " ".join(ends.loc[ok, "name"])})
-    return pd.DataFrame(rows).set_index("measure") if rows else pd.DataFrame()
+    return flatness.correlations({n: entries[n] for n in ends["name"]}, ends.set_index("name")["forgetting"],
+                                 n_boot=n_boot, seed=seed)

@@ -16,9 +16,10 @@ import numpy as np
 import pandas as pd
 from pandas.io.formats.style import Styler
 
-from cfsam.analysis import paper
-from cfsam.pipeline.cache import load_results
+from cfsam.analysis import flatness, paper
 from cfsam.pipeline import specs
+from cfsam.pipeline.cache import load_results
+from cfsam.pipeline.presets import load_preset
 
 CATEGORIES = ["DK", "Understanding", "Reasoning", "Exams", "AVG"]
 MMLU_PARTS = {"mmlu_stem": "STEM", "mmlu_humanities": "Humanities", "mmlu_social_sciences": "Social Sciences",
@@ -200,39 +201,17 @@ def learning_and_forgetting(preset: str, names: list[str], reference: str = "sta
     return pd.DataFrame(rows).set_index("experiment") if rows else pd.DataFrame()
 
 
-FLATNESS = ["SC", "AG", "MAG", "curvature:hessian_top_eigenvalue", "curvature:hessian_trace",
-            "curvature:sam_sharpness"]
-
-
 def flatness_vs_forgetting(preset: str, names: list[str], *, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """Spearman correlation, over runs with a landscape, between each flatness measure and forgetting
-    (Δ held-out Alpaca loss against the base model), with a percentile bootstrap 95% interval over runs."""
-    from scipy.stats import spearmanr
-
-    df = frame(preset, names)
-    df = df[df["status"] == "ok"]
-    if "base" not in df.index or "SC" not in df:
+    """Over the runs of ``names`` with a landscape, each flatness measure against forgetting (rise of the
+    held-out stage-1 loss over the base model's), by ``flatness.correlations``."""
+    entries = {n: e for n, e in load_results(preset, names).items() if e["status"] == "ok"}
+    s1 = load_preset(preset)["stage1"]["dataset"]
+    if "base" not in entries:
         return pd.DataFrame()
-    every = df[df["SC"].notna()]
-    rng = np.random.default_rng(seed)
-    rows = []
-    for m in FLATNESS:
-        # an estimate flagged unconverged (cfsam.measurement.curvature.CONVERGED_TOL) is left out of its measure
-        runs = every[every[f"{m}_converged"] != False] if f"{m}_converged" in every else every  # noqa: E712
-        forgot = (runs["loss:alpaca"] - df.loc["base", "loss:alpaca"]).to_numpy(float)
-        if m not in runs or runs[m].isna().any() or len(runs) < 3:
-            rows.append({"measure": m, "runs": len(runs), "spearman": np.nan, "ci_low": np.nan, "ci_high": np.nan})
-            continue
-        x = runs[m].to_numpy(float)
-        boots = []
-        for _ in range(n_boot):
-            i = rng.integers(0, len(x), len(x))
-            if len(set(i)) > 2:
-                boots.append(spearmanr(x[i], forgot[i]).statistic)
-        lo, hi = np.nanpercentile(boots, [2.5, 97.5]) if boots else (np.nan, np.nan)
-        rows.append({"measure": m, "runs": len(runs), "spearman": spearmanr(x, forgot).statistic,
-                     "ci_low": lo, "ci_high": hi})
-    return pd.DataFrame(rows).set_index("measure")
+    ref = entries["base"]["heldout_loss"][s1]["loss"]
+    runs = {n: e for n, e in entries.items() if "landscape" in e}
+    forgot = pd.Series({n: e["heldout_loss"][s1]["loss"] - ref for n, e in runs.items()}, dtype=float)
+    return flatness.correlations(runs, forgot, n_boot=n_boot, seed=seed)
 
 
 def preset_note(preset: str) -> str:
@@ -289,5 +268,6 @@ def show(df: pd.DataFrame, precision: int = 2, name: str = "table"):
 def flatness_table(preset: str, names: list[str]) -> pd.DataFrame:
     """The paper's flatness metrics (mean and std over direction seeds), the curvature measures beyond
     them, and the held-out Alpaca loss of each run with a landscape."""
-    cols = ["SC", "SC:std", "AG", "AG:std", "MAG", "MAG:std", *FLATNESS[3:], "loss:alpaca"]
+    curvature = [f"curvature:{key}" for part, key in flatness.FLATNESS.values() if part == "curvature"]
+    cols = ["SC", "SC:std", "AG", "AG:std", "MAG", "MAG:std", *curvature, "loss:alpaca"]
     return frame(preset, names).reindex(columns=["status", *cols])
