@@ -38,6 +38,11 @@ def snapshot(run: dict, at: int, of: int) -> dict:
     return {"snapshot": {"run": run, "at": at, "of": of}}
 
 
+# the stage-2 set of the paper's method comparisons (Wise-FT, rehearsal: Table 2(c)), its rho sweep
+# (Table 3), its landscapes of SAM (Fig. 1) and its sizes (Table 6): every one of them on Open-Platypus
+PAPER_SET = "open-platypus"
+
+
 def run_kind(run: dict) -> str:
     """base, stage, snapshot or wise_ft (``runs.parse``)."""
     return runs.parse(run).kind
@@ -90,15 +95,15 @@ def expand(preset: str | dict) -> dict[str, dict]:
         s1 = stage1(p, model)
         add(prefix + "base", {"model": model}, sets=stage2_sets if not prefix else ())
         add(prefix + "stage1", s1, landscape=not prefix, sets=stage2_sets if not prefix else ())
-        for ds in (stage2_sets if not prefix else ["open-platypus"]):
+        for ds in (stage2_sets if not prefix else [PAPER_SET]):
             add(f"{prefix}s2-{ds}-adamw", stage2(p, s1, ds), landscape=not prefix, sets=[ds])
-            add(f"{prefix}s2-{ds}-sam", stage2(p, s1, ds, **sam(p)), landscape=not prefix and ds == "open-platypus",
+            add(f"{prefix}s2-{ds}-sam", stage2(p, s1, ds, **sam(p)), landscape=not prefix and ds == PAPER_SET,
                 sets=[ds])
             if not prefix:
                 add(f"s2-{ds}-adamw-e1", stage2(p, s1, ds, epochs=1), sets=[ds])
         if prefix:
             continue
-        op = "open-platypus"
+        op = PAPER_SET
         rehearse = {"rehearsal_from": p["stage1"]["dataset"], **p["rehearsal"]}
         for name, changes in (("adamw", {}), ("sam", sam(p))):
             add(f"wiseft-{op}-{name}", {"wise_ft": {"stage1": s1, "stage2": stage2(p, s1, op, **changes),
