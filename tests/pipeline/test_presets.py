@@ -149,3 +149,34 @@ def test_complements_and_short_runs():
         load_preset("smoke", {"frontier.short": {"runs": ["sam-rho9"]}})
     with pytest.raises(PresetError, match=r"frontier.complements.sam_rho: \[0.3\] are not in frontier.sam_rho"):
         load_preset("smoke", {"frontier.complements": {"sam_rho": [0.3], "rehearsal_fraction": []}})
+
+
+def test_precision_auto_is_the_machines_native_precision_in_every_id(tmp_path, monkeypatch):
+    """``precision: auto`` becomes bf16 on a CPU with AVX512-BF16 or AMX, else fp32, and that value (not
+    "auto") is in every run's spec, so the two give different ids and never share results."""
+    import torch
+    import yaml
+
+    from cfsam.core import precision
+    from cfsam.pipeline import presets, specs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    zen4, zen3 = tmp_path / "zen4", tmp_path / "zen3"
+    zen4.write_text("processor : 0\nflags : fpu sse2 avx512f avx512_bf16 avx512_vnni\n")
+    zen3.write_text("processor : 0\nflags : fpu sse2 avx2 fma\n")
+    assert precision.auto_precision(zen4) == "bf16" and precision.auto_precision(zen3) == "fp32"
+    assert precision.cpu_flags(tmp_path / "absent") == set()
+
+    p = yaml.safe_load(presets.registered_file("smoke").read_text())
+    p["train"]["precision"] = "auto"
+    path = tmp_path / "smoke-auto.yaml"
+    path.write_text(yaml.safe_dump(p))
+    ids = {}
+    read = precision.cpu_flags
+    for cpu in (zen4, zen3):
+        monkeypatch.setattr(precision, "cpu_flags", lambda cpuinfo="", cpu=cpu: read(cpu))  # this machine: cpu
+        exps = specs.expand(str(path))
+        stage1 = exps["stage1"]["run"]
+        ids[cpu.name] = specs.run_id(stage1)
+        assert stage1["precision"] == ("bf16" if cpu is zen4 else "fp32")
+    assert ids["zen4"] != ids["zen3"]

@@ -99,6 +99,7 @@ def load_preset(name_or_path: str | Path, overrides: dict | None = None) -> dict
     preset = copy.deepcopy(preset)
     for dotted, value in (overrides or {}).items():
         _set(preset, dotted, value)
+    _resolve_precision(preset)
     _check(preset, {**SCHEMA, **{k: v for k, v in OPTIONAL.items() if k in preset}}, "")
     _check_values(preset)
     preset["name"] = name
@@ -142,6 +143,17 @@ def _stage_options(p: dict, section: str, **changes) -> None:
         train_config.resolve(spec)
     except train_config.SpecError as err:
         raise PresetError(f"preset section {section}: {err}") from err
+
+
+def _resolve_precision(p: dict) -> None:
+    """``precision: auto`` (in train, stage1 or stage2) becomes the precision this machine trains in natively
+    (``core.precision``): the value every run's spec and id then holds."""
+    for section in ("train", "stage1", "stage2"):
+        opts = p.get(section)
+        if isinstance(opts, dict) and opts.get("precision") == "auto":
+            from cfsam.core.precision import auto_precision
+
+            opts["precision"] = auto_precision()
 
 
 def _check_values(p: dict) -> None:
