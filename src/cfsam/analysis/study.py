@@ -148,7 +148,7 @@ class Study:
         """The same study restricted to ``table``'s rows (and their entries); ``extra``: entries of rows that
         are not frontier points (a short run)."""
         entries = {**self.entries, **(extra or {})}
-        keep = {"start", *table["name"]}
+        keep = {"start", *table["name"], *[k for c in ("start", "reference") if c in table for k in table[c]]}
         return Study(self.preset, {k: v for k, v in entries.items() if k in keep}, table, self.planned)
 
     def suite(self) -> list[str]:
@@ -201,17 +201,21 @@ def measures(study: Study, draws: dict | None = None, forgetting: str = "heldout
         return np.mean([e["eval_items"][t][forgetting][idx(("eval", t), len(e["eval_items"][t]["idx"]))].mean()
                         for t in tasks])
 
-    out = study.table.copy()
+    out, t = study.table.copy(), study.table
+    # each point's own starting model (learning) and the model its forgetting is measured from: the study's
+    # start unless the table names others (``starts``: points from several stage-1 models, or the base model)
+    own_start = t["start"] if "start" in t else ["start"] * len(t)
+    reference = t["reference"] if "reference" in t else own_start
     learn, forget = [], []
-    for name, own in zip(study.table["name"], study.table["dataset"]):
-        e = entries[name]
+    for name, own, s0, r0 in zip(t["name"], t["dataset"], own_start, reference):
+        e, s0, r0 = entries[name], entries[s0], entries[r0]
         i_own = idx(own, len(per_example(start, own)))
-        learn.append(loss_mean(per_example(start, own), i_own, each) - loss_mean(per_example(e, own), i_own, each))
+        learn.append(loss_mean(per_example(s0, own), i_own, each) - loss_mean(per_example(e, own), i_own, each))
         if tasks:
-            forget.append(ability(start) - ability(e))
+            forget.append(ability(r0) - ability(e))
         else:
             i_s1 = idx(stage1_set, len(per_example(start, stage1_set)))
             forget.append(loss_mean(per_example(e, stage1_set), i_s1, each)
-                          - loss_mean(per_example(start, stage1_set), i_s1, each))
+                          - loss_mean(per_example(r0, stage1_set), i_s1, each))
     out["learning"], out["forgetting"] = learn, forget
     return out

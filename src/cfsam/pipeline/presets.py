@@ -48,6 +48,8 @@ OPTIONAL = {
                  "asam_rho": list,
                  "rehearsal_fraction": list, "wise_ft_alpha": list, "light": {"adamw_lr": list, "sam_rho": list},
                  "complements": {"sam_rho": list, "rehearsal_fraction": list}, "short": {"runs": list}},
+    # does a flatter start forget less? SAM stage-1 models at these radii, then AdamW stage 2 (specs.starts)
+    "starts": {"sam_rho": list, "seeds": int, "seeded_lr": list},
 }
 
 
@@ -204,8 +206,27 @@ def _check_values(p: dict) -> None:
         raise PresetError(f"landscape.hutchinson_probes={ls['hutchinson_probes']} must be >= 2 (its spread needs two)")
     if "frontier" in p:
         _check_frontier(p)
+    if "starts" in p:
+        _check_starts(p)
     if not ls["seeds"] or not all(isinstance(s, int) and not isinstance(s, bool) for s in ls["seeds"]):
         raise PresetError(f"landscape.seeds={ls['seeds']!r} must be a non-empty list of integers")
+
+
+def _check_starts(p: dict) -> None:
+    st = p["starts"]
+    if "frontier" not in p:
+        raise PresetError("preset key starts needs a frontier: its stage-2 runs are the frontier's AdamW runs "
+                          "from other starting points")
+    f = p["frontier"]
+    for i, rho in enumerate(st["sam_rho"]):
+        if not (isinstance(rho, NUM) and not isinstance(rho, bool) and math.isfinite(rho) and rho > 0):
+            raise PresetError(f"starts.sam_rho[{i}]={rho!r} must be a finite number > 0")
+    if not 1 <= st["seeds"] <= len(f["seeds"]):
+        raise PresetError(f"starts.seeds={st['seeds']!r} must be between 1 and the {len(f['seeds'])} of "
+                          "frontier.seeds (the first that many)")
+    extra = [v for v in st["seeded_lr"] if v not in f["adamw_lr"]]
+    if extra:
+        raise PresetError(f"starts.seeded_lr: {extra} are not in frontier.adamw_lr ({f['adamw_lr']})")
 
 
 def _check_frontier(p: dict) -> None:

@@ -119,6 +119,8 @@ def expand(preset: str | dict) -> dict[str, dict]:
         # which tasks the base model is above chance on: the frontier's general-ability suite is chosen from it
         out["screen"] = {"run": {"model": p["model"]}, "measure": {"eval": eval_measure({**f["screen"], "seed": seed, "stratify": p["eval"]["stratify"]})}}
         out.update(frontier(p, stage1(p, p["model"]), heldout, ev))
+        if "starts" in p:
+            out.update(starts(p, stage1(p, p["model"]), out["frontier-stage1"]["measure"]))
     _share_snapshots(out)
     return out
 
@@ -216,6 +218,35 @@ def frontier(p: dict, s1: dict, heldout: dict, ev: dict) -> dict[str, dict]:
                                                         "measure": here, "group": "short"}
     for exp in out.values():
         exp.setdefault("group", "frontier")  # for the analysis; not part of the id (run and measure are)
+    return out
+
+
+def starts(p: dict, s1: dict, start_measure: dict) -> dict[str, dict]:
+    """Does a flatter start forget less? Stage 1 trained with SAM at each radius of ``starts.sam_rho`` (the same
+    base, data, lr and seed as ``frontier-stage1``), each measured like it plus its landscape on examples
+    disjoint from the held-out ones (and ``frontier-stage1``'s own landscape, as ``frontier-stage1-flatness``);
+    from each SAM start, AdamW stage 2 on the headline set at every lr of ``frontier.adamw_lr`` with the
+    frontier's snapshots and measurements, the first ``starts.seeds`` seeds at ``starts.seeded_lr``. The AdamW
+    start's stage-2 runs are the frontier's own."""
+    st, f = p["starts"], p["frontier"]
+    ls = {**p["landscape"], **(f["landscape"] if isinstance(f["landscape"], dict) else {}), "disjoint": True}
+    flat = {**start_measure, "landscape": ls}
+    out = {"frontier-stage1-flatness": {"run": s1, "measure": flat, "group": "starts"}}
+    ds, n, ep = f["datasets"][0], f["snapshots"], {"epochs": f["epochs"]}
+    # measured as the frontier's points are: the stage-1 set and the run's own, the end with its landscape
+    here = {**start_measure, "heldout": {**start_measure["heldout"], "datasets": [p["stage1"]["dataset"], ds]}}
+    end = {**here, "landscape": ls} if f["landscape"] else here
+    for rho in st["sam_rho"]:
+        start = {**s1, "optimizer": "sam", "rho": rho, "adaptive": False}  # all else as frontier-stage1
+        out[f"frontier-stage1-sam-rho{rho:g}"] = {"run": start, "measure": flat, "group": "starts"}
+        for k, seed in enumerate(f["seeds"][:st["seeds"]]):
+            for lr in f["adamw_lr"]:
+                if k > 0 and lr not in st["seeded_lr"]:
+                    continue
+                run = stage2(p, start, ds, **ep, lr=lr, seed=seed)
+                for at in range(1, n + 1):
+                    out[f"{ds}-from-sam-rho{rho:g}-adamw-lr{lr:g}-s{seed}-{at}of{n}"] = {
+                        "run": snapshot(run, at, n), "measure": end if at == n else here, "group": "starts"}
     return out
 
 

@@ -1,0 +1,179 @@
+"""Does a flatter start forget less? Stage 1 with SAM, then the same AdamW stage 2 (``specs.starts``).
+
+Watts et al. (ICML 2026, "Sharpness-Aware Pretraining Mitigates Catastrophic Forgetting") make the starting
+point flatter with SAM and fine-tune it normally. Here the starting point is the stage-1 (Alpaca) model:
+``frontier-stage1`` (AdamW) and ``frontier-stage1-sam-rho<r>`` (SAM, all else alike), each measured with its
+landscape on examples disjoint from the held-out ones (``frontier-stage1-flatness`` for AdamW's). From each, the
+frontier's AdamW stage 2 on the headline set. Learning is always against the run's own start; forgetting is
+read two ways, against its own start and against the common base model, so that a start that learned Alpaca
+less cannot pass for one that forgets less. Each SAM start is compared with the AdamW start in the frontier's
+two views (``fronts.compare`` at matched learning, ``verdicts.same_lr`` at the same lr); a view's verdict is
+the paper-style "reproduced" when the flatter start forgets less.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from cfsam.analysis import flatness
+from cfsam.analysis.fronts import compare
+from cfsam.analysis.study import START, Study, arrays, loss_mean, measures, per_example, point_row, stage1_set
+from cfsam.analysis.verdicts import Verdict, combine, front_setting, outcome, same_lr
+from cfsam.core.errors import UsageError
+from cfsam.pipeline import specs
+from cfsam.pipeline.cache import load_results
+from cfsam.pipeline.presets import load_preset
+
+REFERENCES = {"own start": "forgetting against the run's own stage-1 model",
+              "base": "forgetting against the common base model"}
+
+
+def _label(rho: float | None) -> str:
+    return "adamw" if rho is None else f"adamw from sam {rho:g}"
+
+
+def start_names(preset: str) -> dict[str, float | None]:
+    """The stage-1 models compared, by experiment name: AdamW's (rho None) and each SAM start's radius."""
+    p = load_preset(preset)
+    return {START: None, **{f"{START}-sam-rho{r:g}": r for r in (p.get("starts") or {}).get("sam_rho", [])}}
+
+
+def study(preset: str, reference: str = "own start") -> Study:
+    """The AdamW stage-2 points on the headline set from every start present (family ``_label``), with a
+    ``start`` column (learning's reference) and a ``reference`` column (forgetting's: ``REFERENCES``)."""
+    if reference not in REFERENCES:
+        raise UsageError(f"unknown reference {reference!r}; allowed: {', '.join(REFERENCES)}")
+    p, exps = load_preset(preset), specs.expand(preset)
+    if "starts" not in p:
+        return Study(preset)
+    ds = p["frontier"]["datasets"][0]
+    starts = start_names(preset)
+    names = [n for n, e in exps.items() if e.get("group") in ("frontier", "starts") and n.startswith(f"{ds}-")]
+    picked = []
+    for n in names:
+        r = point_row(n, exps[n]["run"])
+        if r["family"] != "adamw":
+            continue
+        rho = None
+        if "-from-sam-rho" in n:
+            rho = float(n.split("-from-sam-rho", 1)[1].split("-", 1)[0])
+        elif exps[n].get("group") != "frontier":
+            continue
+        picked.append({**r, "family": _label(rho), "start": "start" if rho is None else f"{START}-sam-rho{rho:g}"})
+    entries = {n: e for n, e in load_results(preset, [*starts, "base", *[r["name"] for r in picked]]).items()
+               if e["status"] == "ok"}
+    if START not in entries:
+        return Study(preset)
+    entries["start"] = entries.pop(START)
+    rows = [r for r in picked if r["name"] in entries and r["start"] in entries]
+    if reference == "base":
+        if "base" not in entries:
+            return Study(preset)
+        rows = [{**r, "reference": "base"} for r in rows]
+    for e in entries.values():
+        arrays(e)
+    return Study(preset, entries, pd.DataFrame(rows), {ds: {r["family"] for r in rows}})
+
+
+def starts_table(preset: str, *, n_boot: int = 500, seed: int = 0) -> pd.DataFrame:
+    """Each start: how much it learned Alpaca (the fall of its held-out stage-1 loss from the base model, with a
+    bootstrap standard error), whether that is at least AdamW's stage 1 (the calibration rule), and its
+    flatness by every measure of ``flatness.FLATNESS`` (on examples disjoint from the held-out ones)."""
+    if "starts" not in load_preset(preset):
+        return pd.DataFrame()
+    starts = start_names(preset)
+    flat_of = {START: f"{START}-flatness", **{n: n for n in starts if n != START}}
+    entries = {n: e for n, e in load_results(preset, ["base", *starts, *flat_of.values()]).items()
+               if e["status"] == "ok"}
+    if "base" not in entries or START not in entries:
+        return pd.DataFrame()
+    s1 = stage1_set(entries[START])
+    pe_b = np.asarray(per_example(entries["base"], s1), float)
+    rng, rows = np.random.default_rng(seed), []
+    for name, rho in starts.items():
+        if name not in entries:
+            continue
+        pe = np.asarray(per_example(entries[name], s1), float)
+        idx = np.arange(len(pe))
+        draws = (rng.integers(0, len(pe), len(pe)) for _ in range(n_boot))
+        boots = [loss_mean(pe_b, d) - loss_mean(pe, d) for d in draws]
+        row = {"start": name, "optimizer": "adamw" if rho is None else "sam", "rho": rho,
+               "learned Alpaca": loss_mean(pe_b, idx) - loss_mean(pe, idx), "se": float(np.std(boots, ddof=1))}
+        fe = entries.get(flat_of[name])
+        row.update({m: flatness.value(fe, m) if fe else np.nan for m in flatness.FLATNESS})
+        row["entries"] = " ".join(dict.fromkeys(["base", name] + ([flat_of[name]] if fe else [])))
+        rows.append(row)
+    out = pd.DataFrame(rows).set_index("start")
+    out.insert(3, "learned as much as AdamW's", out["learned Alpaca"] >= out.loc[START, "learned Alpaca"])
+    return out
+
+
+def verdicts(preset: str, *, level: float = 0.5, n_boot: int = 500, seed: int = 0) -> pd.DataFrame:
+    """Each SAM start against the AdamW start, for each reference of forgetting: Δ forgetting (SAM start - AdamW
+    start) at matched learning (``level`` of the common reach) and at the same lr (the lr of the SAM start's
+    front setting there), with 95 % intervals, each view's verdict ("reproduced": the flatter start forgets
+    less) and both views' together."""
+    rows = []
+    for reference in REFERENCES:
+        st = study(preset, reference)
+        if st.empty:
+            continue
+        ds = st.sets[0]
+        for fam in sorted(set(st.table["family"]) - {"adamw"}):
+            m = compare(st, ds, "adamw", fam, levels=(level,), n_boot=n_boot, seed=seed)
+            if m.empty:
+                continue
+            m = m.iloc[0]
+            level_here = m["learning level"] if m["learning level"] == m["learning level"] else 0.0
+            pick = front_setting(measures(st), ds, fam, level_here)  # the SAM start's lr at that level
+            same = same_lr(st, ds, "adamw", fam, pick[0], pick[1], level=0.0, n_boot=n_boot, seed=seed) if pick else {}
+            v_match, v_same = outcome(m["effect"], "less"), outcome(same.get("effect"), "less")
+            rows.append({"start": "SAM rho " + fam.removeprefix("adamw from sam "), "forgetting against": reference,
+                         "verdict": combine(v_match, v_same), "learning level": m["learning level"],
+                         "Δ forgetting": m["Δ forgetting"], "low": m["low"], "high": m["high"],
+                         "matched learning": v_match, "lr": same.get("lr"), "same-lr Δ": same.get("Δ forgetting"),
+                         "same-lr low": same.get("low"), "same-lr high": same.get("high"),
+                         "same-lr Δ learning": same.get("Δ learning"), "same lr": v_same, "seeds": m["seeds"],
+                         "entries": " ".join(dict.fromkeys(m["entries"].split() + (same.get("entries") or "").split()))})
+    return pd.DataFrame(rows)
+
+
+def sentence(table: pd.DataFrame, starts: pd.DataFrame) -> str:
+    """What the starts show: whether each SAM start is flatter and learned Alpaca as much, and its verdict."""
+    if table.empty:
+        return ("No stage-2 run from a SAM start is computed here yet (the cpu preset plans them: "
+                "`cfsam run-missing --preset cpu --notebooks flatter_start`).")
+    said = []
+    for _, r in table.iterrows():
+        text = (f"the {r.start} start against AdamW's, forgetting against {r['forgetting against']}: "
+                f"**{r.verdict}**; at matched learning ({r['learning level']:.3f} nats) Δ forgetting "
+                f"{r['Δ forgetting']:+.3f} [{r.low:+.3f}, {r.high:+.3f}], {r['matched learning']}")
+        if r["same-lr Δ"] == r["same-lr Δ"] and r["same-lr Δ"] is not None:
+            text += (f"; at the same lr ({r.lr:g}) {r['same-lr Δ']:+.3f} [{r['same-lr low']:+.3f}, "
+                     f"{r['same-lr high']:+.3f}], {r['same lr']}")
+        said.append(text + f" ({r.seeds} seed{'s' if r.seeds != 1 else ''})")
+    flat = ""
+    if not starts.empty and "SC" in starts and START in starts.index:
+        sam = starts[starts["optimizer"] == "sam"]
+        flatter = [f"SAM {r.rho:g} {'is' if r.SC < starts.loc[START, 'SC'] else 'is not'} flatter by SC "
+                   f"({r.SC:.3g} against {starts.loc[START, 'SC']:.3g})" for _, r in sam.iterrows() if r.SC == r.SC]
+        if flatter:
+            flat = " As starts: " + "; ".join(flatter) + "."
+    return "Does a flatter start forget less? " + "; ".join(said) + "." + flat
+
+
+def relation(table: pd.DataFrame) -> str:
+    """How the verdicts bear on Watts et al.'s finding (a SAM-flattened start forgets less after fine-tuning)
+    and on the paper's thesis that forgetting goes with a sharper landscape."""
+    if table.empty:
+        return ""
+    got = set(table["verdict"])
+    if got == {Verdict.REPRODUCED}:
+        return ("A flatter start forgot less in every comparison here, as Watts et al. find for SAM in pre- and "
+                "mid-training, now at the stage the paper studies; it supports the paper's reading that a flatter "
+                "model forgets less, causally rather than by correlation.")
+    if Verdict.OPPOSITE in got and Verdict.REPRODUCED not in got:
+        return ("A flatter start forgot more here: unlike Watts et al.'s finding for SAM in pre- and mid-training, "
+                "and against the paper's reading that a flatter model forgets less.")
+    return ("The comparisons do not agree on a direction (see the table): at this size and with these seeds they "
+            "neither confirm nor refute Watts et al.'s finding at the instruction-tuning stage.")
