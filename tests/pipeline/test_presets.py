@@ -46,7 +46,7 @@ def test_bad_presets_are_named(overrides, message):
 
 
 def test_unknown_preset_and_malformed_file(tmp_path):
-    with pytest.raises(PresetError, match="unknown preset 'gpu'; allowed: cpu-pilot, cpu, h200, paper, smoke"):
+    with pytest.raises(PresetError, match="unknown preset 'gpu'; allowed: cpu-gemma, cpu-pilot, cpu, h200, paper, smoke"):
         load_preset("gpu")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed")
