@@ -20,7 +20,7 @@ from cfsam.analysis.fronts import compare
 from cfsam.analysis.study import START, Study, arrays, loss_mean, measures, per_example, point_row, stage1_set
 from cfsam.analysis.verdicts import Verdict, combine, front_setting, outcome, same_lr
 from cfsam.core.errors import UsageError
-from cfsam.pipeline import specs
+from cfsam.pipeline import runs, specs
 from cfsam.pipeline.cache import load_results
 from cfsam.pipeline.presets import load_preset
 
@@ -54,10 +54,9 @@ def study(preset: str, reference: str = "own start") -> Study:
         r = point_row(n, exps[n]["run"])
         if r["family"] != "adamw":
             continue
-        rho = None
-        if "-from-sam-rho" in n:
-            rho = float(n.split("-from-sam-rho", 1)[1].split("-", 1)[0])
-        elif exps[n].get("group") != "frontier":
+        start = runs.parse(exps[n]["run"]).parents()  # the stage-1 spec it continues from
+        rho = start[0].get("rho") if start and start[0].get("optimizer") == "sam" else None
+        if rho is None and exps[n].get("group") != "frontier":
             continue
         picked.append({**r, "family": _label(rho), "start": "start" if rho is None else f"{START}-sam-rho{rho:g}"})
     entries = {n: e for n, e in load_results(preset, [*starts, "base", *[r["name"] for r in picked]]).items()

@@ -111,17 +111,15 @@ class Study:
         if isinstance(study, Study):
             return study
         exps = specs.expand(study)
+        every = {n: point_row(n, e["run"]) for n, e in exps.items() if e.get("group") == "frontier" and n != START}
         planned: dict[str, set[str]] = {}
-        for name, exp in exps.items():
-            if exp.get("group") == "frontier" and name != START:
-                r = point_row(name, exp["run"])
-                planned.setdefault(r["dataset"], set()).add(r["family"])
-        names = [n for n, e in exps.items() if e.get("group") == "frontier" and n != START]
-        entries = {n: e for n, e in load_results(study, [START, *names]).items() if e["status"] == "ok"} \
+        for r in every.values():
+            planned.setdefault(r["dataset"], set()).add(r["family"])
+        entries = {n: e for n, e in load_results(study, [START, *every]).items() if e["status"] == "ok"} \
             if START in exps else {}
         if START not in entries:
             return cls(study, planned=planned)
-        rows = [point_row(n, exps[n]["run"]) for n in names if n in entries]
+        rows = [r for n, r in every.items() if n in entries]
         out = {"start": entries[START], **{r["name"]: entries[r["name"]] for r in rows}}
         for e in out.values():
             arrays(e)
