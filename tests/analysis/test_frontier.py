@@ -31,6 +31,9 @@ def test_verdicts_combine_views_and_read_the_papers_direction():
     assert verdicts.combine(V.REPRODUCED, V.OPPOSITE) is V.DEPENDS
     assert verdicts.combine(V.REPRODUCED, V.INCONCLUSIVE) is V.DEPENDS  # one view decisive, the other not
     assert verdicts.combine(V.INCONCLUSIVE, V.NOT_COMPARABLE) is V.INCONCLUSIVE
+    # a view that could not be read neither confirms nor contradicts a decisive one
+    assert verdicts.combine(V.REPRODUCED, V.NOT_COMPARABLE) is V.NOT_COMPARABLE
+    assert verdicts.combine(V.NOT_COMPARABLE, V.OPPOSITE) is V.NOT_COMPARABLE
     assert E.of(-0.2, -0.1) is E.LESS and E.of(0.1, 0.2) is E.MORE and E.of(-0.1, 0.1) is E.INCONCLUSIVE
 
 
@@ -63,6 +66,26 @@ def test_a_claim_that_depends_on_the_view_and_a_set_that_fails_the_sizing_rule(t
     # the same-lr table: SAM 0.5 against AdamW at 3e-4, point by point
     t = verdicts.same_lr_table("cpu", n_boot=20).set_index("dataset")
     assert t.loc["metamathqa", "Δ forgetting"] == pytest.approx(-0.5) and t.loc["metamathqa", "pairs"] == 4
+
+
+def test_a_claim_with_one_view_missing_is_not_comparable_and_says_why(tmp_path, monkeypatch):
+    """SAM ran only at lr 5e-5 and AdamW only at 3e-4: the matched view reads SAM forgetting less (0.05 k
+    against 0.3 k per 0.1 k learned), but there is no AdamW run at 5e-5 to pair with, so the claim is not
+    comparable, and the reason names the missing view and its command."""
+    monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path))
+    exps = specs.expand("cpu")
+    write_json_atomic(tmp_path / "cpu" / "frontier-stage1.json",
+                      _entry(exps["frontier-stage1"], "frontier-stage1", own=2.0, s1=1.0))
+    for method, slope in (("adamw-lr0.0003", 0.3), ("sam-rho0.5-lr5e-05", 0.05)):
+        for k in range(1, 5):
+            name = f"metamathqa-{method}-s1234-{k}of4"
+            write_json_atomic(tmp_path / "cpu" / f"{name}.json",
+                              _entry(exps[name], name, own=2.0 - 0.1 * k, s1=1.0 + slope * k))
+    row = verdicts.claim_verdicts("cpu", n_boot=50).set_index(["claim", "dataset"]).loc[("sam-mitigates", "metamathqa")]
+    assert row["matched learning"] is verdicts.Verdict.REPRODUCED and row["Δ forgetting"] == pytest.approx(-0.5)
+    assert row["same lr"] is verdicts.Verdict.NOT_COMPARABLE and row["lr"] == 5.0e-5
+    assert row["verdict"] is verdicts.Verdict.NOT_COMPARABLE
+    assert "same-lr view has no pairs: adamw has no run at lr 5e-05" in row["reason"]
 
 
 def test_pareto_front_and_interpolation_by_hand():

@@ -47,12 +47,15 @@ def outcome(effect: Effect | None, expect: str) -> Verdict:
 
 
 def combine(*views: Verdict) -> Verdict:
-    """One verdict from several views: theirs when they agree; inconclusive when none is decisive; else it
-    depends on the view."""
+    """One verdict from several views: theirs when they agree; inconclusive when none is decisive; not
+    comparable when one is decisive and another could not be read (a missing view cannot confirm it, nor
+    contradict it); else it depends on the view."""
     if len(set(views)) == 1:
         return views[0]
     if set(views) <= {Verdict.INCONCLUSIVE, Verdict.NOT_COMPARABLE}:
         return Verdict.INCONCLUSIVE
+    if Verdict.NOT_COMPARABLE in views:
+        return Verdict.NOT_COMPARABLE
     return Verdict.DEPENDS
 
 
@@ -124,6 +127,14 @@ def same_lr(study: Study | str, dataset: str, a: str, b: str, setting, lr: float
             "entries": " ".join(used["name"])}
 
 
+def _missing_view(study: Study, ds: str, a: str, same: dict, m) -> str:
+    """Why the same-lr view could not be read, and the command that computes what it lacks."""
+    if m["effect"] is Effect.NO_COMMON:
+        return "the fronts share no learning level, so there is no setting to read the same-lr view at"
+    return (f"the same-lr view has no pairs: {a} has no run at lr {same.get('lr'):g} with the same seeds and "
+            f"points (`cfsam run-missing --preset {study.preset} --notebooks frontier`)")
+
+
 def sized(study: Study | str) -> dict[str, str]:
     """Per stage-2 set whose AdamW reference fails the sizing rule: why (no entry: the set passes)."""
     lc = learning_check(study)
@@ -177,8 +188,10 @@ def claim_verdicts(study: Study | str, *, level: float = 0.5, n_boot: int = 500,
             verdict, reason = combine(v_match, v_same), ""
             if ds in unsized:
                 verdict, reason = Verdict.NOT_COMPARABLE, unsized[ds]
-            elif v_step is not v_match:
-                reason = f"the step front gives {v_step}"
+            else:
+                reason = "; ".join(x for x in (
+                    f"the step front gives {v_step}" if v_step is not v_match else "",
+                    _missing_view(study, ds, f["a"], same, m) if v_same is Verdict.NOT_COMPARABLE else "") if x)
             if f.get("note"):
                 reason = "; ".join(x for x in (reason, f["note"]) if x)
             rows.append({
