@@ -1,11 +1,14 @@
 """Training throughput at the study's batch shape: AdamW, SAM and SAM every k, side by side.
 
     .venv/bin/python benchmarks/bench_train.py [--model smollm2-135m] [--batch 8] [--max-length 256]
-        [--steps 2] [--sam-every 4] [--no-memory] [--no-profile] [--hf-loss] [--head-reps 5]
+        [--steps 2] [--sam-every 4] [--precisions fp32,bf16] [--compile] [--no-memory] [--no-profile]
+        [--hf-loss] [--head-reps 5]
 
-What runs is the trainer's own update, ``cfsam.training.step.optimizer_step`` (fp32, clipping at 1.0),
-on real Alpaca batches (``build_dataset`` + ``collate``, response-only labels) in the trainer's order:
-length-grouped, as the ``cpu`` study trains (``--order random``: the order without ``group_by_length``).
+What runs is the trainer's own update, ``cfsam.training.step.optimizer_step`` (clipping at 1.0), in each
+of ``--precisions``: fp32, and bf16 autocast as ``precision: bf16`` trains (fp32 master weights, optimizer
+state and SAM perturbation; the matmuls in bf16). ``--compile`` adds AdamW in fp32 with every decoder layer
+under ``torch.compile`` (inductor), the lever for the element-wise share. Batches are real Alpaca ones
+(``build_dataset`` + ``collate``, response-only labels) in the trainer's order: length-grouped, as the ``cpu`` study trains (``--order random``: the order without ``group_by_length``).
 
 * Time: one process holds one model copy per optimizer (same weights) and alternates them step by
   step, so machine load drifts through all alike; wall and process CPU seconds are both taken, and
@@ -16,8 +19,8 @@ length-grouped, as the ``cpu`` study trains (``--order random``: the order witho
 * Head and loss alone: that difference without the decoder around it, alternating A/B repetitions.
 * FLOP/s: useful work only: 6 x (non-embedding parameters) per real (unpadded) token, 6 x (head
   parameters) per labelled token, and the causal attention products 6 x layers x width x sum(L^2)
-  per sequence, times the passes an update makes; against the fp32 matmul rate of a large
-  ``torch.mm`` measured in the same run (before and after; the larger is the reference).
+  per sequence, times the passes an update makes; against the matmul rate of a large ``torch.mm`` in the
+  variant's precision, measured in the same run (before and after; the larger is the reference).
 * Memory: the peak resident set (``ru_maxrss``) of a fresh process per optimizer that loads the model,
   builds the epoch's longest batch and takes one update (SAM every k's first update is a SAM one: its peak is SAM's).
 * Padding: the fraction of padded positions of the batches in the trainer's random order and in the
@@ -44,6 +47,7 @@ import time
 import torch
 
 from cfsam.core import memory
+from cfsam.core.precision import auto_precision
 from cfsam.data import formatting, models
 from cfsam.training import step as train_step
 from cfsam.training.step import StepContext, build_optimizer, optimizer_step
@@ -98,8 +102,19 @@ def useful_flops(cfg, n_params: int, mb: dict) -> float:
     return 6 * body * float(lengths.sum()) + 6 * head * labelled + attn
 
 
-def matmul_rate(n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def variant(name: str) -> tuple[str, str, bool]:
+    """A timed variant's (optimizer, precision, compiled): ``sam-every-bf16`` is SAM every k in bf16."""
+    compiled = name.endswith("-compiled")
+    name = name.removesuffix("-compiled")
+    precision = "bf16" if name.endswith("-bf16") else "fp32"
+    return name.removesuffix("-bf16"), precision, compiled
+
+
+def matmul_rate(n: int = 2048, reps: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     t = time.perf_counter()
     for _ in range(reps):
@@ -140,8 +155,9 @@ def head_and_loss_times(base, mb, reps: int) -> dict[str, float]:
 
 
 def make_optimizer(model, name: str, every: int):
-    kind = "sam" if name.startswith("sam") else "adamw"
-    return build_optimizer(model, kind, LR, 0.0, RHO, False, sam_every=every if name == "sam-every" else 1)
+    opt = variant(name)[0]
+    kind = "sam" if opt.startswith("sam") else "adamw"
+    return build_optimizer(model, kind, LR, 0.0, RHO, False, sam_every=every if opt == "sam-every" else 1)
 
 
 def worker(args) -> None:
@@ -167,7 +183,7 @@ def timed_update(model, opt, mb, name: str) -> float:
         train_step.summed_loss = hf_loss
     try:
         t, c = time.perf_counter(), time.process_time()
-        optimizer_step(model, opt, [mb], StepContext(max_grad_norm=1.0))
+        optimizer_step(model, opt, [mb], StepContext(max_grad_norm=1.0, autocast_dtype=AUTOCAST[variant(name)[1]]))
         return time.perf_counter() - t, time.process_time() - c
     finally:
         train_step.summed_loss = real
@@ -178,8 +194,11 @@ def step_times(args, base, data: list[dict], names: list[str]) -> dict[str, list
     runs = {}
     for name in names:
         model = copy.deepcopy(base)
+        if variant(name)[2]:  # shapes vary batch to batch: one dynamic graph per layer, compiled at update 0
+            for layer in model.model.layers:
+                layer.compile(dynamic=True)
         runs[name] = (model, make_optimizer(model, name, args.sam_every), [])
-    n_timed = {name: args.sam_every if name == "sam-every" else args.steps for name in names}
+    n_timed = {name: args.sam_every if variant(name)[0] == "sam-every" else args.steps for name in names}
     for i in range(1 + max(n_timed.values())):  # update 0 of each is a warm-up (allocates AdamW's state)
         for name, (model, opt, times) in runs.items():
             if i > n_timed[name]:
@@ -189,7 +208,7 @@ def step_times(args, base, data: list[dict], names: list[str]) -> dict[str, list
             dt, cpu = timed_update(model, opt, mb, name)
             if i:
                 times.append((dt, cpu, passes, mb))
-            print(f"  update {i} {name:13s} {dt:7.2f} s wall {cpu:7.2f} s CPU ({passes} pass{'es' if passes == 2 else ''})",
+            print(f"  update {i} {name:16s} {dt:7.2f} s wall {cpu:7.2f} s CPU ({passes} pass{'es' if passes == 2 else ''})",
                   flush=True)
     return {name: times for name, (_, _, times) in runs.items()}
 
@@ -224,11 +243,16 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--hf-loss", action="store_true", help="also time AdamW updates with transformers' loss")
+    ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated, of fp32 and bf16 (autocast)")
+    ap.add_argument("--compile", action="store_true", help="also time fp32 AdamW with torch.compile'd decoder layers")
     ap.add_argument("--head-reps", type=int, default=5, help="alternating repetitions of the head+loss timing")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
+    precisions = args.precisions.split(",")
+    if not precisions or set(precisions) - set(AUTOCAST):
+        ap.error(f"--precisions {args.precisions!r}: allowed are {', '.join(AUTOCAST)}, comma-separated")
 
     loaded = models.load_model(args.model)
     base, tok = loaded.model, loaded.tokenizer
@@ -236,24 +260,27 @@ def main() -> None:
     n_params = sum(p.numel() for p in base.parameters())
     n_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     print(f"model {args.model} ({n_params / 1e6:.1f} M parameters), batch {args.batch} x <= {args.max_length} "
-          f"tokens of Alpaca ({args.order} order), fp32, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+          f"tokens of Alpaca ({args.order} order), {'/'.join(precisions)} (this machine's auto precision: "
+          f"{auto_precision()}), torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
     pad = padding_report(tok, args.batch, args.max_length, args.padding_examples)
     print(f"padding over {pad['n']} examples (mean length {pad['mean_length']:.0f}; labelled "
           f"{pad['labelled_of_real']:.0%} of real tokens): random order {pad['random']:.1%} of positions, "
           f"length-grouped {pad['grouped']:.1%}")
-    names = ["adamw", "sam", "sam-every"] + (["adamw-hfloss"] if args.hf_loss else [])
+    names = [o + ("" if p == "fp32" else f"-{p}") for p in precisions for o in ("adamw", "sam", "sam-every")]
+    names += (["adamw-compiled"] if args.compile else []) + (["adamw-hfloss"] if args.hf_loss else [])
     data = batches(tok, args.batch, args.max_length, 1 + max(args.steps, args.sam_every), args.order)
     head = head_and_loss_times(base, data[0], args.head_reps)
     print(f"head + cross-entropy, forward and backward, batch 0 (median of {args.head_reps}): transformers "
           f"{head['transformers']:.2f} s, labelled positions only {head['labelled-only']:.2f} s")
     mem = {} if args.no_memory else {name: peak_memory(args, name) for name in ("adamw", "sam")}
-    peak_mm = matmul_rate()
+    peak = {p: matmul_rate(dtype=AUTOCAST[p] or torch.float32) for p in precisions}
     times = step_times(args, base, data, names)
-    peak_mm = max(peak_mm, matmul_rate())
-    shares = {} if args.no_profile else profile_update(base, data[0])
+    peak = {p: max(r, matmul_rate(dtype=AUTOCAST[p] or torch.float32)) for p, r in peak.items()}
+    peak_mm = peak.get("fp32", max(peak.values()))
+    shares = {} if args.no_profile or "fp32" not in precisions else profile_update(base, data[0])
 
-    print(f"\nfp32 matmul rate (2048^3 torch.mm): {peak_mm / 1e9:.1f} GFLOP/s")
-    print(f"{'optimizer':14s} {'wall s/update':>14s} {'CPU s/update':>13s} {'tokens/s':>9s} {'useful GFLOP/s':>15s} "
+    print("\nmatmul rate (2048^3 torch.mm): " + ", ".join(f"{p} {r / 1e9:.1f} GFLOP/s" for p, r in peak.items()))
+    print(f"{'optimizer':16s} {'wall s/update':>14s} {'CPU s/update':>13s} {'tokens/s':>9s} {'useful GFLOP/s':>15s} "
           f"{'% of mm':>8s}")
     # CPU seconds per unit of one-pass work: the updates of each optimizer saw different batches, and
     # process CPU time is less disturbed than wall time by other jobs on a shared machine
@@ -263,11 +290,11 @@ def main() -> None:
         tokens = sum(int(mb["attention_mask"].sum()) for *_, mb in rows)
         flops = sum(p * useful_flops(cfg, n_params, mb) for _, _, p, mb in rows)
         per[name] = cpu / sum(useful_flops(cfg, n_params, mb) for *_, mb in rows)
-        print(f"{name:14s} {secs / len(rows):14.2f} {cpu / len(rows):13.2f} {tokens / secs:9.1f} "
-              f"{flops / secs / 1e9:15.1f} {flops / secs / peak_mm:8.1%}")
+        print(f"{name:16s} {secs / len(rows):14.2f} {cpu / len(rows):13.2f} {tokens / secs:9.1f} "
+              f"{flops / secs / 1e9:15.1f} {flops / secs / peak[variant(name)[1]]:8.1%}")
     print("(tokens/s and FLOP/s on wall time; tokens/s counts an update's real tokens once whatever its passes; "
           "the ratios below are CPU seconds per unit of one-pass work)")
-    if shares:
+    if shares and "adamw" in times:
         # what stands between AdamW and the large-mm rate: the matmuls' own speed at the model's shapes,
         # and the time outside them (the profiled update's share of self CPU time)
         rows = times["adamw"]
@@ -282,11 +309,20 @@ def main() -> None:
         extra = mem["sam"]["peak_rss"] - mem["adamw"]["peak_rss"]
         print(f"peak RSS: adamw {mem['adamw']['peak_rss'] / 2**20:.0f} MB, sam {mem['sam']['peak_rss'] / 2**20:.0f} MB; "
               f"SAM extra {extra / 2**20:.0f} MB = {extra / n_bytes:.2f} x parameter bytes ({n_bytes / 2**20:.0f} MB)")
+    rel = lambda a, b: per[a] / per[b] if a in per and b in per else float("nan")  # noqa: E731
+    fast = []
+    if {"fp32", "bf16"} <= set(precisions):
+        fast.append("bf16 autocast against fp32: " + ", ".join(f"{o} {rel(o, o + '-bf16'):.2f}x faster"
+                                                               for o in ("adamw", "sam", "sam-every")))
+    if args.compile:
+        fast.append(f"AdamW with torch.compile'd layers {rel('adamw', 'adamw-compiled'):.2f}x faster")
+    if "adamw" not in per:  # one precision only: its own variants are the reference
+        per = {variant(k)[0] if not k.endswith("compiled") else k: v for k, v in per.items()}
     hf = f", AdamW with transformers' loss {per['adamw-hfloss'] / per['adamw']:.2f}" if "adamw-hfloss" in per else ""
     hf += f"; head+loss labelled-only/transformers {head['labelled-only'] / head['transformers']:.2f}"
     print(f"SUMMARY {args.model} {args.batch}x{args.max_length}: per update vs AdamW: SAM {per['sam'] / per['adamw']:.2f}, "
           f"SAM every {args.sam_every} {per['sam-every'] / per['adamw']:.2f} (amortised over a cycle; target <= 1.3){hf}; "
-          f"padding {pad['random']:.1%} -> {pad['grouped']:.1%} length-grouped")
+          f"padding {pad['random']:.1%} -> {pad['grouped']:.1%} length-grouped" + "".join(f"; {x}" for x in fast))
 
 
 if __name__ == "__main__":
