@@ -17,7 +17,7 @@ import pandas as pd
 from pandas.io.formats.style import Styler
 
 from cfsam.analysis import flatness, paper
-from cfsam.pipeline import specs
+from cfsam.pipeline import runs, specs
 from cfsam.pipeline.cache import load_results
 from cfsam.pipeline.presets import load_preset
 
@@ -29,8 +29,9 @@ PAPER_TASK = {"truthfulqa": "truthfulqa_mc1"}
 
 
 def run_key(spec: dict) -> dict:
-    """The paper's identity of a run: method, stage-2 set, optimizer and epochs of the last stage."""
-    return specs.describe(spec["run"])
+    """The paper's identity of a run: its base model, and method, stage-2 set, optimizer and epochs of the
+    last stage."""
+    return {"model": runs.parse(spec["run"]).base_model(), **specs.describe(spec["run"])}
 
 
 def metrics(entry: dict) -> dict[str, float]:
@@ -76,15 +77,18 @@ def frame(preset: str, names: list[str] | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("experiment")
 
 
-def compare(preset: str, table: str, names: list[str], *, paper_model: str = "llama2-7b") -> pd.DataFrame:
+def compare(preset: str, table: str, names: list[str], *, paper_model: str = "llama2-7b",
+            model: str | None = None) -> pd.DataFrame:
     """The paper's table beside ours: per paper row and metric, the paper's value, ours, ours - paper.
 
-    Rows are matched on (method, stage2, optimizer, epochs). Delta is recomputed for our runs with the
-    paper's convention for that table: Table 2's (``paper.delta``), or, for Tables 1 and 4, against the
-    Alpaca row. Table 4's AVG is the mean of its two tasks, as printed.
+    Rows are matched on (method, stage2, optimizer, epochs), among our runs of ``model`` (default: the
+    preset's). Delta is recomputed for our runs with the paper's convention for that table: Table 2's
+    (``paper.delta``), or, for Tables 1 and 4, against the Alpaca row. Table 4's AVG is the mean of its two
+    tasks, as printed.
     """
     table = str(table)
     ours = frame(preset, names)
+    ours = ours[ours["model"] == (model or load_preset(preset)["model"])]
     printed = paper.paper_table(table)
     models = printed.index.get_level_values("model")
     printed = printed[models == (paper_model if paper_model in set(models) else models[0])]
@@ -127,6 +131,18 @@ def compare(preset: str, table: str, names: list[str], *, paper_model: str = "ll
     df[("", "experiment")] = [None if r is None else r.name for r in rows]
     df[("", "status")] = [("missing" if r is None else r["status"]) for r in rows]
     return df
+
+
+def compare_sizes(preset: str, table: str, names: list[str], *, paper_model: str = "llama2-7b") -> pd.DataFrame:
+    """``compare`` for each of our model sizes (the preset's model, then its ``sizes``), one block each,
+    every row labelled with its model: each block's Delta is against its own model's rows."""
+    p = load_preset(preset)
+    models = list(dict.fromkeys([p["model"], *p["sizes"]]))
+    blocks = []
+    for m in models:
+        t = compare(preset, table, names, paper_model=paper_model, model=m)
+        blocks.append(t.set_axis([f"{m}: {label}" for label in t.index], axis=0).rename_axis("run"))
+    return pd.concat(blocks)
 
 
 def _label(method: str, stage2: str, optimizer: str, epochs) -> str:

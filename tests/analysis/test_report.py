@@ -1,0 +1,40 @@
+"""The paper's size table (2b) beside ours: one block per model size, each Delta within its own model."""
+import numpy as np
+import pytest
+
+from cfsam.analysis import report
+from cfsam.core.io import write_json_atomic
+from cfsam.pipeline import cache, specs
+
+
+def _scored(exp, name, avg):
+    """An entry whose every category scores ``avg`` (a fraction; synthetic, never a result)."""
+    cats = {c: {"score": avg} for c in report.CATEGORIES}
+    return {"id": specs.experiment_id(exp), "name": name, "spec": exp, "provenance": {"data": cache.data_hashes(exp)},
+            "eval": {"categories": cats, "tasks": {}}}
+
+
+def test_sizes_table_has_one_block_per_model_with_its_own_delta(tmp_path, monkeypatch):
+    """cpu lists SmolLM2 (its model) and Gemma 3 as sizes. SmolLM2: Alpaca 30 %, w/o SAM 28 %, w/ SAM 29 %
+    -> Delta -2 and +1; Gemma: 40 %, 35 %, 38 % -> -5 and +3. A block mixing the models would give other
+    numbers (Gemma's w/o row against SmolLM2's Alpaca: +5)."""
+    monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path))
+    exps = specs.expand("cpu")
+    scores = {"stage1": 0.30, "s2-open-platypus-adamw": 0.28, "s2-open-platypus-sam": 0.29,
+              "gemma3-270m/stage1": 0.40, "gemma3-270m/s2-open-platypus-adamw": 0.35,
+              "gemma3-270m/s2-open-platypus-sam": 0.38}
+    for name, avg in scores.items():
+        write_json_atomic(tmp_path / "cpu" / f"{name}.json", _scored(exps[name], name, avg))
+    names = list(scores) + ["base", "gemma3-270m/base"]
+    t = report.compare_sizes("cpu", "2b", names)
+    rows = {label: row for label, row in t.iterrows()}
+    assert rows["smollm2-135m: Alpaca"][("AVG", "ours")] == pytest.approx(30.0)
+    assert rows["smollm2-135m: -> Open-Platypus (w/o SAM, 2 ep)"][("Delta", "ours")] == pytest.approx(-2.0)
+    assert rows["smollm2-135m: -> Open-Platypus (w/ SAM, 1 ep)"][("Delta", "ours")] == pytest.approx(1.0)
+    assert rows["gemma3-270m: Alpaca"][("AVG", "ours")] == pytest.approx(40.0)
+    assert rows["gemma3-270m: -> Open-Platypus (w/o SAM, 2 ep)"][("Delta", "ours")] == pytest.approx(-5.0)
+    assert rows["gemma3-270m: -> Open-Platypus (w/ SAM, 1 ep)"][("Delta", "ours")] == pytest.approx(3.0)
+    assert rows["gemma3-270m: Alpaca"][("", "experiment")] == "gemma3-270m/stage1"
+    # the paper's llama2-7b rows are beside both blocks, the same in each
+    assert rows["gemma3-270m: Alpaca"][("AVG", "paper")] == rows["smollm2-135m: Alpaca"][("AVG", "paper")]
+    assert not np.isnan(rows["smollm2-135m: Alpaca"][("AVG", "paper")])
