@@ -108,7 +108,9 @@ def test_claims_expand_over_the_presets_datasets_and_sizes():
                                                               ("s2-sharegpt-adamw", "s2-sharegpt-sam")]
     assert claims.claim_sets({"stage2": ["sharegpt"]}, ["auto-wiki", "sharegpt"]) == ["sharegpt"]
     assert claims.claim_sets({}, ["auto-wiki", "sharegpt"]) == ["auto-wiki", "sharegpt"]
-    assert claims.pairs_of(by_id["sam-across-sizes"], "cpu") == []  # one size in the cpu preset
+    # the cpu preset's second size, Gemma 3 270M: its own AdamW-against-SAM pair
+    assert claims.pairs_of(by_id["sam-across-sizes"], "cpu") == [("gemma3-270m/s2-open-platypus-adamw",
+                                                                  "gemma3-270m/s2-open-platypus-sam")]
     assert len(claims.pairs_of(by_id["sam-across-sizes"], "paper")) == 2
     for claim in claims.registry():  # every name a claim compares is an experiment of the presets
         for preset in ("cpu", "paper"):

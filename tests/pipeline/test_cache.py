@@ -35,7 +35,10 @@ def test_every_chapter_reads_known_experiments_and_stage2_runs_share_stage1():
     assert exps["rehearsal-open-platypus-adamw"]["run"]["rehearsal_fraction"] == 0.1
     # paper's Table 1: landscapes of Alpaca, ->Open-Platypus, ->Auto-Wiki
     assert all("landscape" in exps[n]["measure"] for n in specs.needed("cpu", ["fig1"]))
-    assert specs.needed("cpu", ["tab2b"]) == ["base", "stage1", "s2-open-platypus-adamw", "s2-open-platypus-sam"]
+    # Table 2(b) at each of the preset's sizes: the default model, then Gemma 3 270M (the pretrained base)
+    per_size = ["base", "stage1", "s2-open-platypus-adamw", "s2-open-platypus-sam"]
+    assert specs.needed("cpu", ["tab2b"]) == per_size + [f"gemma3-270m/{n}" for n in per_size]
+    assert exps["gemma3-270m/s2-open-platypus-sam"]["run"]["model"] == exps["gemma3-270m/stage1"]["run"]
     with pytest.raises(ValueError, match="unknown chapter.*allowed: frontier, results, fig1"):
         specs.needed("cpu", ["fig9"])
     # the frontier chapter reads every frontier experiment (a pattern that missed the "-1of4" points once

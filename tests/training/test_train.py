@@ -144,9 +144,17 @@ def test_nan_loss_stops_with_message_and_keeps_the_last_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_weights(tmp_path, full_run):
-    """SIGKILL after step 3 (the last checkpoint is of step 2), resume, compare with an uninterrupted run bitwise."""
-    full_dir, full, _ = full_run
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_killed_run_resumes_to_the_same_weights(tmp_path, full_run, precision):
+    """SIGKILL after step 3 (the last checkpoint is of step 2), resume, compare with an uninterrupted run bitwise:
+    in fp32, and in bf16 autocast (fp32 master weights and optimizer state: a resume is exact there too)."""
+    kw = {**KW, "precision": precision}
+    if precision == "fp32":
+        full_dir, full, _ = full_run
+    else:
+        full_dir = tmp_path / "full"
+        full = train_stage("tiny", "alpaca", full_dir, **kw)
+        assert full["config"]["precision"] == "bf16" and full["loss"] != full_run[1]["loss"]  # bf16 did run
     out = tmp_path / "killed"
     script = textwrap.dedent(f"""
         import os, signal
@@ -154,7 +162,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, full_run):
         def kill_at_3(rec):
             if rec["step"] == 3:
                 os.kill(os.getpid(), signal.SIGKILL)
-        train_stage("tiny", "alpaca", {str(out)!r}, checkpoint_every=2, callback=kill_at_3, **{KW!r})
+        train_stage("tiny", "alpaca", {str(out)!r}, checkpoint_every=2, callback=kill_at_3, **{kw!r})
     """)
     # the same thread count as this process, whose runs it is compared with bitwise (it sets the float sum order)
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
@@ -162,7 +170,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, full_run):
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert (out / "checkpoint-2").is_dir() and not (out / "metrics.json").exists()
     (out / "checkpoint-4.tmp").mkdir()  # a checkpoint that a kill interrupted mid-write is ignored
-    resumed = train_stage("tiny", "alpaca", out, checkpoint_every=2, **KW)
+    resumed = train_stage("tiny", "alpaca", out, checkpoint_every=2, **kw)
     assert resumed["resumed_from_step"] == 2 and resumed["run_id"] == full["run_id"]
     assert resumed["loss"] == full["loss"]
     a, b = _weights(full_dir), _weights(out)
