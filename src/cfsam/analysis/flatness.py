@@ -45,7 +45,7 @@ def correlations(entries: dict[str, Entry], forgetting: pd.Series, *, n_boot: in
         x, y = vals[ok].to_numpy(), forgetting.reindex(vals.index)[ok].to_numpy(float)
         rho, p, how = permutation_spearman(x, y)
         boots = []
-        for _ in range(n_boot):
+        for _ in range(n_boot if len(x) > 3 else 0):  # of 3 runs, a draw with 3 distinct ones is the sample itself
             i = rng.integers(0, len(x), len(x))
             if len(set(i)) > 2:
                 boots.append(spearmanr(x[i], y[i]).statistic)

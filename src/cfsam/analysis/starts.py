@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from cfsam.analysis import flatness
-from cfsam.analysis.fronts import compare
+from cfsam.analysis.fronts import compare, every_seed, forgetting_at, seed_curves
 from cfsam.analysis.study import START, Study, arrays, loss_mean, measures, per_example, point_row, stage1_set
 from cfsam.analysis.verdicts import Verdict, combine, front_setting, outcome, same_lr
 from cfsam.core.errors import UsageError
@@ -74,30 +74,39 @@ def study(preset: str, reference: str = "own start") -> Study:
     return Study(preset, entries, pd.DataFrame(rows), {ds: {r["family"] for r in rows}})
 
 
+def _flatness_of(starts) -> dict[str, str]:
+    """Each start's flatness entry: AdamW's own landscape run (``frontier-stage1-flatness``), a SAM start's own."""
+    return {START: f"{START}-flatness", **{n: n for n in starts if n != START}}
+
+
 def starts_table(preset: str, *, n_boot: int = 500, seed: int = 0) -> pd.DataFrame:
     """Each start: how much it learned Alpaca (the fall of its held-out stage-1 loss from the base model, with a
-    bootstrap standard error), whether that is at least AdamW's stage 1 (the calibration rule), and its
-    flatness by every measure of ``flatness.FLATNESS`` (on examples disjoint from the held-out ones)."""
+    bootstrap standard error), that less AdamW's (paired over the same held-out examples, with a 95 % interval),
+    whether it is at least AdamW's stage 1 (the calibration rule), and its flatness by every measure of
+    ``flatness.FLATNESS`` (on examples disjoint from the held-out ones)."""
     if "starts" not in load_preset(preset):
         return pd.DataFrame()
     starts = start_names(preset)
-    flat_of = {START: f"{START}-flatness", **{n: n for n in starts if n != START}}
+    flat_of = _flatness_of(starts)
     entries = {n: e for n, e in load_results(preset, ["base", *starts, *flat_of.values()]).items()
                if e["status"] == "ok"}
     if "base" not in entries or START not in entries:
         return pd.DataFrame()
     s1 = stage1_set(entries[START])
     pe_b = np.asarray(per_example(entries["base"], s1), float)
-    rng, rows = np.random.default_rng(seed), []
-    for name, rho in starts.items():
-        if name not in entries:
-            continue
-        pe = np.asarray(per_example(entries[name], s1), float)
-        idx = np.arange(len(pe))
-        draws = (rng.integers(0, len(pe), len(pe)) for _ in range(n_boot))
-        boots = [loss_mean(pe_b, d) - loss_mean(pe, d) for d in draws]
+    pe = {n: np.asarray(per_example(entries[n], s1), float) for n in starts if n in entries}
+    idx = np.arange(len(pe_b))
+    rng = np.random.default_rng(seed)
+    draws = [rng.integers(0, len(pe_b), len(pe_b)) for _ in range(n_boot)]  # the same draws for every start
+    learned = {n: np.array([loss_mean(pe_b, d) - loss_mean(p, d) for d in draws]) for n, p in pe.items()}
+    rows = []
+    for name, p in pe.items():
+        rho = starts[name]
+        diff = learned[name] - learned[START]
         row = {"start": name, "optimizer": "adamw" if rho is None else "sam", "rho": rho,
-               "learned Alpaca": loss_mean(pe_b, idx) - loss_mean(pe, idx), "se": float(np.std(boots, ddof=1))}
+               "learned Alpaca": loss_mean(pe_b, idx) - loss_mean(p, idx), "se": float(np.std(learned[name], ddof=1)),
+               "Δ learned vs AdamW": loss_mean(pe[START], idx) - loss_mean(p, idx),
+               "Δ low": float(np.percentile(diff, 2.5)), "Δ high": float(np.percentile(diff, 97.5))}
         fe = entries.get(flat_of[name])
         row.update({m: flatness.value(fe, m) if fe else np.nan for m in flatness.FLATNESS})
         row["entries"] = " ".join(dict.fromkeys(["base", name] + ([flat_of[name]] if fe else [])))
@@ -105,6 +114,90 @@ def starts_table(preset: str, *, n_boot: int = 500, seed: int = 0) -> pd.DataFra
     out = pd.DataFrame(rows).set_index("start")
     out.insert(3, "learned as much as AdamW's", out["learned Alpaca"] >= out.loc[START, "learned Alpaca"])
     return out
+
+
+def calibration_sentence(t: pd.DataFrame) -> str:
+    """Whether each SAM start learned Alpaca as much as AdamW's stage 1 (the calibration rule), with the paired
+    difference and its interval, and what stands in for the rule where it fails."""
+    if t.empty or (t["optimizer"] == "sam").sum() == 0:
+        return ""
+    said, short = [], False
+    for name, r in t[t["optimizer"] == "sam"].iterrows():
+        within = r["Δ low"] <= 0 <= r["Δ high"]
+        short |= not r["learned as much as AdamW's"]
+        said.append(f"SAM {r.rho:g} learned {r['learned Alpaca']:.3f} nats ({r['Δ learned vs AdamW']:+.3f} "
+                    f"[{r['Δ low']:+.3f}, {r['Δ high']:+.3f}] against AdamW's start, paired, "
+                    f"{'within' if within else 'beyond'} the noise of the held-out examples)")
+    head = f"AdamW's stage 1 learned Alpaca {t.loc[START, 'learned Alpaca']:.3f} nats; " + "; ".join(said) + "."
+    if not short:
+        return head + " Every SAM start meets the calibration rule."
+    return (head + " By its point estimate, a start that falls short misses the calibration rule (at least as much "
+            "as AdamW's); that is why forgetting is also read against the common base model, where a start that "
+            "learned Alpaca less starts higher and cannot pass for one that forgets less.")
+
+
+def start_forgetting(preset: str, *, share: float = 0.5) -> pd.DataFrame:
+    """Each start's forgetting at one learning level, per reference of ``REFERENCES``: ``share`` of the learning
+    every start's front reaches on every seed they all ran, read on each seed's front (from the settings every
+    seed ran, as ``fronts.compare``) and averaged over those seeds."""
+    rows = []
+    for reference in REFERENCES:
+        st = study(preset, reference)
+        if st.empty:
+            continue
+        pts = measures(st)
+        pts = pts[pts["dataset"] == st.sets[0]]
+        seeds = sorted(set.intersection(*(set(g) for _, g in pts.groupby("family")["seed"])))
+        pts = every_seed(pts[pts["seed"].isin(seeds)], seeds)
+        if pts["family"].nunique() < 2:
+            continue
+        per = {fam: seed_curves(pts, fam) for fam in sorted(set(pts["family"]))}
+        level = share * min(c[s][0].max() for c in per.values() for s in seeds)
+        for fam, c in per.items():
+            g = pts[pts["family"] == fam]
+            rows.append({"start": START if g["start"].iloc[0] == "start" else g["start"].iloc[0],
+                         "forgetting against": reference, "learning level": level,
+                         "forgetting": float(np.mean([forgetting_at(c[s], level) for s in seeds])),
+                         "seeds": len(seeds), "entries": " ".join(g["name"])})
+    return pd.DataFrame(rows)
+
+
+def correlation(preset: str, forgetting: pd.DataFrame | None = None, *, n_boot: int = 2000) -> pd.DataFrame:
+    """Spearman's rho of each start's flatness (``starts_table``'s measures) with its forgetting at one learning
+    level (``start_forgetting``), per reference: the starts are independent stage-1 runs, so these are the only
+    runs that can be correlated here, and they are few (the ``runs`` column)."""
+    f = start_forgetting(preset) if forgetting is None else forgetting
+    if f.empty:
+        return pd.DataFrame()
+    flat_of = _flatness_of(start_names(preset))
+    flat = {n: e for n, e in load_results(preset, [flat_of[n] for n in set(f["start"])]).items()
+            if e["status"] == "ok"}
+    out = []
+    for reference, g in f.groupby("forgetting against", sort=False):
+        c = flatness.correlations(flat, pd.Series({flat_of[r.start]: r.forgetting for r in g.itertuples()}),
+                                  n_boot=n_boot)
+        if not c.empty:
+            c["entries"] = c["entries"] + " " + " ".join(g["entries"])
+            out.append(c.assign(**{"forgetting against": reference, "learning level": g["learning level"].iloc[0]}))
+    return pd.concat(out) if out else pd.DataFrame()
+
+
+def correlation_sentence(c: pd.DataFrame) -> str:
+    """What the correlation over the starts can say, with the least p-value so few starts allow."""
+    if c.empty:
+        return "Too few starts are computed for a correlation of their flatness with forgetting (three at least)."
+    from cfsam.analysis.stats import permutation_spearman
+
+    n = int(c["runs"].max())
+    floor = permutation_spearman(np.arange(n), np.arange(n))[1]  # the p of a perfect ranking of n starts
+    said = []
+    for reference, g in c.groupby("forgetting against", sort=False):
+        said.append(f"{REFERENCES[reference]}, " + ", ".join(f"{m} {r['Spearman rho']:+.2f}" for m, r in g.iterrows()))
+    ways = c["the paper's way"].mean()
+    return (f"Across the {n} starts, Spearman's rho of a start's flatness with its forgetting at "
+            f"{c['learning level'].iloc[0]:.3f} nats of learning: " + "; ".join(said) + f" ({ways:.0%} of them "
+            f"rank the paper's way, sharper forgets more). With {n} starts no correlation can reach p < {floor:.2f} "
+            f"(the exact permutation p of a perfect ranking): the ranks show a direction, not evidence.")
 
 
 def verdicts(preset: str, *, level: float = 0.5, n_boot: int = 500, seed: int = 0) -> pd.DataFrame:
@@ -159,6 +252,23 @@ def sentence(table: pd.DataFrame, starts: pd.DataFrame) -> str:
         if flatter:
             flat = " As starts: " + "; ".join(flatter) + "."
     return "Does a flatter start forget less? " + "; ".join(said) + "." + flat
+
+
+def headline(table: pd.DataFrame, preset: str) -> str:
+    """The book's first page: the flatter-start verdict per start and reference, each view's Δ with its interval."""
+    if table.empty:
+        how = (f"`cfsam run-missing --preset {preset} --notebooks flatter_start`" if "starts" in load_preset(preset)
+               else f"the {preset} preset does not plan it (the cpu preset does)")
+        return f"**Beyond the paper, does a flatter start forget less?** Not computed yet: {how}."
+    said = []
+    for _, r in table.iterrows():
+        same = (f"; same lr {r['same-lr Δ']:+.3f} [{r['same-lr low']:+.3f}, {r['same-lr high']:+.3f}]"
+                if r["same-lr Δ"] == r["same-lr Δ"] and r["same-lr Δ"] is not None else "")
+        said.append(f"the {r.start} start, forgetting against {r['forgetting against']}: **{r.verdict}** (matched "
+                    f"learning {r['Δ forgetting']:+.3f} [{r.low:+.3f}, {r.high:+.3f}]{same}; {r.seeds} seeds)")
+    return ("**Beyond the paper, does a flatter start forget less?** Stage 1 trained with SAM, then the same AdamW "
+            "stage 2, against AdamW's stage 1 (Δ forgetting, SAM start − AdamW start): " + "; ".join(said) +
+            ". {doc}`flatter_start` has the starts, their flatness and both views.")
 
 
 def relation(table: pd.DataFrame) -> str:

@@ -47,7 +47,8 @@ OPTIONAL = {
                  "eval": {"tasks": list, "limit": OPT_INT}, "adamw_lr": list, "sam_rho": list, "method_lr": list,
                  "asam_rho": list,
                  "rehearsal_fraction": list, "wise_ft_alpha": list, "light": {"adamw_lr": list, "sam_rho": list},
-                 "complements": {"sam_rho": list, "rehearsal_fraction": list}, "short": {"runs": list}},
+                 "complements": {"sam_rho": list, "rehearsal_fraction": list}, "short": {"runs": list},
+                 "precision_check": {"runs": list, "precision": str}},
     # does a flatter start forget less? SAM stage-1 models at these radii, then AdamW stage 2 (specs.starts)
     "starts": {"sam_rho": list, "seeds": int, "seeded_lr": list},
 }
@@ -285,9 +286,16 @@ def _check_frontier(p: dict) -> None:
     lrs = [""] + [f"-lr{lr:g}" for lr in f["method_lr"]]
     names = [f"adamw-lr{lr:g}" for lr in f["adamw_lr"]] + [f"{m}-rho{r:g}{t}" for m, rs in (
         ("sam", f["sam_rho"]), ("asam", f["asam_rho"])) for r in rs for t in lrs]
-    bad = [r for r in f["short"]["runs"] if r not in names]
-    if bad:
-        raise PresetError(f"frontier.short.runs: unknown run(s) {', '.join(map(repr, bad))}; allowed: {', '.join(names)}")
+    for key in ("short", "precision_check"):
+        bad = [r for r in f[key]["runs"] if r not in names]
+        if bad:
+            raise PresetError(f"frontier.{key}.runs: unknown run(s) {', '.join(map(repr, bad))}; "
+                              f"allowed: {', '.join(names)}")
+    other, trained = f["precision_check"]["precision"], p["train"].get("precision", train_config.DEFAULTS["precision"])
+    if other not in train_config.PRECISIONS or (other == trained and f["precision_check"]["runs"]):
+        allowed = [x for x in train_config.PRECISIONS if x != trained]
+        raise PresetError(f"frontier.precision_check.precision={other!r}: allowed {', '.join(allowed)} (the runs "
+                          f"train in {trained}; the check trains one of them in another precision)")
     for key, lo, hi in (("rehearsal_fraction", 0, 1), ("wise_ft_alpha", 0, 1)):
         for v in f[key] + (f["complements"]["rehearsal_fraction"] if key == "rehearsal_fraction" else []):
             if not (isinstance(v, NUM) and lo < v < hi):

@@ -216,6 +216,13 @@ def frontier(p: dict, s1: dict, heldout: dict, ev: dict) -> dict[str, dict]:
                     half = p["stage2"]["n_train"] * f["epochs"] // p["stage2"]["batch_size"] // 2
                     out[f"{ds}-{name}-half-s{seed}"] = {"run": stage2(p, s1, ds, **changes, seed=seed, max_steps=half),
                                                         "measure": here, "group": "short"}
+            # the same run trained in another precision (first seed, no landscape): does bf16 change the numbers?
+            pc = f["precision_check"]
+            for name, changes, _ in methods:
+                if k == 0 and name in pc["runs"]:
+                    out[f"{ds}-{name}-{pc['precision']}-s{seed}"] = {
+                        "run": stage2(p, s1, ds, **changes, seed=seed, precision=pc["precision"]), "measure": here,
+                        "group": "precision"}
     for exp in out.values():
         exp.setdefault("group", "frontier")  # for the analysis; not part of the id (run and measure are)
     return out
