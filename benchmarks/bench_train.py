@@ -103,6 +103,7 @@ def useful_flops(cfg, n_params: int, mb: dict) -> float:
 
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
+OPTIMIZERS = ("adamw", "sam", "sam-every")
 
 
 def variant(name: str) -> tuple[str, str, bool]:
@@ -191,22 +192,30 @@ def timed_update(model, opt, mb, name: str) -> float:
 
 def step_times(args, base, data: list[dict], names: list[str]) -> dict[str, list[tuple[float, float, int, dict]]]:
     """Per optimizer: (wall seconds, CPU seconds, passes, micro-batch) of each timed update."""
-    runs = {}
+    runs, shared = {}, {}
     for name in names:
-        model = copy.deepcopy(base)
-        if variant(name)[2]:  # shapes vary batch to batch: one dynamic graph per layer, compiled at update 0
-            for layer in model.model.layers:
-                layer.compile(dynamic=True)
+        compiled = variant(name)[2]
+        # one model (and its gradients) for every variant alike: an update's time does not depend on the weights'
+        # values, and a copy per variant of a 268M-parameter model did not fit in 24 GB; optimizer states are own
+        if compiled not in shared:
+            shared[compiled] = copy.deepcopy(base)
+            if compiled:  # shapes vary batch to batch: one dynamic graph per layer, compiled at update 0
+                for layer in shared[compiled].model.layers:
+                    layer.compile(dynamic=True)
+        model = shared[compiled]
         runs[name] = (model, make_optimizer(model, name, args.sam_every), [])
     n_timed = {name: args.sam_every if variant(name)[0] == "sam-every" else args.steps for name in names}
-    for i in range(1 + max(n_timed.values())):  # update 0 of each is a warm-up (allocates AdamW's state)
+    # update 0 of each is a warm-up (it allocates AdamW's state); a compiled variant's first two (update 1 still
+    # recompiled its layers for the dynamic sequence length on 2026-12-04)
+    warm = {name: 2 if variant(name)[2] else 1 for name in names}
+    for i in range(max(warm[n] + n_timed[n] for n in names)):
         for name, (model, opt, times) in runs.items():
-            if i > n_timed[name]:
+            if i >= warm[name] + n_timed[name]:
                 continue
             passes = 2 if getattr(opt, "is_sam_step", False) else 1
             mb = data[i % len(data)]
             dt, cpu = timed_update(model, opt, mb, name)
-            if i:
+            if i >= warm[name]:
                 times.append((dt, cpu, passes, mb))
             print(f"  update {i} {name:16s} {dt:7.2f} s wall {cpu:7.2f} s CPU ({passes} pass{'es' if passes == 2 else ''})",
                   flush=True)
@@ -244,6 +253,8 @@ def main() -> None:
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--hf-loss", action="store_true", help="also time AdamW updates with transformers' loss")
     ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated, of fp32 and bf16 (autocast)")
+    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS),
+                    help=f"comma-separated, of {', '.join(OPTIMIZERS)} (each keeps its own optimizer state)")
     ap.add_argument("--compile", action="store_true", help="also time fp32 AdamW with torch.compile'd decoder layers")
     ap.add_argument("--head-reps", type=int, default=5, help="alternating repetitions of the head+loss timing")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -253,6 +264,10 @@ def main() -> None:
     precisions = args.precisions.split(",")
     if not precisions or set(precisions) - set(AUTOCAST):
         ap.error(f"--precisions {args.precisions!r}: allowed are {', '.join(AUTOCAST)}, comma-separated")
+    optimizers = args.optimizers.split(",")
+    if "adamw" not in optimizers or set(optimizers) - set(OPTIMIZERS):
+        ap.error(f"--optimizers {args.optimizers!r}: allowed are {', '.join(OPTIMIZERS)}, comma-separated, with "
+                 "adamw among them (the reference)")
 
     loaded = models.load_model(args.model)
     base, tok = loaded.model, loaded.tokenizer
@@ -266,13 +281,13 @@ def main() -> None:
     print(f"padding over {pad['n']} examples (mean length {pad['mean_length']:.0f}; labelled "
           f"{pad['labelled_of_real']:.0%} of real tokens): random order {pad['random']:.1%} of positions, "
           f"length-grouped {pad['grouped']:.1%}")
-    names = [o + ("" if p == "fp32" else f"-{p}") for p in precisions for o in ("adamw", "sam", "sam-every")]
+    names = [o + ("" if p == "fp32" else f"-{p}") for p in precisions for o in optimizers]
     names += (["adamw-compiled"] if args.compile else []) + (["adamw-hfloss"] if args.hf_loss else [])
-    data = batches(tok, args.batch, args.max_length, 1 + max(args.steps, args.sam_every), args.order)
+    data = batches(tok, args.batch, args.max_length, 2 + max(args.steps, args.sam_every), args.order)
     head = head_and_loss_times(base, data[0], args.head_reps)
     print(f"head + cross-entropy, forward and backward, batch 0 (median of {args.head_reps}): transformers "
           f"{head['transformers']:.2f} s, labelled positions only {head['labelled-only']:.2f} s")
-    mem = {} if args.no_memory else {name: peak_memory(args, name) for name in ("adamw", "sam")}
+    mem = {} if args.no_memory else {name: peak_memory(args, name) for name in ("adamw", "sam") if name in optimizers}
     peak = {p: matmul_rate(dtype=AUTOCAST[p] or torch.float32) for p in precisions}
     times = step_times(args, base, data, names)
     peak = {p: max(r, matmul_rate(dtype=AUTOCAST[p] or torch.float32)) for p, r in peak.items()}
@@ -305,7 +320,7 @@ def main() -> None:
               f"update's CPU time and run at about {mm_rate / 1e9:.0f} GFLOP/s ({mm_rate / peak_mm:.0%} of it) at the "
               f"model's shapes; attention takes {shares['attention']:.1%}, element-wise and optimizer ops the "
               f"{1 - shares['mm'] - shares['attention']:.1%} left")
-    if mem:
+    if len(mem) == 2:
         extra = mem["sam"]["peak_rss"] - mem["adamw"]["peak_rss"]
         print(f"peak RSS: adamw {mem['adamw']['peak_rss'] / 2**20:.0f} MB, sam {mem['sam']['peak_rss'] / 2**20:.0f} MB; "
               f"SAM extra {extra / 2**20:.0f} MB = {extra / n_bytes:.2f} x parameter bytes ({n_bytes / 2**20:.0f} MB)")
@@ -313,15 +328,17 @@ def main() -> None:
     fast = []
     if {"fp32", "bf16"} <= set(precisions):
         fast.append("bf16 autocast against fp32: " + ", ".join(f"{o} {rel(o, o + '-bf16'):.2f}x faster"
-                                                               for o in ("adamw", "sam", "sam-every")))
+                                                               for o in optimizers))
     if args.compile:
         fast.append(f"AdamW with torch.compile'd layers {rel('adamw', 'adamw-compiled'):.2f}x faster")
     if "adamw" not in per:  # one precision only: its own variants are the reference
         per = {variant(k)[0] if not k.endswith("compiled") else k: v for k, v in per.items()}
     hf = f", AdamW with transformers' loss {per['adamw-hfloss'] / per['adamw']:.2f}" if "adamw-hfloss" in per else ""
     hf += f"; head+loss labelled-only/transformers {head['labelled-only'] / head['transformers']:.2f}"
-    print(f"SUMMARY {args.model} {args.batch}x{args.max_length}: per update vs AdamW: SAM {per['sam'] / per['adamw']:.2f}, "
-          f"SAM every {args.sam_every} {per['sam-every'] / per['adamw']:.2f} (amortised over a cycle; target <= 1.3){hf}; "
+    vs = [f"SAM {per['sam'] / per['adamw']:.2f}"] if "sam" in per else []
+    vs += [f"SAM every {args.sam_every} {per['sam-every'] / per['adamw']:.2f} (amortised over a cycle; target <= 1.3)"
+           ] if "sam-every" in per else []
+    print(f"SUMMARY {args.model} {args.batch}x{args.max_length}: per update vs AdamW: {', '.join(vs)}{hf}; "
           f"padding {pad['random']:.1%} -> {pad['grouped']:.1%} length-grouped" + "".join(f"; {x}" for x in fast))
 
 
