@@ -233,6 +233,27 @@ def test_fronts_from_only_the_settings_every_seed_ran(tmp_path, monkeypatch):
         fronts.compare("cpu", "metamathqa", settings="some")
 
 
+def test_a_run_measured_in_part_gives_every_seed_only_the_points_all_have(tmp_path, monkeypatch):
+    """Seed 1235's AdamW 5e-5 run has only its points 1 and 2 so far (slopes as above): the fronts take 5e-5 at
+    those points on both seeds. At L = 0.3 (0.75 of the reach 0.4) AdamW's front is then the line from
+    (0.2, 0.1) to 3e-4's (0.3, 0.6) on both seeds, Δ = 0.3 - 0.6 = -0.3; seed 1234's points 3 and 4 of 5e-5
+    would have given it 0.15 there, and the mean Δ (0.15 - 0.3 on one seed) -0.075."""
+    monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path))
+    exps = specs.expand("cpu")
+    write_json_atomic(tmp_path / "cpu" / "frontier-stage1.json",
+                      _entry(exps["frontier-stage1"], "frontier-stage1", own=2.0, s1=1.0))
+    runs = [("adamw-lr0.0003", 0.2, 1234, 4), ("adamw-lr0.0003", 0.2, 1235, 4), ("adamw-lr5e-05", 0.05, 1234, 4),
+            ("adamw-lr5e-05", 0.05, 1235, 2), ("sam-rho0.5", 0.1, 1234, 4), ("sam-rho0.5", 0.1, 1235, 4)]
+    for method, slope, seed, points in runs:
+        for k in range(1, points + 1):
+            name = f"metamathqa-{method}-s{seed}-{k}of4"
+            write_json_atomic(tmp_path / "cpu" / f"{name}.json",
+                              _entry(exps[name], name, own=2.0 - 0.1 * k, s1=1.0 + slope * k))
+    got = fronts.compare("cpu", "metamathqa", levels=(0.75,), n_boot=50).iloc[0]
+    assert got["Δ forgetting"] == pytest.approx(-0.3) and got["learning level"] == pytest.approx(0.3)
+    assert "metamathqa-adamw-lr5e-05-s1234-3of4" not in got["entries"].split()
+
+
 def test_sam_claims_stay_on_the_papers_sam_sets(tmp_path, monkeypatch):
     """Auto-Wiki is the paper's task-gap set, not one of its SAM sets: on it the frontier still compares SAM
     with AdamW (``verdicts``), but only the forgetting claim is checked there (``claim_verdicts``)."""

@@ -86,10 +86,13 @@ SETTINGS = {"every seed": "only the settings every seed ran",
 
 
 def every_seed(table: pd.DataFrame, seeds) -> pd.DataFrame:
-    """The rows of the settings (family, setting and lr) that every one of ``seeds`` ran."""
-    ran = table.groupby(["family", "setting", "lr"])["seed"].agg(set)
+    """The rows of the settings (family, setting and lr) that every one of ``seeds`` ran, and of those only the
+    points along the run (``at``) that every one of them has: a seed whose run is measured only in part must
+    not give its family's other seeds a front of more points than its own."""
+    keys = ["family", "setting", "lr"] + (["at"] if "at" in table else [])
+    ran = table.groupby(keys)["seed"].agg(set)
     keep = {k for k, v in ran.items() if set(seeds) <= v}
-    return table[[k in keep for k in zip(table["family"], table["setting"], table["lr"])]]
+    return table[[k in keep for k in zip(*(table[k] for k in keys))]]
 
 
 def compare(study: Study | str, dataset: str, a: str = "adamw", b: str = "sam", *, levels=(0.25, 0.5, 0.75),
