@@ -223,8 +223,8 @@ def flatness_sentence(table: pd.DataFrame, alpha: float = 0.05) -> str:
     return "Flatness against forgetting, " + "".join(parts) + "."
 
 
-def larger_study(preset: str, results_dir: str | None = None) -> None:
-    """The frontier chapter's study on a larger preset, compactly: what is missing, the learning check, the
+def other_study(preset: str, results_dir: str | None = None) -> None:
+    """The frontier chapter's study on another preset (a larger one, a second model), compactly: what is missing, the learning check, the
     frontiers, end points, claims at matched learning, runs that never learned, SAM's gradients, robustness,
     flatness against forgetting and cost; then what its runs show."""
     from IPython.display import Markdown, display
