@@ -55,7 +55,8 @@ def check(preset: str, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
         if c["reference"] not in got or c["other"] not in got:
             continue
         ref, oth, sd = got[c["reference"]], got[c["other"]], got.get(c["second seed"])
-        base = {"dataset": c["dataset"], "run": c["run"], "precision": c["precision"]}
+        cpus = [((e.get("provenance") or {}).get("machine") or {}).get("cpu", "?") for e in (ref, oth)]
+        base = {"dataset": c["dataset"], "run": c["run"], "precision": c["precision"], "machines": " / ".join(cpus)}
         for s in ref["heldout_loss"]:
             a, b = per_example(ref, s), per_example(oth, s)
             d, lo, hi = _paired(a, b, loss_mean, rng, n_boot)
@@ -95,4 +96,8 @@ def sentence(t: pd.DataFrame, preset: str) -> str:
                                 for _, r in held.iterrows())
                     + f"; {len(moved)} of {len(g)} measures moved beyond their interval's zero, and {big} by more "
                       "than a second training seed moves them")
+        ref_cpu, other_cpu = g["machines"].iloc[0].split(" / ")
+        if ref_cpu != other_cpu:  # fp32 kernels differ between CPUs too: the Δ holds both effects
+            said[-1] += (f" (the {prec} run was trained on another CPU, {other_cpu}, than the reference, {ref_cpu}: "
+                         "its Δ holds the machines' own floating-point differences too, so it bounds bf16's effect)")
     return "; ".join(said) + "."
