@@ -109,3 +109,15 @@ def test_no_starts_computed_says_so(tmp_path, monkeypatch):
     assert starts.verdicts("smoke").empty and starts.starts_table("smoke").empty
     assert "run-missing" in starts.sentence(pd.DataFrame(), pd.DataFrame())
     assert "the smoke preset does not plan it" in starts.headline(pd.DataFrame(), "smoke")
+
+
+def test_the_relation_to_watts_et_al_follows_the_verdicts():
+    def rows(*vs):
+        return pd.DataFrame([{"verdict": v, "forgetting against": ref, "Δ forgetting": -0.002, "same-lr Δ": -0.004}
+                             for v, ref in vs])
+    some = starts.relation(rows((Verdict.REPRODUCED, "own start"), (Verdict.INCONCLUSIVE, "base")))
+    assert "less in 1 of 2 comparisons and more in none" in some and "by 0.004 nats at most" in some
+    assert "Against the common base model" in some
+    assert "do not agree" in starts.relation(rows((Verdict.REPRODUCED, "own start"), (Verdict.OPPOSITE, "base")))
+    assert starts.relation(rows((Verdict.INCONCLUSIVE, "base"))).startswith("No comparison is decisive")
+    assert "forgot more here" in starts.relation(rows((Verdict.OPPOSITE, "base")))

@@ -276,13 +276,25 @@ def relation(table: pd.DataFrame) -> str:
     and on the paper's thesis that forgetting goes with a sharper landscape."""
     if table.empty:
         return ""
-    got = set(table["verdict"])
-    if got == {Verdict.REPRODUCED}:
+    got, n = list(table["verdict"]), len(table)
+    less, more = got.count(Verdict.REPRODUCED), got.count(Verdict.OPPOSITE)
+    if less == n:
         return ("A flatter start forgot less in every comparison here, as Watts et al. find for SAM in pre- and "
                 "mid-training, now at the stage the paper studies; it supports the paper's reading that a flatter "
                 "model forgets less, causally rather than by correlation.")
-    if Verdict.OPPOSITE in got and Verdict.REPRODUCED not in got:
+    if more and not less:
         return ("A flatter start forgot more here: unlike Watts et al.'s finding for SAM in pre- and mid-training, "
                 "and against the paper's reading that a flatter model forgets less.")
-    return ("The comparisons do not agree on a direction (see the table): at this size and with these seeds they "
-            "neither confirm nor refute Watts et al.'s finding at the instruction-tuning stage.")
+    if less and more:
+        return ("The comparisons do not agree on a direction (see the table): at this size and with these seeds they "
+                "neither confirm nor refute Watts et al.'s finding at the instruction-tuning stage.")
+    if less:
+        base = table[table["forgetting against"] == "base"]
+        caveat = (" Against the common base model, the reading that a start which learned Alpaca less cannot game, "
+                  "no comparison is decisive." if not base.empty and (base["verdict"] != Verdict.REPRODUCED).all() else "")
+        most = table.loc[table["verdict"] == Verdict.REPRODUCED, ["Δ forgetting", "same-lr Δ"]].abs().max().max()
+        return (f"A flatter start forgot less in {less} of {n} comparisons and more in none; the others are not "
+                f"decisive.{caveat} This leans the way of Watts et al.'s finding at the instruction-tuning stage, by "
+                f"{most:.3f} nats at most, but does not establish it here.")
+    return ("No comparison is decisive: at this size and with these seeds the starts neither confirm nor refute "
+            "Watts et al.'s finding at the instruction-tuning stage.")
