@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from cfsam.analysis import claims, cost, frontier, fronts, plots, report
+from cfsam.analysis import calibration, claims, cost, frontier, fronts, plots, report
 from cfsam.analysis.fronts import Effect
 from cfsam.analysis.study import Study
 from cfsam.analysis.verdicts import Verdict, claim_verdicts
@@ -231,6 +231,9 @@ def other_study(preset: str, results_dir: str | None = None) -> None:
 
     names = open_chapter("frontier", preset, results_dir, missing=True)
     study = Study.of(preset)
+    cal = calibration.stage1(preset)
+    if not cal.empty:  # how its start was chosen
+        display(report.show(cal, 3, name=f"stage1-calibration-{preset}"), Markdown(calibration.sentence(cal)))
     display(report.show(frontier.learning_check(study), 3, name=f"learning-check-{preset}"))
     pts = frontier.points(study)
     if pts.empty:

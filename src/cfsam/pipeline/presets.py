@@ -51,6 +51,8 @@ OPTIONAL = {
                  "precision_check": {"runs": list, "precision": str}},
     # does a flatter start forget less? SAM stage-1 models at these radii, then AdamW stage 2 (specs.starts)
     "starts": {"sam_rho": list, "seeds": int, "seeded_lr": list},
+    # how stage1.lr was chosen: stage 1 at these learning rates too, each measured as frontier-stage1 is
+    "calibration": {"stage1_lr": list},
 }
 
 
@@ -209,6 +211,12 @@ def _check_values(p: dict) -> None:
         _check_frontier(p)
     if "starts" in p:
         _check_starts(p)
+    if "calibration" in p:
+        if "frontier" not in p:
+            raise PresetError("preset key calibration needs a frontier: its stage-1 runs are measured as "
+                              "frontier-stage1 is")
+        for i, lr in enumerate(p["calibration"]["stage1_lr"]):
+            positive(f"calibration.stage1_lr[{i}]", lr)
     if not ls["seeds"] or not all(isinstance(s, int) and not isinstance(s, bool) for s in ls["seeds"]):
         raise PresetError(f"landscape.seeds={ls['seeds']!r} must be a non-empty list of integers")
 

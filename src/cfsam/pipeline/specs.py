@@ -159,6 +159,12 @@ def frontier(p: dict, s1: dict, heldout: dict, ev: dict) -> dict[str, dict]:
     # every curve starts at the stage-1 model: its held-out losses on every set, its general ability
     out["frontier-stage1"] = {"run": s1, "measure": {**measure, "heldout": {
         **measure["heldout"], "datasets": heldout["datasets"] + [d for d in f["datasets"] if d not in heldout["datasets"]]}}}
+    # the start's calibration: stage 1 at other learning rates, measured as frontier-stage1 is (stage1.lr is
+    # chosen from them: a start must learn its own set clearly, analysis.calibration)
+    for lr in (p.get("calibration") or {}).get("stage1_lr", []):
+        if lr != s1["lr"]:
+            out[f"frontier-stage1-lr{lr:g}"] = {"run": {**s1, "lr": lr}, "measure": out["frontier-stage1"]["measure"],
+                                                "group": "calibration"}
     lr2 = p["stage2"]["lr"]
     seeded_lrs = f["seeded"].get("lr", [lr2])
     for i, ds in enumerate(f["datasets"]):
