@@ -382,6 +382,29 @@ def test_permutation_spearman_matches_scipys_test_of_spearmanr():
         assert rho == pytest.approx(stats.spearmanr(x, y).statistic) and p == pytest.approx(ref.pvalue), n
 
 
+def test_stratified_spearman_ranks_within_groups_and_permutes_within_them():
+    """Two groups, each perfectly ordered the same way within itself, but one sitting lower in x and higher in y:
+    the pooled Spearman's rho is negative, the within-group one is 1; with one group it is Spearman's rho."""
+    x, y, g = [1, 2, 3, 10, 11, 12], [10, 11, 12, 1, 2, 3], ["a"] * 3 + ["b"] * 3
+    assert stats.spearmanr(x, y).statistic < 0
+    rho, p, how = exact.stratified_spearman(x, y, g, n_resamples=4000)
+    # 3! x 3! = 36 equally likely within-group pairings; |r| = 1 only when both groups keep (or both reverse) order
+    assert rho == pytest.approx(1.0) and p == pytest.approx(2 / 36, abs=0.015) and "within groups" in how
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=7), rng.normal(size=7)
+    assert exact.within_r(a, b, ["one"] * 7) == pytest.approx(stats.spearmanr(a, b).statistic)
+    with pytest.raises(ValueError, match="within-group correlation is undefined"):
+        exact.stratified_spearman([1, 2], [3, 4], ["a", "b"])
+    # the same through flatness.correlations: pooled over the two "models" and within them
+    from cfsam.analysis import flatness
+    entries = {f"r{i}": {"landscape": {"flatness": {"SC": v}}} for i, v in enumerate(x)}
+    fg = pd.Series(y, index=list(entries), dtype=float)
+    pooled = flatness.correlations(entries, fg, n_boot=50).loc["SC"]
+    within = flatness.correlations(entries, fg, n_boot=50, groups=pd.Series(g, index=list(entries))).loc["SC"]
+    assert pooled["ranks"] == "flatter forgets more" and within["ranks"] == "sharper forgets more"
+    assert within["Spearman rho"] == pytest.approx(1.0) and within["low"] <= 1.0 <= within["high"] + 1e-9
+
+
 def test_exact_spearman_null_against_enumeration():
     """The dynamic program's null of D against every permutation, by hand for 3 and by itertools for 9, and
     the p-value it gives against the enumerated one (scipy's two-sided convention: twice the smaller tail)."""

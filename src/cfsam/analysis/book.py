@@ -223,6 +223,14 @@ def flatness_sentence(table: pd.DataFrame, alpha: float = 0.05) -> str:
     return "Flatness against forgetting, " + "".join(parts) + "."
 
 
+def flatness_by_model_sentence(table: pd.DataFrame, alpha: float = 0.05) -> str:
+    """``flatness_sentence`` for each model of ``frontier.flatness_by_model`` and for the pooled rows."""
+    if table.empty:
+        return ""
+    return " ".join(f"{model}: " + flatness_sentence(sub.droplevel(0), alpha)
+                    for model, sub in table.groupby(level=0, sort=False))
+
+
 def other_study(preset: str, results_dir: str | None = None) -> None:
     """The frontier chapter's study on another preset (a larger one, a second model), compactly: what is missing, the learning check, the
     frontiers, end points, claims at matched learning, runs that never learned, SAM's gradients, robustness,

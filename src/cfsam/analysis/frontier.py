@@ -169,14 +169,48 @@ def never_learned(points: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _end_points(study: Study) -> tuple[dict, pd.Series]:
+    """The independent stage-2 end points with a landscape (one per run: its last snapshot) and their forgetting."""
+    entries, pts = study.entries, measures(study)
+    ends = pts[(pts["at"] == pts["of"]) & pts["name"].map(lambda n: "landscape" in entries[n])]
+    return {n: entries[n] for n in ends["name"]}, ends.set_index("name")["forgetting"]
+
+
 def flatness_vs_forgetting(study: Study | str, *, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """Over the independent stage-2 end points with a landscape (one per run: the last snapshot), each flatness
-    measure against forgetting (rise of the held-out stage-1 loss), by ``flatness.correlations``. Flatness is
-    measured on examples disjoint from those that measure forgetting."""
+    """Over the independent stage-2 end points with a landscape, each flatness measure against forgetting (rise
+    of the held-out stage-1 loss), by ``flatness.correlations``. Flatness is measured on examples disjoint from
+    those that measure forgetting."""
     study = Study.of(study)
     if study.empty:
         return pd.DataFrame()
-    entries, pts = study.entries, measures(study)
-    ends = pts[(pts["at"] == pts["of"]) & pts["name"].map(lambda n: "landscape" in entries[n])]
-    return flatness.correlations({n: entries[n] for n in ends["name"]}, ends.set_index("name")["forgetting"],
-                                 n_boot=n_boot, seed=seed)
+    return flatness.correlations(*_end_points(study), n_boot=n_boot, seed=seed)
+
+
+POOLED = "pooled, ranked within model"
+
+
+def flatness_by_model(presets: list[str], *, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """``flatness_vs_forgetting`` per preset (one model each, rows by its model) and, with two models or more,
+    pooled over their end points (``POOLED``): ranked and resampled within each model, so that one model being
+    sharper and forgetting more than the other cannot make the correlation. Pooled entries are named
+    ``<preset>/<name>``."""
+    frames, entries, forgetting, groups = [], {}, {}, {}
+    for preset in presets:
+        study = Study.of(preset)
+        if study.empty:
+            continue
+        model = load_preset(preset)["model"]
+        own, fg = _end_points(study)
+        t = flatness.correlations(own, fg, n_boot=n_boot, seed=seed)
+        if not t.empty:
+            frames.append(t.assign(model=model))
+        for n, e in own.items():
+            entries[f"{preset}/{n}"], forgetting[f"{preset}/{n}"], groups[f"{preset}/{n}"] = e, fg[n], model
+    if len(set(groups.values())) > 1:
+        pooled = flatness.correlations(entries, pd.Series(forgetting, dtype=float), n_boot=n_boot, seed=seed,
+                                       groups=pd.Series(groups))
+        if not pooled.empty:
+            frames.append(pooled.assign(model=POOLED))
+    if not frames:
+        return pd.DataFrame()
+    return pd.concat(frames).reset_index().set_index(["model", "measure"])

@@ -59,3 +59,42 @@ def permutation_spearman(x, y, *, n_resamples: int = 100_000, seed: int = 0) -> 
                                  n_resamples=np.inf if exact else n_resamples, alternative="two-sided",
                                  random_state=seed)
     return rho, float(res.pvalue), "exact" if exact else f"{n_resamples} random pairings"
+
+
+def within_ranks(values, groups) -> np.ndarray:
+    """Each value's rank within its group, scaled to [-1/2, 1/2] (a group of one sits at 0): values of
+    different groups are then comparable only by their place in their own group."""
+    from scipy import stats
+
+    values, groups = np.asarray(values, float), np.asarray(groups)
+    out = np.zeros(len(values))
+    for g in np.unique(groups):
+        i = np.flatnonzero(groups == g)
+        if len(i) > 1:
+            out[i] = (stats.rankdata(values[i]) - 1) / (len(i) - 1) - 0.5
+    return out
+
+
+def within_r(x, y, groups) -> float:
+    """Pearson's r of the within-group ranks of x and y (``within_ranks``; one group: Spearman's rho); NaN when
+    no group has two runs with different values."""
+    rx, ry = within_ranks(x, groups), within_ranks(y, groups)
+    return float(np.corrcoef(rx, ry)[0, 1]) if rx.any() and ry.any() else np.nan
+
+
+def stratified_spearman(x, y, groups, *, n_resamples: int = 20_000, seed: int = 0) -> tuple[float, float, str]:
+    """A rank correlation pooled over groups without their levels (``within_r``), and its two-sided p-value
+    from permuting y within each group (``n_resamples`` random permutations, the observed one among them)."""
+    groups, y = np.asarray(groups), np.asarray(y, float)
+    rho = within_r(x, y, groups)
+    if np.isnan(rho):
+        raise UsageError("no group has two runs with different values: a within-group correlation is undefined")
+    rx, ry = within_ranks(x, groups), within_ranks(y, groups)  # permuting y within a group permutes its ranks
+    rng, idx = np.random.default_rng(seed), [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    hits = 0
+    for _ in range(n_resamples):
+        perm = ry.copy()
+        for i in idx:
+            perm[i] = ry[rng.permutation(i)]
+        hits += abs(float(np.corrcoef(rx, perm)[0, 1])) >= abs(rho) - 1e-12
+    return rho, (hits + 1) / (n_resamples + 1), f"{n_resamples} permutations within groups"
