@@ -85,3 +85,23 @@ def tokenizer():
     from cfsam.data.models import load_tokenizer
 
     return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture
+def smoke_variant(tmp_path, monkeypatch):
+    """A function: the smoke preset with ``edit`` applied to its mapping, written as ``<name>.yaml`` (its results
+    in ``tmp_path/results/<name>``); returns the file's path."""
+    import yaml
+
+    from cfsam.pipeline import presets
+
+    monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path / "results"))
+
+    def make(name: str, edit) -> str:
+        p = yaml.safe_load(presets.registered_file("smoke").read_text())
+        edit(p)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(p))
+        return str(path)
+
+    return make

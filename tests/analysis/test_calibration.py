@@ -21,13 +21,9 @@ def _entry(exp, name, losses, correct=(1, 0)):
 
 
 @pytest.fixture
-def preset(tmp_path, monkeypatch):
-    p = yaml.safe_load(presets.registered_file("smoke").read_text())
-    p["calibration"] = {"stage1_lr": [1.0e-5, p["stage1"]["lr"]]}  # the preset's own lr is frontier-stage1 itself
-    path = tmp_path / "smoke-cal.yaml"
-    path.write_text(yaml.safe_dump(p))
-    monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path / "results"))
-    return str(path)
+def preset(smoke_variant):
+    # the preset's own lr is frontier-stage1 itself
+    return smoke_variant("smoke-cal", lambda p: p.update(calibration={"stage1_lr": [1.0e-5, p["stage1"]["lr"]]}))
 
 
 def test_each_stage1_lr_against_the_base_model(preset, tmp_path):

@@ -19,14 +19,12 @@ def _entry(exp, name, losses, correct):
 
 
 @pytest.fixture
-def preset(tmp_path, monkeypatch):
-    p = yaml.safe_load(presets.registered_file("smoke").read_text())
-    p["frontier"]["seeds"] = [1234, 1235]
-    p["frontier"]["precision_check"] = {"runs": ["adamw-lr0.001"], "precision": "bf16"}
-    path = tmp_path / "smoke-bf16.yaml"
-    path.write_text(yaml.safe_dump(p))
-    monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path / "results"))
-    return str(path)
+def preset(smoke_variant):
+    def edit(p):
+        p["frontier"]["seeds"] = [1234, 1235]
+        p["frontier"]["precision_check"] = {"runs": ["adamw-lr0.001"], "precision": "bf16"}
+
+    return smoke_variant("smoke-bf16", edit)
 
 
 def test_bf16_against_fp32_paired_and_beside_a_second_seed(preset, tmp_path):
