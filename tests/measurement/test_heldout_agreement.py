@@ -135,6 +135,25 @@ def test_measured_heldout_batches_agree_with_one_at_a_time(tiny, tokenizer):
     assert_means_close(got, [reference(tiny.model, r) for r in rows], FP32_TOL)
 
 
+def test_per_example_losses_batch_by_length_and_keep_the_given_order(tiny, tokenizer, rows):
+    """Given in an order that pads a lot, the forwards run the examples longest first in batches of the given
+    size, so they see the widths of the sorted lengths (counted by hand), and the result is in the given order."""
+    model = tiny.model.eval()
+    order = [0, 5, 4, 1, 2, 3]  # short next to long in every pair
+    given = batched(rows, order, 2, tokenizer.pad_token_id, "left")
+    widths = []
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda m, args, kwargs: widths.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        got = heldout.per_example_losses(model, given)
+    finally:
+        hook.remove()
+    lengths = sorted((len(r["input_ids"]) for r in rows), reverse=True)
+    assert widths == [(2, lengths[0]), (2, lengths[2]), (2, lengths[4])]
+    assert sum(w * n for n, w in widths) < sum(b["input_ids"].numel() for b in given)
+    assert_means_close(got, [reference(model, rows[i]) for i in order], FP32_TOL)
+
+
 # ------------------------------------------------------------------------- the tokenizer's EOS
 def test_held_out_responses_end_with_the_models_eos(tokenizer):
     """Every response ends with the EOS that the model's config and the GGUF file name (id 2,

@@ -49,13 +49,32 @@ def per_example_losses(model: torch.nn.Module, batches: Sequence[Batch]) -> list
     """(summed response-token loss, number of response tokens) of every example, in batch order; eval mode.
 
     The token mean is sum(s) / sum(n) (= ``mean_loss``); the per-example means s / n weigh every
-    example alike (an example with no response token left gives (0.0, 0))."""
-    out: list[tuple[float, int]] = []
+    example alike (an example with no response token left gives (0.0, 0)). The examples are run longest
+    first, each batch (as many rows as the largest given) of similar lengths: in their seeded order a quarter
+    of the tokens of cpu's held-out slices were padding (Alpaca's 42 %), sorted under a tenth. A loss does not
+    depend on its batch (tests/measurement/test_heldout_agreement.py), so only the time changes."""
+    from cfsam.data.formatting import collate
+
+    rows = [{"input_ids": b["input_ids"][i][keep].tolist(), "labels": b["labels"][i][keep].tolist()}
+            for b in batches for i, keep in enumerate(_real_tokens(b))]
+    size = max((b["input_ids"].shape[0] for b in batches), default=1)
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    device = model_params(model)[0].device
     with eval_mode(model), torch.inference_mode():
-        for batch in on_device(batches, model_params(model)[0].device):
-            sums, counts = row_losses(model, batch["input_ids"], batch.get("attention_mask"), batch["labels"])
-            out += zip(sums.double().tolist(), counts.tolist())
+        for s in range(0, len(order), size):
+            part = order[s:s + size]
+            batch = on_device([collate([rows[i] for i in part], pad_token_id=0)], device)[0]  # masked: any id
+            sums, counts = row_losses(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            for i, value in zip(part, zip(sums.double().tolist(), counts.tolist())):
+                out[i] = value
     return out
+
+
+def _real_tokens(batch: Batch) -> torch.Tensor:
+    """Which positions of each row are tokens, not padding (either side)."""
+    mask = batch.get("attention_mask")
+    return torch.ones_like(batch["input_ids"], dtype=torch.bool) if mask is None else mask.bool()
 
 
 # rows per forward when an entry's held-out losses are measured: a speed setting, not part of what is measured
