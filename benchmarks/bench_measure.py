@@ -26,6 +26,7 @@ from cfsam.data.models import load_model
 from cfsam.evaluation import harness, tasks
 from cfsam.measurement import heldout
 from cfsam.pipeline import specs
+from cfsam.pipeline.presets import load_preset
 from cfsam.training.loss import row_losses
 from timing import Clock
 
@@ -79,8 +80,6 @@ def main() -> None:
         raise SystemExit(f"{args.experiment!r} is not an experiment of {args.preset}")
     exp = exps[args.experiment]
     spec = exp["measure"]
-    from cfsam.pipeline.presets import load_preset
-
     loaded = load_model(load_preset(args.preset)["model"])
     h = spec["heldout"]
     sets = {ds: heldout.heldout_batches(ds, loaded.tokenizer, n_examples=h["n"], batch_size=heldout.MEASURE_BATCH,
