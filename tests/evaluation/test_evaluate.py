@@ -78,6 +78,7 @@ def test_forward_tokens_of_a_plan_by_hand():
     assert where == [(0, [0, 1]), (1, [0]), (2, [0, 1])]
     # rows: 2 + 0 + 1, 1 + 2, 3 + 0 + 1 (a continuation's last token is never input); the prefix once: 40
     assert scoring.forward_tokens(rows, prefix_of) == 3 + 3 + 4 + 40
+    assert scoring.head_positions(rows) == (1 + 2) + 3 + (1 + 2)  # every continuation token, once
 
 
 def test_shared_prefix_is_computed_once_and_agrees(tiny):

@@ -221,6 +221,11 @@ def forward_tokens(rows, prefix_of) -> int:
     return sum(len(ctx) + sum(len(c) - 1 for c in conts) for ctx, conts in rows) + sum(len(k) for k in set(prefix_of))
 
 
+def head_positions(rows) -> int:
+    """Positions a plan runs through the head: one per continuation token (the rest of a row is context)."""
+    return sum(len(c) for _, conts in rows for c in conts)
+
+
 def _score_rows(model, groups, pad_id: int, batch_size: int, max_batch_tokens: int,
                 progress: bool) -> list[list[float]]:
     max_len = getattr(model.config, "max_position_embeddings", None) or 2048
