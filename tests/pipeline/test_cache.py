@@ -213,3 +213,16 @@ def test_every_committed_entry_is_current(monkeypatch):
                        for p in cache.results_dir(preset).glob("*.json*"))
         got = cache.load_results(preset, files, verify_data=False)
         assert {n: got[n]["status"] for n in files} == {n: "ok" for n in files}, preset
+
+
+def test_an_unknown_name_gets_the_names_it_may_mean_not_the_whole_registry():
+    exps = specs.expand("cpu")
+    run = "metamathqa-adamw-lr0.0001-s1234"  # a frontier run's own name: the preset has its points only
+    assert run not in exps and f"{run}-1of4" in exps
+    with pytest.raises(cache.UsageError) as e:
+        cache.load_results("cpu", [run, "stage1", "s2-metamathqa-adamx", "no-such-thing"])
+    msg = str(e.value)
+    assert f"did you mean {run}-1of4, {run}-2of4, {run}-3of4, {run}-4of4?" in msg
+    assert "'s2-metamathqa-adamx' (did you mean s2-metamathqa-adamw" in msg
+    assert "'no-such-thing' (no close name)" in msg and "'stage1'" not in msg
+    assert f"all {len(exps)} names: cfsam status --preset cpu" in msg and len(msg) < 600

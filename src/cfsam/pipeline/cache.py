@@ -13,6 +13,7 @@ stays as evidence. A measurement-version change would do the same to every prese
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from pathlib import Path
@@ -129,6 +130,21 @@ def read_entry(path: Path) -> dict:
     return entry
 
 
+def check_known(preset: str, names: list[str], exps: dict) -> None:
+    """A clear error for names the preset does not have: the closest names it has, not all of its hundreds
+    (a frontier run is measured at its points, ``<run>-1of4`` ..., so a run's own name is the usual slip)."""
+    unknown = [n for n in names if n not in exps]
+    if not unknown:
+        return
+    hints = []
+    for n in unknown:
+        points = [e for e in exps if e.startswith(f"{n}-") and e[len(n) + 1:].partition("of")[0].isdigit()]
+        near = points or difflib.get_close_matches(n, list(exps), n=3, cutoff=0.8)
+        hints.append(f"{n!r} (" + (f"did you mean {', '.join(near)}?" if near else "no close name") + ")")
+    raise UsageError(f"unknown experiment(s) in preset {preset!r}: {'; '.join(hints)}; "
+                     f"all {len(exps)} names: cfsam status --preset {preset}")
+
+
 def load_results(preset: str, names: list[str] | None = None, *, verify_data: bool | None = None) -> dict[str, dict]:
     """Entries by name, each with ``status`` (ok, stale, missing, damaged); stale and damaged ones with ``why``;
     every one not ok with the ``command`` that recomputes it."""
@@ -136,9 +152,8 @@ def load_results(preset: str, names: list[str] | None = None, *, verify_data: bo
     verify = data_present() if verify_data is None else verify_data
     retracted = retractions(preset)
     out = {}
+    check_known(preset, names or [], exps)
     for name in names or list(exps):
-        if name not in exps:
-            raise UsageError(f"unknown experiment {name!r} in preset {preset!r}; allowed: {', '.join(exps)}")
         out[name] = _status(preset, name, exps[name], verify, retracted.get(name))
     return out
 

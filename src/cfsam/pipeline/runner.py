@@ -28,7 +28,7 @@ from cfsam.core.errors import RunFailed, UsageError
 from cfsam.core.io import write_json_atomic
 from cfsam.data import models, sources
 from cfsam.pipeline import preflight, runs
-from cfsam.pipeline.cache import datasets_of, entry_path, load_results, status_of
+from cfsam.pipeline.cache import check_known, datasets_of, entry_path, load_results, status_of
 from cfsam.pipeline.preflight import unreachable
 from cfsam.pipeline.presets import preset_name
 from cfsam.pipeline.provenance import code_version, device_check, provenance
@@ -295,9 +295,7 @@ def _plan(preset: str, notebooks: list[str] | None, only: list[str] | None) -> t
     exps = expand(preset)  # a bad preset fails here, before anything runs
     device_check()  # and a failed device self-check
     names = only or needed(preset, notebooks)
-    unknown = [n for n in names if n not in exps]
-    if unknown:
-        raise UsageError(f"unknown experiment(s) {', '.join(unknown)} in preset {preset!r}; allowed: {', '.join(exps)}")
+    check_known(preset, names, exps)
     status = load_results(preset, names)
     # experiments that measure one training run go one after another (headline first, as listed): a run
     # is trained once while its cache lives, which on a machine that a session lends is that session only
