@@ -12,6 +12,7 @@ import shutil
 import pytest
 import torch
 
+from cfsam.core.errors import UsageError
 from cfsam.data import formatting, models
 from cfsam.measurement import heldout
 from cfsam.training.loss import summed_loss
@@ -152,6 +153,33 @@ def test_per_example_losses_batch_by_length_and_keep_the_given_order(tiny, token
     assert widths == [(2, lengths[0]), (2, lengths[2]), (2, lengths[4])]
     assert sum(w * n for n, w in widths) < sum(b["input_ids"].numel() for b in given)
     assert_means_close(got, [reference(model, rows[i]) for i in order], FP32_TOL)
+
+
+def test_by_length_keeps_every_example_and_the_landscapes_sums(tiny, tokenizer, rows):
+    """The landscape's layout (``by_length``, as ``runner.landscape_batches`` gives it): the same examples, each
+    batch as wide as its longest, and the same token-mean loss, gradient and Hessian-vector product as the
+    given batches, up to fp32 summation order."""
+    from cfsam.measurement import curvature
+
+    model = tiny.model.eval()
+    given = batched(rows, [0, 5, 4, 1, 2, 3], 3, tokenizer.pad_token_id, "left")
+    order, sorted_batches = heldout.by_length(given, 2)
+    assert sorted(order) == list(range(len(rows)))
+    given_order = [rows[i] for i in [0, 5, 4, 1, 2, 3]]
+    lengths = [len(given_order[i]["input_ids"]) for i in order]
+    assert lengths == sorted(lengths, reverse=True)
+    assert [tuple(b["input_ids"].shape) for b in sorted_batches] == [(2, lengths[0]), (2, lengths[2]), (2, lengths[4])]
+    assert heldout.count_items(sorted_batches) == heldout.count_items(given)
+    assert heldout.mean_loss(model, sorted_batches) == pytest.approx(heldout.mean_loss(model, given), rel=1e-6)
+    (la, ga), (lb, gb) = curvature.gradient(model, given), curvature.gradient(model, sorted_batches)
+    assert la == pytest.approx(lb, rel=1e-6)
+    v = [torch.randn(g.shape, generator=torch.Generator().manual_seed(k)) for k, g in enumerate(ga)]
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for a, b in zip(curvature.hvp(model, given, v), curvature.hvp(model, sorted_batches, v)):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    with pytest.raises(UsageError, match="rows=0"):
+        heldout.by_length(given, 0)
 
 
 # ------------------------------------------------------------------------- the tokenizer's EOS

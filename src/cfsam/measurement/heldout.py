@@ -53,22 +53,33 @@ def per_example_losses(model: torch.nn.Module, batches: Sequence[Batch]) -> list
     first, each batch (as many rows as the largest given) of similar lengths: in their seeded order a quarter
     of the tokens of cpu's held-out slices were padding (Alpaca's 42 %), sorted under a tenth. A loss does not
     depend on its batch (tests/measurement/test_heldout_agreement.py), so only the time changes."""
-    from cfsam.data.formatting import collate
-
-    rows = [{"input_ids": b["input_ids"][i][keep].tolist(), "labels": b["labels"][i][keep].tolist()}
-            for b in batches for i, keep in enumerate(_real_tokens(b))]
     size = max((b["input_ids"].shape[0] for b in batches), default=1)
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    order, sorted_batches = by_length(batches, size)
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(order)
     device = model_params(model)[0].device
     with eval_mode(model), torch.inference_mode():
-        for s in range(0, len(order), size):
-            part = order[s:s + size]
-            batch = on_device([collate([rows[i] for i in part], pad_token_id=0)], device)[0]  # masked: any id
+        done = 0
+        for batch in on_device(sorted_batches, device):
             sums, counts = row_losses(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-            for i, value in zip(part, zip(sums.double().tolist(), counts.tolist())):
+            for i, value in zip(order[done:], zip(sums.double().tolist(), counts.tolist())):
                 out[i] = value
+            done += len(counts)
     return out
+
+
+def by_length(batches: Sequence[Batch], rows: int) -> tuple[list[int], list[Batch]]:
+    """The batches' examples longest first, in batches of ``rows`` examples of similar lengths, each padded to
+    its longest only (masked padding: any id); and, for each example in that order, its index in the given
+    order. A loss that sums over examples is the same sum over these, up to the summation order."""
+    from cfsam.data.formatting import collate
+
+    if rows <= 0:
+        raise UsageError(f"rows={rows}; it must be positive")
+    examples = [{"input_ids": b["input_ids"][i][keep].tolist(), "labels": b["labels"][i][keep].tolist()}
+                for b in batches for i, keep in enumerate(_real_tokens(b))]
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    return order, [collate([examples[i] for i in order[s:s + rows]], pad_token_id=0)
+                   for s in range(0, len(order), rows)]
 
 
 def _real_tokens(batch: Batch) -> torch.Tensor:

@@ -158,17 +158,30 @@ def measure(model_ref: str, spec: dict) -> tuple[dict, torch.nn.Module]:
     if "landscape" in spec:
         t = time.time()
         ls = spec["landscape"]
-        # disjoint: flatness on examples other than those that measure forgetting
-        skip = h["n"] if ls.get("disjoint") and ls["dataset"] in h["datasets"] else 0
-        batches = heldout.heldout_batches(ls["dataset"], loaded.tokenizer, n_examples=ls["n_examples"],
-                                          batch_size=ls["batch_size"], max_length=h["max_length"], seed=h["seed"],
-                                          skip=skip)
+        batches = landscape_batches(spec, loaded.tokenizer, rows=curvature.hvp_rows(local_device()))
         surfaces, summary = landscape.flatness_of(loaded.model, batches, ls)
         out["landscape"] = {"flatness": summary,
                             "surfaces": [_jsonable(dataclasses.asdict(s)) for s in surfaces],
                             "curvature": curvature.curvature_of(loaded.model, batches, ls)}
         out["measure_seconds"]["landscape"] = round(time.time() - t, 1)
     return out, loaded.model
+
+
+def landscape_batches(spec: dict, tokenizer, rows: int | None = None) -> list:
+    """The batches a measurement spec's landscape and curvature run on; with ``rows``, the same examples longest
+    first in batches of that many rows (``heldout.by_length``). Every landscape and curvature quantity is a token
+    sum over examples, so only the summation order moves. The spec's one batch of 8 is about half padding: sorted,
+    a forward and a gradient cost a fifth less; the Hessian-vector products, most of the phase, do not change,
+    since their cost is per pass, not per token (benchmarks/records/2026-12-06-bench_endpoint-smollm2.txt)."""
+    from cfsam.measurement import heldout
+
+    h = spec.get("heldout", {"datasets": [], "n": 0, "max_length": 256, "seed": 0})
+    ls = spec["landscape"]
+    # disjoint: flatness on examples other than those that measure forgetting
+    skip = h["n"] if ls.get("disjoint") and ls["dataset"] in h["datasets"] else 0
+    batches = heldout.heldout_batches(ls["dataset"], tokenizer, n_examples=ls["n_examples"],
+                                      batch_size=ls["batch_size"], max_length=h["max_length"], seed=h["seed"], skip=skip)
+    return batches if rows is None else heldout.by_length(batches, rows)[1]
 
 
 def _jsonable(d: dict) -> dict:
