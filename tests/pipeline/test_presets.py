@@ -107,6 +107,28 @@ def test_frontier_method_lr_tunes_every_method_over_adamws_grid():
         load_preset("smoke", {"frontier.seeded.lr": [0.5]})
 
 
+def test_seeded_rehearsal_and_asam_settings_replicate_like_sams():
+    """Every method on the same terms: the ASAM radius and rehearsal fraction that ``seeded`` names run at every
+    seed and at each ``seeded.lr``, SAM with rehearsal where both its radius and its fraction are seeded; the
+    others, and an empty list, stay first-seed only; a seeded setting outside the sweep is refused."""
+    from cfsam.pipeline import specs
+
+    base = {"frontier.asam_rho": [1.0, 3.0], "frontier.rehearsal_fraction": [0.2, 0.4], "frontier.seeds": [1234, 1235],
+            "frontier.complements": {"sam_rho": [2.0], "rehearsal_fraction": [0.2, 0.4]}}
+    first_only = {n for n in specs.expand(load_preset("smoke", base)) if "-s1235-" in n}
+    assert not any("asam" in n or "rehearsal" in n for n in first_only)
+    exps = specs.expand(load_preset("smoke", {**base, "frontier.seeded.asam_rho": [3.0],
+                                              "frontier.seeded.rehearsal_fraction": [0.4]}))
+    second = sorted(n.rsplit("-", 2)[0] for n in exps if n.endswith("-s1235-4of4"))
+    assert second == sorted(["open-platypus-adamw-lr0.001", "open-platypus-sam-rho2", "open-platypus-asam-rho3",
+                             "open-platypus-rehearsal0.4", "open-platypus-sam-rho2-rehearsal0.4"])
+    d = specs.describe(exps["open-platypus-rehearsal0.4-s1235-4of4"]["run"])
+    assert (d["rehearsal_fraction"], d["seed"]) == (0.4, 1235)
+    assert {n for n in exps if "-s1235-" in n} >= first_only  # only added: no earlier experiment moves
+    with pytest.raises(PresetError, match=r"frontier.seeded.rehearsal_fraction: \[0.3\] are not in"):
+        load_preset("smoke", {**base, "frontier.seeded.rehearsal_fraction": [0.3]})
+
+
 def test_only_evals_with_a_stratified_task_say_so_in_their_spec():
     """MMLU draws its items by subject: the evals that list it name that (so entries measured on the
     earlier random draw turn stale), the others keep their spec and id."""

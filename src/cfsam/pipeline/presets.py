@@ -42,7 +42,8 @@ SCHEMA = {
 # sections a preset may leave out
 OPTIONAL = {
     "frontier": {"datasets": list, "full": int, "seeds": list, "epochs": NUM, "snapshots": int, "heldout_n": int,
-                 "landscape": (dict, bool), "seeded": {"adamw_lr": list, "sam_rho": list, "lr": list},
+                 "landscape": (dict, bool), "seeded": {"adamw_lr": list, "sam_rho": list, "asam_rho": list,
+                                                               "rehearsal_fraction": list, "lr": list},
                  "screen": {"tasks": list, "limit": OPT_INT},
                  "eval": {"tasks": list, "limit": OPT_INT}, "adamw_lr": list, "sam_rho": list, "method_lr": list,
                  "asam_rho": list,
@@ -267,7 +268,7 @@ def _check_frontier(p: dict) -> None:
         ls = {**p["landscape"], **f["landscape"]}
         if ls["grid"] < 3 or ls["grid"] % 2 == 0 or not ls["seeds"]:
             raise PresetError(f"frontier.landscape: grid={ls['grid']} must be odd and >= 3, seeds non-empty")
-    for key in ("adamw_lr", "sam_rho"):
+    for key in ("adamw_lr", "sam_rho", "asam_rho", "rehearsal_fraction"):
         extra = [v for v in f["seeded"][key] if v not in f[key]]
         if extra:
             raise PresetError(f"frontier.seeded.{key}: {extra} are not in frontier.{key} ({f[key]})")

@@ -175,13 +175,17 @@ def frontier(p: dict, s1: dict, heldout: dict, ev: dict) -> dict[str, dict]:
         others = [(f"sam-rho{rho:g}", sam(p, **ep, rho=rho, adaptive=False), rho in f["seeded"]["sam_rho"])
                   for rho in rhos]
         if not light:
-            others += [(f"asam-rho{rho:g}", sam(p, **ep, rho=rho, adaptive=True), False) for rho in f["asam_rho"]]
+            every = f["seeded"]  # the sweep points that every seed runs
+            others += [(f"asam-rho{rho:g}", sam(p, **ep, rho=rho, adaptive=True), rho in every["asam_rho"])
+                       for rho in f["asam_rho"]]
             others += [(f"rehearsal{fr:g}", {**ep, "rehearsal_from": p["stage1"]["dataset"], "rehearsal_fraction": fr},
-                        False) for fr in f["rehearsal_fraction"]]
-            # the complementarity claims: rehearsal with SAM at the radii of ``complements`` (first seed)
+                        fr in every["rehearsal_fraction"]) for fr in f["rehearsal_fraction"]]
+            # the complementarity claims: rehearsal with SAM at the radii of ``complements``, seeded where both
+            # its radius and its fraction are
             c = f["complements"]
             others += [(f"sam-rho{rho:g}-rehearsal{fr:g}", sam(p, **ep, rho=rho, adaptive=False,
-                        rehearsal_from=p["stage1"]["dataset"], rehearsal_fraction=fr), False)
+                        rehearsal_from=p["stage1"]["dataset"], rehearsal_fraction=fr),
+                        rho in every["sam_rho"] and fr in every["rehearsal_fraction"])
                        for rho in c["sam_rho"] for fr in c["rehearsal_fraction"]]
         # at the stage-2 lr under their plain names (as first computed), at the grid's other lrs with "-lr"
         methods += [(name, changes, seeded and lr2 in seeded_lrs) for name, changes, seeded in others]
