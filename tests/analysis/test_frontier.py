@@ -37,6 +37,17 @@ def test_verdicts_combine_views_and_read_the_papers_direction():
     assert E.of(-0.2, -0.1) is E.LESS and E.of(0.1, 0.2) is E.MORE and E.of(-0.1, 0.1) is E.INCONCLUSIVE
 
 
+def test_tuned_unlike_names_the_lrs_each_front_is_built_from():
+    pts = pd.DataFrame({"family": ["adamw", "adamw", "sam", "sam", "sam"], "lr": [5e-5, 1e-4, 1e-4, 1e-4, 5e-5],
+                        "setting": [5e-5, 1e-4, 0.05, 0.5, 0.05]})
+    assert verdicts.tuned_unlike(pts, "adamw", "sam", 3) == ""  # the same lrs, whatever the settings
+    got = verdicts.tuned_unlike(pts[pts["lr"] != 5e-5], "adamw", "sam", 3)
+    assert got == ""  # both at 1e-4 alone
+    got = verdicts.tuned_unlike(pts.iloc[:4], "adamw", "sam", 3)
+    assert got.startswith("tuned unlike over its 3 seeds: adamw's front spans lr 5e-05, 0.0001, sam's lr 0.0001")
+    assert "sam's lr none" in verdicts.tuned_unlike(pts.iloc[:2], "adamw", "sam", 2)
+
+
 def test_a_claim_that_depends_on_the_view_and_a_set_that_fails_the_sizing_rule(tmp_path, monkeypatch):
     """Per k of 4 on MetaMathQA: AdamW 3e-4 learns 0.1 k and forgets 0.3 k, AdamW 1e-4 learns 0.1 k and
     forgets 0.05 k, SAM 0.5 (at 3e-4) learns 0.1 k and forgets 0.1 k. At matched learning L = 0.2 AdamW's
@@ -61,6 +72,8 @@ def test_a_claim_that_depends_on_the_view_and_a_set_that_fails_the_sizing_rule(t
     assert row["same-lr Δ"] == pytest.approx(-0.5) and row["same lr"] is verdicts.Verdict.REPRODUCED
     assert (row["lr"], row["b setting"]) == (3.0e-4, 0.5)
     assert row["verdict"] is verdicts.Verdict.DEPENDS
+    # AdamW's front had two lrs to be tuned over, SAM's one: the reason says so
+    assert "tuned unlike over its 1 seeds: adamw's front spans lr 0.0001, 0.0003, sam's lr 0.0003" in row["reason"]
     share = cv.loc[("sam-mitigates", "sharegpt")]
     assert share["verdict"] is verdicts.Verdict.NOT_COMPARABLE and "learned 0.050" in share["reason"]
     # the same-lr table: SAM 0.5 against AdamW at 3e-4, point by point
