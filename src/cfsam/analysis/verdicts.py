@@ -194,8 +194,10 @@ def claim_verdicts(study: Study | str, *, level: float = 0.5, n_boot: int = 500,
                 seeds = set(both[both["family"] == f["b"]]["seed"])
                 if f["a"] != "none":
                     seeds &= set(both[both["family"] == f["a"]]["seed"])
-                    unlike = tuned_unlike(every_seed(both, seeds), f["a"], f["b"], len(seeds))
-                setting, lr = front_setting(every_seed(both, seeds), ds, f["b"], m["learning level"])
+                alike = every_seed(both, seeds)
+                if f["a"] != "none":
+                    unlike = tuned_unlike(alike, f["a"], f["b"], len(seeds))
+                setting, lr = front_setting(alike, ds, f["b"], m["learning level"])
                 same = same_lr(study, ds, f["a"], f["b"], setting, lr, level=m["learning level"],
                                n_boot=n_boot, seed=seed)
             v_same = outcome(same.get("effect"), f["expect"])
