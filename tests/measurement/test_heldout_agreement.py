@@ -220,3 +220,30 @@ def test_a_conversion_with_another_eos_is_not_prepared(tmp_path):
     tok_config["eos_token"] = "<|im_start|>"
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(tok_config))
     assert not models._prepared(tmp_path)
+
+
+# ------------------------------------------------------------------------- flatness apart from forgetting
+def test_every_landscape_sits_on_examples_the_held_out_losses_never_see(tokenizer):
+    """Flatness is measured on examples disjoint from those that measure forgetting, in every preset: the
+    paper-table entries (stage1, s2-*) as well as the frontier's end points. Checked on the examples
+    themselves for smoke's (its sets are small enough to tokenise here), and on every preset's specs."""
+    from cfsam.pipeline import runner
+    from cfsam.pipeline.presets import preset_names
+    from cfsam.pipeline.specs import expand
+
+    with_landscape = {(p, n): e["measure"] for p in preset_names() for n, e in expand(p).items()
+                      if "landscape" in e["measure"]}
+    assert ("cpu", "stage1") in with_landscape and ("cpu", "s2-open-platypus-sam") in with_landscape
+    for (p, n), m in with_landscape.items():
+        if m["landscape"]["dataset"] in m.get("heldout", {}).get("datasets", []):
+            assert m["landscape"].get("disjoint"), f"{p}/{n}: its landscape shares the held-out examples"
+    for name in ("stage1", "s2-open-platypus-sam"):
+        m = with_landscape[("smoke", name)]
+        h, ls = m["heldout"], m["landscape"]
+        measured = heldout.heldout_batches(ls["dataset"], tokenizer, n_examples=h["n"], batch_size=h["n"],
+                                           max_length=h["max_length"], seed=h["seed"])
+        seen = {tuple(r[r != tokenizer.pad_token_id].tolist()) for b in measured for r in b["input_ids"]}
+        flat = [tuple(r[r != tokenizer.pad_token_id].tolist()) for b in runner.landscape_batches(m, tokenizer)
+                for r in b["input_ids"]]
+        assert len(seen) == h["n"] and len(set(flat)) == ls["n_examples"]
+        assert not seen & set(flat)

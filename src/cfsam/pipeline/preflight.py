@@ -57,11 +57,13 @@ def data_sizes(exps: dict[str, dict], names: list[str]) -> None:
             counts[name, split] = len(formatting.load_records(name, split))
         return counts[name, split]
 
-    def need(name: str, split: str, n: int, what: str, exp: str) -> None:
+    def need(name: str, split: str, n: int, what: str, exp: str, after: int = 0) -> None:
+        """``after``: examples the setting's own come after (a disjoint landscape's, after the held-out ones)."""
         have = records(name, split)
-        if n > have:
-            raise PreflightError(f"experiment {exp}: {what}={n} but {name!r} has only {have} {split} examples; "
-                                 f"lower {what} to at most {have}")
+        if after + n > have:
+            past = f", and its come after the first {after}" if after else ""
+            raise PreflightError(f"experiment {exp}: {what}={n} but {name!r} has only {have} {split} examples"
+                                 f"{past}; lower {what} to at most {max(have - after, 0)}")
 
     for exp in names:
         spec = exps[exp]
@@ -81,8 +83,7 @@ def data_sizes(exps: dict[str, dict], names: list[str]) -> None:
         ls = spec["measure"].get("landscape")
         if ls:
             skip = h["n"] if h and ls.get("disjoint") and ls["dataset"] in h["datasets"] else 0
-            need(ls["dataset"], "heldout", skip + ls["n_examples"],
-                 "landscape.n_examples" + (f" (after the {skip} held-out ones)" if skip else ""), exp)
+            need(ls["dataset"], "heldout", ls["n_examples"], "landscape.n_examples", exp, after=skip)
 
 
 # ------------------------------------------------------------------ what this machine cannot compute

@@ -85,8 +85,8 @@ def expand(preset: str | dict) -> dict[str, dict]:
     def add(name, run, landscape=False, sets=()):
         sets_here = heldout["datasets"] + [s for s in sets if s not in heldout["datasets"]]
         measure = {"eval": ev, "heldout": {**heldout, "datasets": sets_here}}
-        if landscape:
-            measure["landscape"] = dict(p["landscape"])
+        if landscape:  # on examples after the held-out ones, so flatness never sits on forgetting's examples
+            measure["landscape"] = {**p["landscape"], "disjoint": True}
         out[name] = {"run": run, "measure": measure}
 
     stage2_sets = p["stage2_datasets"]
