@@ -37,8 +37,11 @@ SCHEMA = {
     "heldout": {"n": int},
     "eval": {"tasks": list, "limit": OPT_INT, "stratify": bool},
     "landscape": {"dataset": str, "grid": int, "span": NUM, "n_examples": int, "batch_size": int,
-                  "seeds": list, "filter_norm": bool, "hessian_iters": int, "hutchinson_probes": int},
+                  "seeds": list, "filter_norm": bool, "hessian_iters": int, "hutchinson_probes": int,
+                  "disjoint": bool},
 }
+# keys a preset may leave out of their section (landscape.disjoint: true unless said; cpu-pilot says false)
+MAY_OMIT = {"landscape.disjoint"}
 # sections a preset may leave out
 OPTIONAL = {
     "frontier": {"datasets": list, "full": int, "seeds": list, "epochs": NUM, "snapshots": int, "heldout_n": int,
@@ -127,10 +130,12 @@ def _check(tree: dict, schema: dict, where: str) -> None:
     if unknown:
         raise PresetError(f"unknown preset key(s) {', '.join(where + k for k in sorted(unknown))}; "
                           f"allowed{' in ' + where.rstrip('.') if where else ''}: {', '.join(schema)}")
-    missing = set(schema) - set(tree)
+    missing = {k for k in set(schema) - set(tree) if where + k not in MAY_OMIT}
     if missing:
         raise PresetError(f"preset is missing key(s) {', '.join(where + k for k in sorted(missing))}")
     for key, kind in schema.items():
+        if key not in tree:
+            continue
         value = tree[key]
         if isinstance(kind, dict):
             if not isinstance(value, dict):

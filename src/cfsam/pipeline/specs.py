@@ -86,7 +86,9 @@ def expand(preset: str | dict) -> dict[str, dict]:
         sets_here = heldout["datasets"] + [s for s in sets if s not in heldout["datasets"]]
         measure = {"eval": ev, "heldout": {**heldout, "datasets": sets_here}}
         if landscape:  # on examples after the held-out ones, so flatness never sits on forgetting's examples
-            measure["landscape"] = {**p["landscape"], "disjoint": True}
+            ls = dict(p["landscape"])
+            # a preset's `disjoint: false` keeps the held-out examples, as specs did before: cpu-pilot's kept ids
+            measure["landscape"] = {**ls, "disjoint": True} if ls.pop("disjoint", True) else ls
         out[name] = {"run": run, "measure": measure}
 
     stage2_sets = p["stage2_datasets"]
