@@ -225,8 +225,9 @@ def test_a_conversion_with_another_eos_is_not_prepared(tmp_path):
 # ------------------------------------------------------------------------- flatness apart from forgetting
 def test_every_landscape_sits_on_examples_the_held_out_losses_never_see(tokenizer):
     """Flatness is measured on examples disjoint from those that measure forgetting, in every preset but the
-    superseded cpu-pilot: the paper-table entries (stage1, s2-*) as well as the frontier's end points. Checked on the examples
-    themselves for smoke's (its sets are small enough to tokenise here), and on every preset's specs."""
+    superseded cpu-pilot: the paper-table entries (stage1, s2-*) as well as the frontier's end points. Checked
+    on the examples themselves for smoke's (its sets are small enough to tokenise here), and on every preset's
+    specs."""
     from cfsam.pipeline import runner
     from cfsam.pipeline.presets import preset_names
     from cfsam.pipeline.specs import expand
@@ -235,7 +236,8 @@ def test_every_landscape_sits_on_examples_the_held_out_losses_never_see(tokenize
                       if "landscape" in e["measure"]}
     assert ("cpu", "stage1") in with_landscape and ("cpu", "s2-open-platypus-sam") in with_landscape
     shared = {p for (p, n), m in with_landscape.items()
-              if m["landscape"]["dataset"] in m.get("heldout", {}).get("datasets", []) and not m["landscape"].get("disjoint")}
+              if m["landscape"]["dataset"] in m.get("heldout", {}).get("datasets", [])
+              and not m["landscape"].get("disjoint")}
     assert shared == {"cpu-pilot"}  # only the superseded study keeps its own (`disjoint: false`, its kept ids)
     for name in ("stage1", "s2-open-platypus-sam"):
         m = with_landscape[("smoke", name)]
