@@ -38,3 +38,23 @@ def test_sizes_table_has_one_block_per_model_with_its_own_delta(tmp_path, monkey
     # the paper's llama2-7b rows are beside both blocks, the same in each
     assert rows["gemma3-270m: Alpaca"][("AVG", "paper")] == rows["smollm2-135m: Alpaca"][("AVG", "paper")]
     assert not np.isnan(rows["smollm2-135m: Alpaca"][("AVG", "paper")])
+
+
+def test_the_size_tables_say_which_recipe_each_model_trains_with():
+    """The sentence under Tables 2(b) and 6 gives each model's lrs and precision as its presets' YAML has them
+    (read here directly), and flags a comparison whose models were not tuned alike; one model says nothing."""
+    import yaml
+
+    from cfsam.analysis import book
+    from cfsam.pipeline import presets
+
+    gemma = yaml.safe_load(presets.registered_file("cpu-gemma").read_text())
+    cpu = yaml.safe_load(presets.registered_file("cpu").read_text())
+    s = book.recipes_sentence("cpu")
+    assert (f"smollm2-135m with this preset's recipe (stage 1 at lr {cpu['stage1']['lr']:g}, stage 2 at "
+            f"{cpu['stage2']['lr']:g}, fp32)") in s
+    assert (f"gemma3-270m with the `cpu-gemma` preset's recipe (stage 1 at lr {gemma['stage1']['lr']:g}, stage 2 at "
+            f"{gemma['stage2']['lr']:g}, {gemma['train']['precision']})") in s
+    assert "within one model and one recipe" in s
+    assert book.recipes_sentence("paper").endswith("one recipe for every size, as the paper's.")
+    assert book.recipes_sentence("smoke") == ""

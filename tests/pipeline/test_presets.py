@@ -202,3 +202,44 @@ def test_precision_auto_is_the_machines_native_precision_in_every_id(tmp_path, m
         ids[cpu.name] = specs.run_id(stage1)
         assert stage1["precision"] == ("bf16" if cpu is zen4 else "fp32")
     assert ids["zen4"] != ids["zen3"]
+
+
+def test_a_size_with_its_own_recipe_trains_as_its_own_preset_does():
+    """cpu's Gemma rows (Tables 2(b), 6) train with cpu-gemma's lrs and precision, read here from the YAML
+    itself, not through the loader: the very runs cpu-gemma trains (the same ids, one cached model), while
+    SmolLM2's rows keep cpu's own recipe and the measurement stays cpu's."""
+    import yaml
+
+    from cfsam.pipeline import presets, specs
+
+    raw = yaml.safe_load(presets.registered_file("cpu-gemma").read_text())
+    cpu_raw = yaml.safe_load(presets.registered_file("cpu").read_text())
+    assert cpu_raw["size_recipes"] == {"gemma3-270m": "cpu-gemma"}
+    cpu, gemma = specs.expand("cpu"), specs.expand("cpu-gemma")
+    s1 = cpu["gemma3-270m/stage1"]["run"]
+    assert (s1["lr"], s1["precision"]) == (raw["stage1"]["lr"], raw["train"]["precision"]) == (1e-5, "bf16")
+    s2 = cpu["gemma3-270m/s2-open-platypus-sam"]["run"]
+    assert (s2["lr"], s2["optimizer"], s2["rho"]) == (raw["stage2"]["lr"], "sam", raw["sam"]["rho"])
+    for name in ("stage1", "s2-open-platypus-adamw", "s2-open-platypus-sam"):
+        assert specs.run_id(cpu[f"gemma3-270m/{name}"]["run"]) == specs.run_id(gemma[name]["run"])
+        assert cpu[f"gemma3-270m/{name}"]["measure"]["eval"] == cpu["stage1"]["measure"]["eval"]
+    assert cpu["stage1"]["run"]["lr"] == cpu_raw["stage1"]["lr"] == 1e-4
+    assert "precision" not in cpu["s2-open-platypus-sam"]["run"]
+
+
+@pytest.mark.parametrize("recipes, message", [
+    ({"tiny": "smoke"}, r"size_recipes.tiny: not one of the sizes other than model 'tiny'; allowed: \(none\)"),
+    ({"tiny": "nope"}, r"size_recipes.tiny: not one of the sizes"),
+])
+def test_bad_size_recipes_are_named(recipes, message):
+    with pytest.raises(PresetError, match=message):
+        load_preset("smoke", {"size_recipes": recipes})
+
+
+@pytest.mark.parametrize("recipes, message", [
+    ({"gemma3-270m": "cpu-gemmma"}, r"size_recipes.gemma3-270m='cpu-gemmma': not a registered preset; allowed: cpu-gemma"),
+    ({"gemma3-270m": "cpu-pilot"}, r"size_recipes.gemma3-270m='cpu-pilot': that preset trains 'smollm2-135m', not 'gemma3-270m'"),
+])
+def test_a_size_recipe_must_be_a_preset_of_that_model(recipes, message):
+    with pytest.raises(PresetError, match=message):
+        load_preset("cpu", {"size_recipes": recipes})

@@ -231,6 +231,27 @@ def flatness_by_model_sentence(table: pd.DataFrame, alpha: float = 0.05) -> str:
                     for model, sub in table.groupby(level=0, sort=False))
 
 
+def recipes_sentence(preset: str) -> str:
+    """How each model of a size comparison trains (its stage-1 and stage-2 lr and precision, read from its
+    runs' specs), and which preset's recipe that is (``size_recipes``): a block is only comparable within itself."""
+    from cfsam.pipeline.presets import load_preset
+
+    p, exps = load_preset(preset), specs.expand(preset)
+    parts = []
+    for model in dict.fromkeys([p["model"], *p["sizes"]]):
+        prefix = "" if model == p["model"] else f"{model}/"
+        s1, s2 = exps[prefix + "stage1"]["run"], exps[f"{prefix}s2-{specs.PAPER_SET}-adamw"]["run"]
+        whose = p.get("size_recipes", {}).get(model)
+        parts.append(f"{model} with {'the `' + whose + '` preset' if whose else 'this preset'}'s recipe (stage 1 at lr "
+                     f"{s1['lr']:g}, stage 2 at {s2['lr']:g}, {specs.canonical_run(s2)['precision']})")
+    if len(parts) < 2:
+        return ""
+    return "How each model trains: " + "; ".join(parts) + (
+        ". A model tuned at another model's learning rates can start from a damaged stage 1, so each block compares "
+        "SAM with AdamW within one model and one recipe." if p.get("size_recipes") else
+        ": one recipe for every size, as the paper's.")
+
+
 def other_study(preset: str, results_dir: str | None = None) -> None:
     """The frontier chapter's study on another preset (a larger one, a second model), compactly: what is missing, the learning check, the
     frontiers, end points, claims at matched learning, runs that never learned, SAM's gradients, robustness,

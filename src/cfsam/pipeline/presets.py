@@ -57,7 +57,12 @@ OPTIONAL = {
     "starts": {"sam_rho": list, "seeds": int, "seeded_lr": list},
     # how stage1.lr was chosen: stage 1 at these learning rates too, each measured as frontier-stage1 is
     "calibration": {"stage1_lr": list},
+    # {size: preset}: a size trains as its own preset does (train, stage1, stage2, sam; specs.recipe), where the
+    # lrs that suit this preset's model would not suit it; a size not named trains with this preset's recipe
+    "size_recipes": dict,
 }
+# what a size takes from its recipe preset: how it trains, never what is measured
+RECIPE = ("train", "stage1", "stage2", "sam")
 
 
 class PresetError(RegistryError):
@@ -225,6 +230,27 @@ def _check_values(p: dict) -> None:
             positive(f"calibration.stage1_lr[{i}]", lr)
     if not ls["seeds"] or not all(isinstance(s, int) and not isinstance(s, bool) for s in ls["seeds"]):
         raise PresetError(f"landscape.seeds={ls['seeds']!r} must be a non-empty list of integers")
+    if "size_recipes" in p:
+        _check_size_recipes(p)
+
+
+def _check_size_recipes(p: dict) -> None:
+    """Each size named is one of ``sizes`` (not ``model``, whose recipe is the preset's own), and its recipe a
+    registered preset of that model that names no recipes itself (so loading one never loops)."""
+    others = [m for m in p["sizes"] if m != p["model"]]
+    for size, name in p["size_recipes"].items():
+        if size not in others:
+            raise PresetError(f"preset key size_recipes.{size}: not one of the sizes other than model {p['model']!r}; "
+                              f"allowed: {', '.join(others) or '(none)'}")
+        if not isinstance(name, str) or name not in preset_names():
+            raise PresetError(f"preset key size_recipes.{size}={name!r}: not a registered preset; allowed: "
+                              f"{', '.join(preset_names())}")
+        q = load_preset(name)
+        if q["model"] != size:
+            raise PresetError(f"preset key size_recipes.{size}={name!r}: that preset trains {q['model']!r}, not {size!r}")
+        if "size_recipes" in q:
+            raise PresetError(f"preset key size_recipes.{size}={name!r}: that preset names size_recipes itself; "
+                              "a recipe must be the model's own")
 
 
 def _check_starts(p: dict) -> None:

@@ -14,10 +14,17 @@ from cfsam.core.errors import UsageError
 from cfsam.core.io import config_hash
 from cfsam.evaluation import tasks
 from cfsam.pipeline import runs
-from cfsam.pipeline.presets import load_preset
+from cfsam.pipeline.presets import RECIPE, load_preset
 from cfsam.training import config as train_config
 
 MEASURE_VERSION = 1  # bump when a measurement changes meaning: every cached result then turns stale
+
+
+def recipe(p: dict, model: str) -> dict:
+    """The preset ``p`` with the training recipe of ``model`` (``presets.RECIPE``): its ``size_recipes`` preset's,
+    where it names one (a size tuned as its own study tunes it: the same runs, the same ids), else ``p``'s own."""
+    name = p.get("size_recipes", {}).get(model)
+    return {**p, **{k: load_preset(name)[k] for k in RECIPE}} if name else p
 
 
 def stage1(p: dict, model: str) -> dict:
@@ -94,12 +101,13 @@ def expand(preset: str | dict) -> dict[str, dict]:
     stage2_sets = p["stage2_datasets"]
     for model in [p["model"]] + [m for m in p["sizes"] if m != p["model"]]:
         prefix = "" if model == p["model"] else f"{model}/"
-        s1 = stage1(p, model)
+        q = recipe(p, model)
+        s1 = stage1(q, model)
         add(prefix + "base", {"model": model}, sets=stage2_sets if not prefix else ())
         add(prefix + "stage1", s1, landscape=not prefix, sets=stage2_sets if not prefix else ())
         for ds in (stage2_sets if not prefix else [PAPER_SET]):
-            add(f"{prefix}s2-{ds}-adamw", stage2(p, s1, ds), landscape=not prefix, sets=[ds])
-            add(f"{prefix}s2-{ds}-sam", stage2(p, s1, ds, **sam(p)), landscape=not prefix and ds == PAPER_SET,
+            add(f"{prefix}s2-{ds}-adamw", stage2(q, s1, ds), landscape=not prefix, sets=[ds])
+            add(f"{prefix}s2-{ds}-sam", stage2(q, s1, ds, **sam(q)), landscape=not prefix and ds == PAPER_SET,
                 sets=[ds])
             if not prefix:
                 add(f"s2-{ds}-adamw-e1", stage2(p, s1, ds, epochs=1), sets=[ds])
