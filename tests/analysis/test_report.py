@@ -58,3 +58,17 @@ def test_the_size_tables_say_which_recipe_each_model_trains_with():
     assert "within one model and one recipe" in s
     assert book.recipes_sentence("paper").endswith("one recipe for every size, as the paper's.")
     assert book.recipes_sentence("smoke") == ""
+
+
+def test_the_first_page_names_the_second_model_above_its_verdicts():
+    """The intro's second block: the other preset's model and description as its YAML has them, then that
+    preset's own verdicts (one line per claim, or the sentence that none is computed yet)."""
+    import yaml
+
+    from cfsam.analysis import book, verdicts
+    from cfsam.pipeline import presets
+
+    raw = yaml.safe_load(presets.registered_file("smoke").read_text())
+    head, body = book.other_findings("smoke").split("\n\n", 1)
+    assert head.startswith(f"**On a second model**, `{raw['model']}` (the `smoke` preset: {raw['description']};")
+    assert body == book.findings(verdicts.claim_verdicts("smoke"))

@@ -196,6 +196,16 @@ def findings(claim_verdicts: pd.DataFrame) -> str:
     return "\n".join(f"- {_claim_sentence(r).rstrip('.')}." for _, r in claim_verdicts.iterrows())
 
 
+def other_findings(preset: str) -> str:
+    """The first page's verdicts on another preset's model (``findings``), under a line naming that model, so a
+    reader who stops there also knows whether the answer holds beyond one model."""
+    from cfsam.pipeline.presets import load_preset
+
+    p = load_preset(preset)
+    return (f"**On a second model**, `{p['model']}` (the `{preset}` preset: {p['description']}; its own learning "
+            f"rates, chosen as {{doc}}`frontier` shows):\n\n" + findings(claim_verdicts(preset)))
+
+
 def robustness_sentence(robustness: pd.DataFrame) -> str:
     """Whether ``fronts.robustness`` finds a verdict that changes with the definition of forgetting."""
     if robustness.empty:
