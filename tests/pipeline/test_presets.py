@@ -227,19 +227,13 @@ def test_a_size_with_its_own_recipe_trains_as_its_own_preset_does():
     assert "precision" not in cpu["s2-open-platypus-sam"]["run"]
 
 
-@pytest.mark.parametrize("recipes, message", [
-    ({"tiny": "smoke"}, r"size_recipes.tiny: not one of the sizes other than model 'tiny'; allowed: \(none\)"),
-    ({"tiny": "nope"}, r"size_recipes.tiny: not one of the sizes"),
+@pytest.mark.parametrize("preset, recipes, message", [
+    ("smoke", {"tiny": "smoke"}, r"size_recipes.tiny: not one of the sizes other than model 'tiny'; allowed: \(none\)"),
+    ("smoke", {"tiny": "nope"}, r"size_recipes.tiny: not one of the sizes"),
+    ("cpu", {"gemma3-270m": "cpu-gemmma"}, r"size_recipes.gemma3-270m='cpu-gemmma': not a registered preset; allowed: cpu-gemma"),
+    ("cpu", {"gemma3-270m": "cpu-pilot"}, r"size_recipes.gemma3-270m='cpu-pilot': that preset trains 'smollm2-135m', not 'gemma3-270m'"),
 ])
-def test_bad_size_recipes_are_named(recipes, message):
+def test_bad_size_recipes_are_named(preset, recipes, message):
+    """A size's recipe must be one of the other sizes' and a registered preset of that very model."""
     with pytest.raises(PresetError, match=message):
-        load_preset("smoke", {"size_recipes": recipes})
-
-
-@pytest.mark.parametrize("recipes, message", [
-    ({"gemma3-270m": "cpu-gemmma"}, r"size_recipes.gemma3-270m='cpu-gemmma': not a registered preset; allowed: cpu-gemma"),
-    ({"gemma3-270m": "cpu-pilot"}, r"size_recipes.gemma3-270m='cpu-pilot': that preset trains 'smollm2-135m', not 'gemma3-270m'"),
-])
-def test_a_size_recipe_must_be_a_preset_of_that_model(recipes, message):
-    with pytest.raises(PresetError, match=message):
-        load_preset("cpu", {"size_recipes": recipes})
+        load_preset(preset, {"size_recipes": recipes})
