@@ -72,3 +72,4 @@ def test_the_first_page_names_the_second_model_above_its_verdicts():
     head, body = book.other_findings("smoke").split("\n\n", 1)
     assert head.startswith(f"**On a second model**, `{raw['model']}` (the `smoke` preset: {raw['description']};")
     assert body == book.findings(verdicts.claim_verdicts("smoke"))
+    assert "{doc}" not in head  # CommonMark output: a MyST role would print as text

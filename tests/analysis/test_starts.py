@@ -75,6 +75,7 @@ def test_the_flatter_start_forgets_less_against_its_own_start_and_the_base(prese
     assert said.endswith("As starts: SAM 2 is flatter by SC (3 against 5).")
     first = starts.headline(v.reset_index(), preset)  # the book's first page
     assert "forgetting against own start: **reproduced** (matched learning -0.200 [-0.200, -0.200]" in first
+    assert "{doc}" not in first  # a notebook's Markdown output is CommonMark: a MyST role would print as text
 
 
 def test_each_starts_forgetting_at_one_level_and_its_correlation_with_flatness(tmp_path, monkeypatch):

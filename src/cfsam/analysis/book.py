@@ -201,9 +201,9 @@ def other_findings(preset: str) -> str:
     reader who stops there also knows whether the answer holds beyond one model."""
     from cfsam.pipeline.presets import load_preset
 
-    p = load_preset(preset)
+    p = load_preset(preset)  # plain text: a notebook's Markdown output is CommonMark, where {doc} stays literal
     return (f"**On a second model**, `{p['model']}` (the `{preset}` preset: {p['description']}; its own learning "
-            f"rates, chosen as {{doc}}`frontier` shows):\n\n" + findings(claim_verdicts(preset)))
+            f"rates, chosen as the frontier chapter's second-model section shows):\n\n" + findings(claim_verdicts(preset)))
 
 
 def robustness_sentence(robustness: pd.DataFrame) -> str:

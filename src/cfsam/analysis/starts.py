@@ -268,7 +268,7 @@ def headline(table: pd.DataFrame, preset: str) -> str:
                     f"learning {r['Δ forgetting']:+.3f} [{r.low:+.3f}, {r.high:+.3f}]{same}; {r.seeds} seeds)")
     return ("**Beyond the paper, does a flatter start forget less?** Stage 1 trained with SAM, then the same AdamW "
             "stage 2, against AdamW's stage 1 (Δ forgetting, SAM start − AdamW start): " + "; ".join(said) +
-            ". {doc}`flatter_start` has the starts, their flatness and both views.")
+            ". The chapter *Beyond the paper: does a flatter start forget less?* has the starts, their flatness and both views.")
 
 
 def relation(table: pd.DataFrame) -> str:
