@@ -73,3 +73,26 @@ def test_the_first_page_names_the_second_model_above_its_verdicts():
     assert head.startswith(f"**On a second model**, `{raw['model']}` (the `smoke` preset: {raw['description']};")
     assert body == book.findings(verdicts.claim_verdicts("smoke"))
     assert "{doc}" not in head  # CommonMark output: a MyST role would print as text
+
+
+def test_a_second_sizes_runs_are_measured_against_its_own_stage1():
+    """Learning and forgetting of cpu's Gemma rows against Gemma's stage 1, not SmolLM2's: recomputed here from
+    the committed entries' held-out losses, read from the files themselves."""
+    import gzip
+    import json
+
+    import pytest as _pytest
+
+    from cfsam.analysis import report
+    from cfsam.pipeline.cache import results_dir
+
+    d = results_dir("cpu")
+    name = "gemma3-270m/s2-open-platypus-adamw"
+    if not (d / f"{name}.json.gz").exists():
+        _pytest.skip("cpu's Gemma rows are not committed")
+    read = lambda n: json.loads(gzip.open(d / f"{n}.json.gz").read())["heldout_loss"]  # noqa: E731
+    run, own = read(name), read("gemma3-270m/stage1")
+    lf = report.learning_and_forgetting("cpu", ["stage1", "gemma3-270m/stage1", name])
+    row = lf.loc[name]
+    assert row["forgot (Δ Alpaca held-out loss)"] == _pytest.approx(run["alpaca"]["loss"] - own["alpaca"]["loss"])
+    assert row["learned (Δ own held-out loss)"] == _pytest.approx(run["open-platypus"]["loss"] - own["open-platypus"]["loss"])

@@ -201,13 +201,16 @@ def surfaces(preset: str, names: list[str], seed_index: int = 0) -> dict:
 
 def learning_and_forgetting(preset: str, names: list[str], reference: str = "stage1") -> pd.DataFrame:
     """Per stage-2 run, side by side: what it learned (its own held-out loss, down is learning) and what
-    it forgot (held-out stage-1 loss and the eval AVG against the reference), with rho and optimizer."""
+    it forgot (held-out stage-1 loss and the eval AVG against the reference), with rho and optimizer. A run of
+    another size (``<model>/…``) is against that model's own reference (``<model>/stage1``), NaN until it has one."""
     df = frame(preset, names)
     if reference not in df.index or df.loc[reference, "status"] != "ok":
         return pd.DataFrame()
-    ref = df.loc[reference]
     rows = []
     for name, r in df[df["kind"] == "stage2"].iterrows():
+        ref_name = name.rsplit("/", 1)[0] + "/" + reference if "/" in name else reference
+        ok = ref_name in df.index and df.loc[ref_name, "status"] == "ok"
+        ref = df.loc[ref_name] if ok else pd.Series(dtype=float)
         own = f"loss:{r['stage2']}"
         rows.append({"experiment": name, "status": r["status"], "method": r["method"], "optimizer": r["optimizer"],
                      "rho": r["rho"], "adaptive": r["adaptive"], "epochs": r["epochs"],

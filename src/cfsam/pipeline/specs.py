@@ -104,7 +104,8 @@ def expand(preset: str | dict) -> dict[str, dict]:
         q = recipe(p, model)
         s1 = stage1(q, model)
         add(prefix + "base", {"model": model}, sets=stage2_sets if not prefix else ())
-        add(prefix + "stage1", s1, landscape=not prefix, sets=stage2_sets if not prefix else ())
+        # a size's stage 1 measures the set its stage 2 tunes on too, so its rows show learning beside forgetting
+        add(prefix + "stage1", s1, landscape=not prefix, sets=stage2_sets if not prefix else [PAPER_SET])
         for ds in (stage2_sets if not prefix else [PAPER_SET]):
             add(f"{prefix}s2-{ds}-adamw", stage2(q, s1, ds), landscape=not prefix, sets=[ds])
             add(f"{prefix}s2-{ds}-sam", stage2(q, s1, ds, **sam(q)), landscape=not prefix and ds == PAPER_SET,
