@@ -1,5 +1,6 @@
 """Paired bootstrap comparisons of runs and the claims registry, on synthetic per-item records."""
 import numpy as np
+import pandas as pd
 import pytest
 
 from cfsam.analysis import claims
@@ -194,3 +195,51 @@ def test_heldout_loss_interval_is_a_paired_bootstrap_over_the_examples(tmp_path,
     expected = "reproduced" if pooled[f"{h} high"] < 0 else "inconclusive"
     assert row[f"verdict ({h.split(' (')[0]})"] == expected
     assert "by Δ held-out stage-1 loss: " in claims.summary(table)
+
+
+def test_learning_beside_each_claim_marks_a_keeper_that_learned_less(tmp_path, monkeypatch):
+    """b's own-set loss gets a paired interval like the stage-1 loss: SAM's MetaMathQA loss 0.3 nats per token
+    above AdamW's in every example is +0.3 in every replicate. SAM then "keeps more" of Alpaca (its loss 0.5
+    lower) only while learning less of the same set, so ``sam-mitigates`` is marked confounded and the book's
+    sentence sends the reader to the matched-learning view; the ``forgetting`` claim (stage 1 → AdamW) compares
+    different starting points, and AdamW learning more there is the claim, not a confound."""
+    monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path))
+    from cfsam.analysis import book
+
+    rng = np.random.default_rng(6)
+    recs = {n: _records(n, rng, 10, 0.5) for n in PAPER_TASKS}
+    tokens = rng.integers(5, 50, size=30).astype(float)
+    base = rng.uniform(1.5, 2.5, size=30) * tokens
+    runs = {  # (Alpaca summed losses, MetaMathQA summed losses)
+        "stage1": (base, base + 1.0 * tokens),
+        "s2-metamathqa-adamw": (base + 0.5 * tokens, base),
+        "s2-metamathqa-sam": (base, base + 0.3 * tokens),
+    }
+    for name, (alpaca, math) in runs.items():
+        exp = specs.expand("cpu")[name]
+        entry = {**_entry(recs), "id": specs.experiment_id(exp), "name": name, "spec": exp,
+                 "provenance": {"data": cache.data_hashes(exp)},
+                 "heldout_loss": {ds: {"loss": s.sum() / tokens.sum(), "per_example": np.stack([s, tokens], 1).tolist()}
+                                  for ds, s in (("alpaca", alpaca), ("metamathqa", math))}}
+        write_json_atomic(tmp_path / "cpu" / f"{name}.json", entry)
+    L = claims.LEARNED
+    pair = claims.compare_pairs("cpu", [("s2-metamathqa-adamw", "s2-metamathqa-sam")], n_boot=300).iloc[0]
+    assert pair[L] == pytest.approx(0.3) and pair[f"{L} low"] == pytest.approx(0.3)
+    assert pair["same stage-2 set"]
+    table = claims.check("cpu", ["forgetting", "sam-mitigates"], n_boot=300)
+    sam, forgetting = table.loc["sam-mitigates"], table.loc["forgetting"]
+    assert sam["learning"] == "b learned less" and sam["confounded by learning"]
+    assert sam[f"verdict ({claims.HELDOUT.split(' (')[0]})"] == "reproduced"  # 0.5 nats lower, in every replicate
+    assert forgetting[L] == pytest.approx(-1.0) and forgetting["learning"] == "b learned more"
+    assert not forgetting["confounded by learning"]  # stage 1 has no stage-2 set of its own
+    sentence = book.claims_sentence("cpu", "Table 2(a)")
+    assert ("`s2-{stage2}-sam` learned less of its own set than `s2-{stage2}-adamw`, held-out loss Δ +0.300 nats, "
+            "95 % CI [+0.300, +0.300]), so it may keep more only because it learned less") in sentence
+    assert "`s2-{stage2}-adamw` learned more of its own set than `stage1`" in sentence
+    # the claim's learning without intervals (entries without per-example losses) says so, and flags nothing
+    assert claims.learning(pd.Series({L: 0.3}), "up") == {L: 0.3, f"{L} 95% CI": "–", "learning": "no interval",
+                                                         "confounded by learning": False}
+    assert (sam["pairs"], sam["pairs computed"]) == (3, 1)  # MetaMathQA alone of the preset's three SAM sets
+    assert book.verdicts_sentence(table).startswith(
+        "Reproduced by any measure: forgetting, sam-mitigates (of which sam-mitigates only with the run said to keep "
+        "more learning clearly less of its set")

@@ -74,8 +74,15 @@ def claims_sentence(preset: str, where: str) -> str:
         way = row["held-out stage-1 loss: pairs the paper's way"]
         loss = (f"held-out Alpaca loss Δ {row[h]:+.3f} nats, 95 % CI {h_ci}, {h_verdict}" if h_ci != "–" else
                 f"held-out Alpaca loss the paper's way in {way} pairs")
+        learned, (a, b) = row[claims.LEARNED + " 95% CI"], pairs[0] if len(pairs) == 1 else c["pairs"][0]
+        how = {"b learned less": "less", "b learned more": "more", "alike": "as much"}.get(row["learning"])
+        own = ("" if how is None else f"; `{b}` learned {how} of its own set than `{a}`, held-out loss Δ "
+               f"{row[claims.LEARNED]:+.3f} nats, 95 % CI {learned}")
+        kept_more = "reproduced" in (row[verdict_col], h_verdict)
+        caveat = (", so it may keep more only because it learned less: the frontier's matched-learning verdict is "
+                  "the one to read" if row["confounded by learning"] and kept_more else "")
         parts.append(f"*{c['id']}* {row[verdict_col]} (Δ AVG {row[avg]:+.2f} points, 95 % CI {row[avg + ' 95% CI']}; "
-                     f"{loss})")
+                     f"{loss}{own}){caveat}")
     out = f"The paper's claims on {where}, on our runs: " + "; ".join(parts) + "."
     lacking = _lacking(preset, runs)
     return out + (f" No current result yet for {_listed(lacking)}: compute them with "
@@ -145,8 +152,11 @@ def verdicts_sentence(verdicts: pd.DataFrame) -> str:
     """The claims reproduced, and those found opposite, by any measure of ``claims.check``."""
     cols = [c for c in verdicts if c.startswith("verdict")]
     named = {v: [cid for cid, row in verdicts.iterrows() if v in set(row[cols])] for v in ("reproduced", "opposite")}
-    return (f"Reproduced by any measure: {', '.join(named['reproduced']) or 'none'}; "
-            f"opposite: {', '.join(named['opposite']) or 'none'}; the other claims are inconclusive or not run here.")
+    confounded = [cid for cid in named["reproduced"] if bool(verdicts.loc[cid].get("confounded by learning", False))]
+    return (f"Reproduced by any measure: {', '.join(named['reproduced']) or 'none'}"
+            + (f" (of which {', '.join(confounded)} only with the run said to keep more learning clearly less of "
+               "its set: see the frontier chapter)" if confounded else "")
+            + f"; opposite: {', '.join(named['opposite']) or 'none'}; the other claims are inconclusive or not run here.")
 
 
 def shortfalls(verdicts: pd.DataFrame, never: pd.DataFrame) -> str:

@@ -18,7 +18,9 @@ examples, so a replicate resamples them (the same draw for every pair) and recom
 mean; its verdict flips the sign of the claim (a model that keeps more has a lower loss). Entries computed
 before the cache stored per-example losses have its Δ without an interval; for those, the count of pairs
 whose loss moves the paper's way is what is left. The held-out loss on b's own stage-2 set (down is
-learning) is shown beside each pair.
+learning) is shown beside each pair, with its paired interval: where the run the paper says keeps more
+learned clearly less of the same set, the claim is marked *confounded by learning* (it may keep more
+only because it moved less), and the frontier's matched-learning view is the one to read.
 
 The claims themselves are data (``registry/claims.yaml``): which runs each compares and which way the
 paper says the difference goes. A verdict is ``reproduced`` when the 95% interval lies on the paper's
@@ -40,6 +42,7 @@ from cfsam.pipeline import specs
 
 MEASURES = {"score": ("Δ AVG (points)", 100.0), "gold_choice_logprob": ("Δ gold log-prob among choices (nats)", 1.0)}
 HELDOUT = "Δ held-out stage-1 loss (nats)"
+LEARNED = "Δ held-out loss on b's stage-2 set (nats)"  # down: b learned its set more than a did
 VERDICTS = ("reproduced", "opposite", "inconclusive", "not run")
 
 
@@ -193,6 +196,8 @@ def compare_pairs(preset: str, pairs: list[tuple[str, str]], *, n_boot: int = 20
             rows.setdefault("pooled (mean of pairs)", {"a": "", "b": ""}).update(
                 {label: float(np.mean(diffs)), f"{label} low": lo, f"{label} high": hi})
     rng, draws, loss_diffs, loss_boots = np.random.default_rng(seed), {}, [], []
+    # b's own stage-2 set: one draw per set, shared by its pairs; its own generator leaves the stage-1 draws as they were
+    own_rng, own_draws, own_diffs, own_boots = np.random.default_rng(seed + 1), {}, [], []
     for key, row in rows.items():
         if row["a"] in entries and row["b"] in entries:
             ea, eb = entries[row["a"]], entries[row["b"]]
@@ -206,12 +211,24 @@ def compare_pairs(preset: str, pairs: list[tuple[str, str]], *, n_boot: int = 20
             loss_diffs.append(row[HELDOUT])
             own = specs.describe(eb["spec"]["run"])["stage2"]
             if own and own in la and own in lb and own != stage1:
-                row["Δ held-out loss on b's stage-2 set"] = lb[own]["loss"] - la[own]["loss"]
-    if len(loss_diffs) > 1:
-        pooled = rows.setdefault("pooled (mean of pairs)", {"a": "", "b": ""})
-        pooled[HELDOUT] = float(np.mean(loss_diffs))
-        if len(loss_boots) == len(loss_diffs):  # an interval only when every pair has one
-            pooled[f"{HELDOUT} low"], pooled[f"{HELDOUT} high"] = np.percentile(np.mean(loss_boots, axis=0), [2.5, 97.5])
+                row[LEARNED] = lb[own]["loss"] - la[own]["loss"]
+                bd = heldout_pair(ea, eb, own, own_draws.setdefault(own, {}), own_rng, n_boot)
+                if bd is not None:
+                    row[f"{LEARNED} low"], row[f"{LEARNED} high"] = np.percentile(bd, [2.5, 97.5])
+                    own_boots.append(bd)
+                own_diffs.append(row[LEARNED])
+                # learning is comparable only on one set: a run of stage 2 against another of the same set
+                row["same stage-2 set"] = specs.describe(ea["spec"]["run"])["stage2"] == own
+    pooled_rows = [(HELDOUT, loss_diffs, loss_boots), (LEARNED, own_diffs, own_boots)]
+    for label, diffs, boots in pooled_rows:
+        if len(diffs) > 1 and len(diffs) == len(loss_diffs):  # every pair, or no pooled value
+            pooled = rows.setdefault("pooled (mean of pairs)", {"a": "", "b": ""})
+            pooled[label] = float(np.mean(diffs))
+            if len(boots) == len(diffs):  # an interval only when every pair has one
+                pooled[f"{label} low"], pooled[f"{label} high"] = np.percentile(np.mean(boots, axis=0), [2.5, 97.5])
+    if LEARNED in rows.get("pooled (mean of pairs)", {}):
+        rows["pooled (mean of pairs)"]["same stage-2 set"] = all(
+            r["same stage-2 set"] for k, r in rows.items() if k != "pooled (mean of pairs)" and LEARNED in r)
     return pd.DataFrame(list(rows.values()), index=pd.Index(list(rows), name="a → b"))
 
 
@@ -229,9 +246,13 @@ def check(preset: str, claim_ids: list[str] | None = None, *, n_boot: int = 2000
             continue
         pairs = pairs_of(claim, preset)
         table = compare_pairs(preset, pairs, n_boot=n_boot, seed=seed) if pairs else pd.DataFrame()
+        # the pooled row, or the one pair computed so far (the others missing from the cache)
+        each = table.drop(index="pooled (mean of pairs)", errors="ignore")
+        done = each[each.drop(columns=["a", "b"]).notna().any(axis=1)] if len(each) else each
         summary = table.loc["pooled (mean of pairs)"] if "pooled (mean of pairs)" in table.index else (
-            table.iloc[0] if len(table) == 1 else pd.Series(dtype=float))
-        row = {"claim": claim["id"], "paper says": claim["claim"], "where": claim["where"], "pairs": len(pairs)}
+            done.iloc[0] if len(done) == 1 else pd.Series(dtype=float))
+        row = {"claim": claim["id"], "paper says": claim["claim"], "where": claim["where"], "pairs": len(pairs),
+               "pairs computed": len(done)}
         for label, _ in MEASURES.values():
             d, lo, hi = (float(summary.get(k, np.nan)) for k in (label, f"{label} low", f"{label} high"))
             row[label] = d
@@ -244,13 +265,31 @@ def check(preset: str, claim_ids: list[str] | None = None, *, n_boot: int = 2000
         flipped = "down" if claim["expect"] == "up" else "up"
         row[f"verdict ({HELDOUT.split(' (')[0]})"] = (verdict(lo, hi, flipped) if not np.isnan(lo) else
                                                       "no interval" if not np.isnan(d) else "not run")
+        row.update(learning(summary, claim["expect"]))
         # entries without per-example losses have no interval: count the pairs that move the paper's way
-        pair_rows = table.drop(index="pooled (mean of pairs)", errors="ignore")
-        loss = pair_rows.get(HELDOUT, pd.Series(dtype=float)).dropna()
+        loss = each.get(HELDOUT, pd.Series(dtype=float)).dropna()
         agree = int(((loss < 0) if claim["expect"] == "up" else (loss > 0)).sum())
         row["held-out stage-1 loss: pairs the paper's way"] = f"{agree} of {len(loss)}" if len(loss) else "–"
         rows.append(row)
     return pd.DataFrame(rows).set_index("claim")
+
+
+def learning(pair: pd.Series, expect: str) -> dict:
+    """What b learned of its own stage-2 set against a (``LEARNED``, with its interval), and whether that confounds
+    the claim: the run the paper says keeps more (b when ``expect`` is 'up', else a) learned clearly less of the
+    same set, so it may keep more only because it moved less. A fixed-recipe pair can say no more; the frontier
+    compares at matched learning."""
+    d, lo, hi = (float(pair.get(k, np.nan)) for k in (LEARNED, f"{LEARNED} low", f"{LEARNED} high"))
+    if np.isnan(lo):
+        return {LEARNED: d, f"{LEARNED} 95% CI": "–", "learning": "–" if np.isnan(d) else "no interval",
+                "confounded by learning": False}
+    less_b, more_b = lo > 0, hi < 0  # a higher own-set loss: b learned less
+    same = pair.get("same stage-2 set")
+    same = isinstance(same, (bool, np.bool_)) and bool(same)  # NaN where a pair has no own-set loss
+    said = "b learned less" if less_b else "b learned more" if more_b else "alike"
+    keeper_less = less_b if expect == "up" else more_b
+    return {LEARNED: d, f"{LEARNED} 95% CI": f"[{lo:+.3f}, {hi:+.3f}]", "learning": said,
+            "confounded by learning": bool(keeper_less and same)}
 
 
 def summary(table: pd.DataFrame) -> str:
