@@ -313,8 +313,9 @@ def test_cost_counts_a_runs_training_once_for_its_points(tmp_path, monkeypatch):
 
 def test_missing_cost_times_each_phase_and_trains_each_run_once(tmp_path, monkeypatch):
     """One current point: held-out losses on 2 sets in 6 s (3 s a set), eval in 2 s, 4 AdamW steps in 10 s.
-    A fresh machine trains each missing run once: 4 steps of 2.5 s for a frontier run; the paper's Rehearsal
-    run (2 epochs of 16 examples plus round(0.1 * 16 / 0.9) = 2 replayed, in batches of 4) 10 steps."""
+    A fresh machine trains each missing run once, and each parent it starts from: 4 steps of 2.5 s for a frontier
+    run or stage 1; the paper's Rehearsal run (2 epochs of 16 examples plus round(0.1 * 16 / 0.9) = 2 replayed, in
+    batches of 4) 10 steps."""
     from cfsam.analysis import report
 
     exps = _with_stage1(tmp_path, monkeypatch)
@@ -329,7 +330,9 @@ def test_missing_cost_times_each_phase_and_trains_each_run_once(tmp_path, monkey
     assert done not in t.index and len(t) == 5
     assert t.loc[names[1], ["train_s", "measure_s"]].tolist() == [10.0, 8.0]  # its run is retrained, once
     assert t.loc[names[2], ["train_s", "wall_s"]].tolist() == [0.0, 8.0]  # merged from that run: trained already
-    assert t.loc[names[3], "train_s"] == 10.0  # another set's run, 4 steps
+    # another set's run, 4 steps, and stage 1 (4 steps), which every stage 2 starts from: the first needing it trains it
+    assert t.loc[names[3], "train_s"] == 20.0
+    assert t["train_s"].sum() == 10.0 + 20.0 + 25.0  # stage 1 once in all; SAM's steps untimed (NaN)
     assert t.loc[names[3], "like"] == "1 of 2 phases"  # held-out losses timed on other sets; the paper's eval not
     assert t.loc["rehearsal-open-platypus-adamw", "train_s"] == 25.0
     assert np.isnan(t.loc["rehearsal-open-platypus-adamw", "measure_s"])  # the paper's suite: nothing like it yet

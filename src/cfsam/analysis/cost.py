@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pandas as pd
 
-from cfsam.pipeline import specs
+from cfsam.pipeline import runs, specs
+from cfsam.training import config as train_config
 from cfsam.pipeline.cache import load_results
 
 
@@ -24,9 +25,10 @@ def _steps(stage: dict) -> int:
 def missing_cost(preset: str, names: list[str]) -> pd.DataFrame:
     """What the experiments of ``names`` without a current result would take, estimated from the current ones
     (on the machines that computed them): each measurement phase (held-out losses, eval, landscape) at the
-    median seconds of the current entries that ran the same phase spec, and, for the first experiment of
-    each training run (a fresh machine trains every run once; ``run-missing`` takes a run's experiments
-    together), the run's steps at the median seconds per step of the current runs with its optimizer.
+    median seconds of the current entries that ran the same phase spec, and, for the first experiment that
+    needs each training stage (a fresh machine trains every stage once, the parents a run starts from or
+    merges with it; ``run-missing`` takes a run's experiments together), the stage's steps at the median
+    seconds per step of the current runs with its optimizer.
     NaN where no like experiment is current yet (``like`` says how many phases had one)."""
     exps = {n: e for n, e in specs.expand(preset).items() if n in set(names)}
     entries = load_results(preset, list(exps))
@@ -56,12 +58,14 @@ def missing_cost(preset: str, names: list[str]) -> pd.DataFrame:
         phases = [like(p, v) for p, v in exp["measure"].items() if v]
         known = [units * np.median(phase_s[key]) for key, units in phases if key in phase_s]
         measure_s = float(np.sum(known)) if len(known) == len(phases) else np.nan
-        stage, train_s = specs.last_stage(exp["run"]), 0.0
-        rid = specs.run_id(stage) if stage is not None else None  # a base model trains nothing
-        if rid is not None and rid not in trained:
-            trained.add(rid)
-            rates = per_step.get(stage["optimizer"])
-            train_s = _steps(stage) * float(np.median(rates)) if rates else np.nan
+        train_s = 0.0
+        for stage in runs.parse(exp["run"]).stages():  # its own and every parent's (a base model trains nothing)
+            rid = specs.run_id(stage)
+            if rid not in trained:
+                trained.add(rid)
+                stage = train_config.resolve(stage)
+                rates = per_step.get(stage["optimizer"])
+                train_s += _steps(stage) * float(np.median(rates)) if rates else np.nan
         rows.append({"experiment": name, "train_s": train_s, "measure_s": measure_s, "wall_s": train_s + measure_s,
                      "like": f"{len(known)} of {len(phases)} phases"})
     return pd.DataFrame(rows).set_index("experiment") if rows else pd.DataFrame()
@@ -76,7 +80,7 @@ def missing_cost_sentence(table: pd.DataFrame) -> str:
     return (f"The {len(table)} experiments still missing here would take about {known.sum() / 3600:.1f} hours"
            + (f" ({len(known)} of them; {unknown} have no like experiment computed yet)" if unknown else "")
            + ", by the median times of the computed experiments that ran the same measurements and optimizer "
-             "(a fresh machine trains each run once).") if len(known) else (
+             "(a fresh machine trains each run, and each model it starts from, once).") if len(known) else (
         f"The {len(table)} experiments still missing here have no like experiment computed yet to time them by.")
 
 
