@@ -110,9 +110,11 @@ def test_claims_expand_over_the_presets_datasets_and_sizes():
     assert claims.claim_sets({"stage2": ["sharegpt"]}, ["auto-wiki", "sharegpt"]) == ["sharegpt"]
     assert claims.claim_sets({}, ["auto-wiki", "sharegpt"]) == ["auto-wiki", "sharegpt"]
     # the cpu preset's second size, Gemma 3 270M: its own AdamW-against-SAM pair
-    assert claims.pairs_of(by_id["sam-across-sizes"], "cpu") == [("gemma3-270m/s2-open-platypus-adamw",
-                                                                  "gemma3-270m/s2-open-platypus-sam")]
-    assert len(claims.pairs_of(by_id["sam-across-sizes"], "paper")) == 2
+    assert claims.pairs_of(by_id["sam-across-sizes"], "cpu") == [
+        ("s2-open-platypus-adamw", "s2-open-platypus-sam"),  # the preset's own model is a size too
+        ("gemma3-270m/s2-open-platypus-adamw", "gemma3-270m/s2-open-platypus-sam")]
+    assert len(claims.pairs_of(by_id["sam-across-sizes"], "paper")) == 3  # Llama2-7B, TinyLlama-1.1B, Llama2-13B
+    assert claims.pairs_of(by_id["sam-across-sizes"], "smoke") == []  # one model: no claim across sizes
     for claim in claims.registry():  # every name a claim compares is an experiment of the presets
         for preset in ("cpu", "paper"):
             assert {n for p in claims.pairs_of(claim, preset) for n in p} <= set(specs.expand(preset)), claim["id"]
@@ -243,3 +245,36 @@ def test_learning_beside_each_claim_marks_a_keeper_that_learned_less(tmp_path, m
     assert book.verdicts_sentence(table).startswith(
         "Reproduced by any measure: forgetting, sam-mitigates (of which sam-mitigates only with the run said to keep "
         "more learning clearly less of its set")
+
+
+def test_a_claim_at_every_size_is_reproduced_only_where_every_size_reproduces_it(tmp_path, monkeypatch):
+    """``sam-across-sizes`` (``every``): SAM's Alpaca loss 0.5 nats per token below AdamW's on SmolLM2 and 0.2
+    above it on Gemma. Pooled, that is -0.15 in every replicate, "reproduced"; size by size, one reproduces and
+    one is opposite, so the claim "at every size" is inconclusive, and the sentence names each size's verdict."""
+    monkeypatch.setenv("CFSAM_RESULTS", str(tmp_path))
+    from cfsam.analysis import book
+
+    rng = np.random.default_rng(7)
+    recs = {n: _records(n, rng, 10, 0.5) for n in PAPER_TASKS}
+    tokens = rng.integers(5, 50, size=20).astype(float)
+    base = rng.uniform(1.5, 2.5, size=20) * tokens
+    runs = {"s2-open-platypus-adamw": base, "s2-open-platypus-sam": base - 0.5 * tokens,
+            "gemma3-270m/s2-open-platypus-adamw": base, "gemma3-270m/s2-open-platypus-sam": base + 0.2 * tokens}
+    for name, alpaca in runs.items():
+        exp = specs.expand("cpu")[name]
+        entry = {**_entry(recs), "id": specs.experiment_id(exp), "name": name, "spec": exp,
+                 "provenance": {"data": cache.data_hashes(exp)},
+                 "heldout_loss": {"alpaca": {"loss": alpaca.sum() / tokens.sum(),
+                                             "per_example": np.stack([alpaca, tokens], 1).tolist()}}}
+        write_json_atomic(tmp_path / "cpu" / f"{name}.json", entry)
+    h = claims.verdict_column(claims.HELDOUT)
+    pooled = claims.compare_pairs("cpu", claims.pairs_of(
+        {c["id"]: c for c in claims.registry()}["sam-across-sizes"], "cpu"), n_boot=200).loc["pooled (mean of pairs)"]
+    assert pooled[claims.HELDOUT] == pytest.approx(-0.15) and pooled[f"{claims.HELDOUT} high"] == pytest.approx(-0.15)
+    row = claims.check("cpu", ["sam-across-sizes"], n_boot=200).loc["sam-across-sizes"]
+    assert row[claims.HELDOUT] == pytest.approx(-0.15) and row[h] == "inconclusive"  # not the pooled "reproduced"
+    assert row["per pair"] == ("`s2-open-platypus-sam` inconclusive by Δ AVG, reproduced by held-out Alpaca loss; "
+                               "`gemma3-270m/s2-open-platypus-sam` inconclusive by Δ AVG, opposite by held-out "
+                               "Alpaca loss")  # the same items in all four runs: Δ AVG exactly 0
+    assert "at every size, as the paper claims it: `s2-open-platypus-sam` inconclusive" in book.claims_sentence(
+        "cpu", "Table 2(b)")

@@ -59,8 +59,8 @@ def claims_sentence(preset: str, where: str) -> str:
         verdicts = claims.check(preset, [c["id"] for c in cited])
     except ValueError:  # no task scored in every run
         verdicts = pd.DataFrame()
-    avg = claims.MEASURES["score"][0]  # 'Δ AVG (points)', and its verdict column 'verdict (Δ AVG)'
-    verdict_col = f"verdict ({avg.split(' (')[0]})"
+    avg = claims.MEASURES["score"][0]  # 'Δ AVG (points)'
+    verdict_col = claims.verdict_column(avg)
     parts, runs = [], []
     for c in cited:
         pairs = claims.pairs_of(c, preset)
@@ -70,19 +70,24 @@ def claims_sentence(preset: str, where: str) -> str:
             parts.append(f"*{c['id']}* not checked" + ("" if pairs else " (this preset has no such runs)"))
             continue
         h = claims.HELDOUT
-        h_ci, h_verdict = row[f"{h} 95% CI"], row[f"verdict ({h.split(' (')[0]})"]
+        h_ci, h_verdict = row[f"{h} 95% CI"], row[claims.verdict_column(h)]
         way = row["held-out stage-1 loss: pairs the paper's way"]
         loss = (f"held-out Alpaca loss Δ {row[h]:+.3f} nats, 95 % CI {h_ci}, {h_verdict}" if h_ci != "–" else
                 f"held-out Alpaca loss the paper's way in {way} pairs")
-        learned, (a, b) = row[claims.LEARNED + " 95% CI"], pairs[0] if len(pairs) == 1 else c["pairs"][0]
-        how = {"b learned less": "less", "b learned more": "more", "alike": "as much"}.get(row["learning"])
-        own = ("" if how is None else f"; `{b}` learned {how} of its own set than `{a}`, held-out loss Δ "
+        # the runs by name, or by their pattern where one pattern expands to several pairs (pooled)
+        named = c["pairs"] if len(c["pairs"]) == 1 and len(pairs) > 1 else pairs
+        a, b = (" and ".join(dict.fromkeys(f"`{p[i]}`" for p in named)) for i in (0, 1))
+        learned, how = row[claims.LEARNED + " 95% CI"], {"b learned less": "less", "b learned more": "more",
+                                                          "alike": "as much"}.get(row["learning"])
+        own = ("" if how is None else f"; {b} learned {how} of {'its' if len(named) == 1 else 'their'} own set"
+               f"{'' if len(named) == 1 else 's'} than {a}{'' if len(named) == 1 else ' (pooled)'}, held-out loss Δ "
                f"{row[claims.LEARNED]:+.3f} nats, 95 % CI {learned}")
         kept_more = "reproduced" in (row[verdict_col], h_verdict)
         caveat = (", so it may keep more only because it learned less: the frontier's matched-learning verdict is "
                   "the one to read" if row["confounded by learning"] and kept_more else "")
+        per = "" if row["per pair"] == "–" else f"; at every size, as the paper claims it: {row['per pair']}"
         parts.append(f"*{c['id']}* {row[verdict_col]} (Δ AVG {row[avg]:+.2f} points, 95 % CI {row[avg + ' 95% CI']}; "
-                     f"{loss}{own}){caveat}")
+                     f"{loss}{own}{per}){caveat}")
     out = f"The paper's claims on {where}, on our runs: " + "; ".join(parts) + "."
     lacking = _lacking(preset, runs)
     return out + (f" No current result yet for {_listed(lacking)}: compute them with "

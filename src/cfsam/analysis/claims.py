@@ -146,6 +146,11 @@ def heldout_pair(ea: dict, eb: dict, dataset: str, draws: dict, rng, n_boot: int
     return _token_means(pb, draws[len(pa)]) - _token_means(pa, draws[len(pa)])
 
 
+def verdict_column(label: str) -> str:
+    """The column of ``check`` with a measure's verdict: 'Δ AVG (points)' -> 'verdict (Δ AVG)'."""
+    return f"verdict ({label.split(' (')[0]})"
+
+
 def verdict(low: float, high: float, expect: str) -> str:
     """``expect`` is the paper's sign of (b - a): 'up' or 'down'."""
     if np.isnan(low) or np.isnan(high):
@@ -158,11 +163,13 @@ def verdict(low: float, high: float, expect: str) -> str:
 # ------------------------------------------------------------------------------------ claims
 def pairs_of(claim: dict, preset: str) -> list[tuple[str, str]]:
     """The claim's (a, b) experiment names in this preset, ``{stage2}`` (over the claim's sets) and ``{size}``
-    expanded."""
+    (over the preset's other model sizes) expanded; none for a claim across sizes in a preset of one model."""
     from cfsam.pipeline.presets import load_preset
 
     p = load_preset(preset)
     sizes = [m for m in p["sizes"] if m != p["model"]]
+    if not sizes and any("{size}" in a + b for a, b in claim["pairs"]):
+        return []  # a claim across sizes, in a preset of one model: nothing to compare
     out = []
     for a, b in claim["pairs"]:
         for ds in claim_sets(claim, p["stage2_datasets"]) if "{stage2}" in a + b else [None]:
@@ -252,26 +259,40 @@ def check(preset: str, claim_ids: list[str] | None = None, *, n_boot: int = 2000
         summary = table.loc["pooled (mean of pairs)"] if "pooled (mean of pairs)" in table.index else (
             done.iloc[0] if len(done) == 1 else pd.Series(dtype=float))
         row = {"claim": claim["id"], "paper says": claim["claim"], "where": claim["where"], "pairs": len(pairs),
-               "pairs computed": len(done)}
-        for label, _ in MEASURES.values():
-            d, lo, hi = (float(summary.get(k, np.nan)) for k in (label, f"{label} low", f"{label} high"))
-            row[label] = d
-            row[f"{label} 95% CI"] = f"[{lo:+.2f}, {hi:+.2f}]" if not np.isnan(lo) else "–"
-            row[f"verdict ({label.split(' (')[0]})"] = verdict(lo, hi, claim["expect"])
-        # a lower loss is the paper's "keeps more": the loss's verdict takes the claim's sign flipped
-        d, lo, hi = (float(summary.get(k, np.nan)) for k in (HELDOUT, f"{HELDOUT} low", f"{HELDOUT} high"))
-        row[HELDOUT] = d
-        row[f"{HELDOUT} 95% CI"] = f"[{lo:+.3f}, {hi:+.3f}]" if not np.isnan(lo) else "–"
-        flipped = "down" if claim["expect"] == "up" else "up"
-        row[f"verdict ({HELDOUT.split(' (')[0]})"] = (verdict(lo, hi, flipped) if not np.isnan(lo) else
-                                                      "no interval" if not np.isnan(d) else "not run")
-        row.update(learning(summary, claim["expect"]))
+               "pairs computed": len(done), "per pair": "–"}
+        row.update(read(summary, claim["expect"]))
+        if claim.get("every") and len(done) > 1:  # "at every size": a verdict only where every pair gives it
+            per = {r["b"]: read(r, claim["expect"]) for _, r in done.iterrows()}
+            for col in [c for c in row if c.startswith("verdict (")]:
+                said = {p[col] for p in per.values()}
+                row[col] = said.pop() if len(said) == 1 else "inconclusive"
+            row["per pair"] = "; ".join(f"`{b}` {p[verdict_column(MEASURES['score'][0])]} by Δ AVG, "
+                                        f"{p[verdict_column(HELDOUT)]} by held-out Alpaca loss" for b, p in per.items())
         # entries without per-example losses have no interval: count the pairs that move the paper's way
         loss = each.get(HELDOUT, pd.Series(dtype=float)).dropna()
         agree = int(((loss < 0) if claim["expect"] == "up" else (loss > 0)).sum())
         row["held-out stage-1 loss: pairs the paper's way"] = f"{agree} of {len(loss)}" if len(loss) else "–"
         rows.append(row)
     return pd.DataFrame(rows).set_index("claim")
+
+
+def read(pair: pd.Series, expect: str) -> dict:
+    """Δ, 95% interval and verdict of each measure, and the learning beside them, from one row of
+    ``compare_pairs`` (a pair, or the pooled mean of a claim's pairs)."""
+    row = {}
+    for label, _ in MEASURES.values():
+        d, lo, hi = (float(pair.get(k, np.nan)) for k in (label, f"{label} low", f"{label} high"))
+        row[label] = d
+        row[f"{label} 95% CI"] = f"[{lo:+.2f}, {hi:+.2f}]" if not np.isnan(lo) else "–"
+        row[verdict_column(label)] = verdict(lo, hi, expect)
+    # a lower loss is the paper's "keeps more": the loss's verdict takes the claim's sign flipped
+    d, lo, hi = (float(pair.get(k, np.nan)) for k in (HELDOUT, f"{HELDOUT} low", f"{HELDOUT} high"))
+    row[HELDOUT] = d
+    row[f"{HELDOUT} 95% CI"] = f"[{lo:+.3f}, {hi:+.3f}]" if not np.isnan(lo) else "–"
+    flipped = "down" if expect == "up" else "up"
+    row[verdict_column(HELDOUT)] = (verdict(lo, hi, flipped) if not np.isnan(lo) else
+                                                  "no interval" if not np.isnan(d) else "not run")
+    return {**row, **learning(pair, expect)}
 
 
 def learning(pair: pd.Series, expect: str) -> dict:
@@ -296,7 +317,7 @@ def summary(table: pd.DataFrame) -> str:
     """One sentence counting the verdicts of ``check``'s table, per measure."""
     parts = []
     for label in [m[0] for m in MEASURES.values()] + [HELDOUT]:
-        col = f"verdict ({label.split(' (')[0]})"
+        col = verdict_column(label)
         counts = table[col].value_counts() if col in table else pd.Series(dtype=int)
         kinds = VERDICTS + (("no interval",) if counts.get("no interval", 0) else ())
         parts.append(f"by {label.split(' (')[0]}: " + ", ".join(f"{int(counts.get(v, 0))} {v}" for v in kinds))
