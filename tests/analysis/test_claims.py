@@ -273,8 +273,8 @@ def test_a_claim_at_every_size_is_reproduced_only_where_every_size_reproduces_it
     assert pooled[claims.HELDOUT] == pytest.approx(-0.15) and pooled[f"{claims.HELDOUT} high"] == pytest.approx(-0.15)
     row = claims.check("cpu", ["sam-across-sizes"], n_boot=200).loc["sam-across-sizes"]
     assert row[claims.HELDOUT] == pytest.approx(-0.15) and row[h] == "inconclusive"  # not the pooled "reproduced"
-    assert row["per pair"] == ("`s2-open-platypus-sam` inconclusive by Δ AVG, reproduced by held-out Alpaca loss; "
-                               "`gemma3-270m/s2-open-platypus-sam` inconclusive by Δ AVG, opposite by held-out "
-                               "Alpaca loss")  # the same items in all four runs: Δ AVG exactly 0
-    assert "at every size, as the paper claims it: `s2-open-platypus-sam` inconclusive" in book.claims_sentence(
-        "cpu", "Table 2(b)")
+    assert row["per pair"] == ("smollm2-135m (`s2-open-platypus-sam`) inconclusive by Δ AVG, reproduced by held-out "
+                               "Alpaca loss; gemma3-270m (`gemma3-270m/s2-open-platypus-sam`) inconclusive by Δ AVG, "
+                               "opposite by held-out Alpaca loss")  # the same items in all four runs: Δ AVG exactly 0
+    assert "at every size, as the paper claims it: smollm2-135m (`s2-open-platypus-sam`) inconclusive" in (
+        book.claims_sentence("cpu", "Table 2(b)"))

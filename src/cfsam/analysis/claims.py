@@ -38,7 +38,7 @@ from cfsam.core.errors import UsageError
 from cfsam.evaluation import tasks
 from cfsam.pipeline.cache import load_results
 from cfsam.evaluation.metrics import paper_avg
-from cfsam.pipeline import specs
+from cfsam.pipeline import runs, specs
 
 MEASURES = {"score": ("Δ AVG (points)", 100.0), "gold_choice_logprob": ("Δ gold log-prob among choices (nats)", 1.0)}
 HELDOUT = "Δ held-out stage-1 loss (nats)"
@@ -266,8 +266,10 @@ def check(preset: str, claim_ids: list[str] | None = None, *, n_boot: int = 2000
             for col in [c for c in row if c.startswith("verdict (")]:
                 said = {p[col] for p in per.values()}
                 row[col] = said.pop() if len(said) == 1 else "inconclusive"
-            row["per pair"] = "; ".join(f"`{b}` {p[verdict_column(MEASURES['score'][0])]} by Δ AVG, "
-                                        f"{p[verdict_column(HELDOUT)]} by held-out Alpaca loss" for b, p in per.items())
+            exps = specs.expand(preset)
+            row["per pair"] = "; ".join(
+                f"{runs.parse(exps[b]['run']).base_model()} (`{b}`) {p[verdict_column(MEASURES['score'][0])]} by Δ AVG, "
+                f"{p[verdict_column(HELDOUT)]} by held-out Alpaca loss" for b, p in per.items())
         # entries without per-example losses have no interval: count the pairs that move the paper's way
         loss = each.get(HELDOUT, pd.Series(dtype=float)).dropna()
         agree = int(((loss < 0) if claim["expect"] == "up" else (loss > 0)).sum())
