@@ -278,3 +278,9 @@ def test_a_claim_at_every_size_is_reproduced_only_where_every_size_reproduces_it
                                "opposite by held-out Alpaca loss")  # the same items in all four runs: Δ AVG exactly 0
     assert "at every size, as the paper claims it: smollm2-135m (`s2-open-platypus-sam`) inconclusive" in (
         book.claims_sentence("cpu", "Table 2(b)"))
+    # the first page: pooled, the loss would say "reproduced"; the sizes disagree, so the claim is named nowhere
+    page = book.tables_findings("cpu")
+    assert page.startswith("**On the paper's own tables**, where each method runs at one fixed recipe "
+                           "(AdamW for 2 epochs, SAM at rho 2 for 1;")  # the cpu preset's recipe
+    assert "Reproduced by any measure: sam-mitigates;" in page  # by its Open-Platypus pair
+    assert "sam-across-sizes" not in page

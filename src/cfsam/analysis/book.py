@@ -211,6 +211,22 @@ def findings(claim_verdicts: pd.DataFrame) -> str:
     return "\n".join(f"- {_claim_sentence(r).rstrip('.')}." for _, r in claim_verdicts.iterrows())
 
 
+def tables_findings(preset: str) -> str:
+    """The first page's line on the paper's own tables: each method at its one fixed recipe, so the verdicts of
+    ``claims.check`` (``verdicts_sentence``), with those marked confounded by learning."""
+    from cfsam.pipeline.presets import load_preset
+
+    try:
+        table = claims.check(preset)
+    except ValueError:  # no task scored in every run
+        return ""
+    p = load_preset(preset)
+    e, sam = p["stage2"]["epochs"], p["sam"]
+    return (f"**On the paper's own tables**, where each method runs at one fixed recipe (AdamW for {e} "
+            f"epoch{'s' if e != 1 else ''}, SAM at rho {sam['rho']:g} for {sam.get('epochs', e)}; the results chapter "
+            "has each comparison): " + verdicts_sentence(table))
+
+
 def other_findings(preset: str) -> str:
     """The first page's verdicts on another preset's model (``findings``), under a line naming that model, so a
     reader who stops there also knows whether the answer holds beyond one model."""
