@@ -293,7 +293,7 @@ def read(pair: pd.Series, expect: str) -> dict:
     row[f"{HELDOUT} 95% CI"] = f"[{lo:+.3f}, {hi:+.3f}]" if not np.isnan(lo) else "–"
     flipped = "down" if expect == "up" else "up"
     row[verdict_column(HELDOUT)] = (verdict(lo, hi, flipped) if not np.isnan(lo) else
-                                                  "no interval" if not np.isnan(d) else "not run")
+                                    "no interval" if not np.isnan(d) else "not run")
     return {**row, **learning(pair, expect)}
 
 
