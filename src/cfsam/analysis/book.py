@@ -76,12 +76,7 @@ def claims_sentence(preset: str, where: str) -> str:
                 f"held-out Alpaca loss the paper's way in {way} pairs")
         # the runs by name, or by their pattern where one pattern expands to several pairs (pooled)
         named = c["pairs"] if len(c["pairs"]) == 1 and len(pairs) > 1 else pairs
-        a, b = (" and ".join(dict.fromkeys(f"`{p[i]}`" for p in named)) for i in (0, 1))
-        learned, how = row[claims.LEARNED + " 95% CI"], {"b learned less": "less", "b learned more": "more",
-                                                          "alike": "as much"}.get(row["learning"])
-        own = ("" if how is None else f"; {b} learned {how} of {'its' if len(named) == 1 else 'their'} own set"
-               f"{'' if len(named) == 1 else 's'} than {a}{'' if len(named) == 1 else ' (pooled)'}, held-out loss Δ "
-               f"{row[claims.LEARNED]:+.3f} nats, 95 % CI {learned}")
+        own = _learned_clause(row, named, pooled=row["pairs computed"] > 1)
         kept_more = "reproduced" in (row[verdict_col], h_verdict)
         caveat = (", so it may keep more only because it learned less: the frontier's matched-learning verdict is "
                   "the one to read" if row["confounded by learning"] and kept_more else "")
@@ -92,6 +87,19 @@ def claims_sentence(preset: str, where: str) -> str:
     lacking = _lacking(preset, runs)
     return out + (f" No current result yet for {_listed(lacking)}: compute them with "
                   f"`cfsam run-missing --preset {preset}`." if lacking else "")
+
+
+def _learned_clause(row: pd.Series, named: list, *, pooled: bool) -> str:
+    """'; `b` learned less of its own set than `a`, held-out loss Δ … nats, 95 % CI […]' from a row of
+    ``claims.check``, the runs ``named`` (a, b) pairs or their pattern, ``pooled`` over several pairs; '' where
+    the learning has no interval."""
+    how = {"b learned less": "less", "b learned more": "more", "alike": "as much"}.get(row["learning"])
+    if how is None:
+        return ""
+    a, b = (" and ".join(dict.fromkeys(f"`{p[i]}`" for p in named)) for i in (0, 1))
+    whose = "its own set" if len(named) == 1 else "their own sets"
+    return (f"; {b} learned {how} of {whose} than {a}{' (pooled over the pairs)' if pooled else ''}, held-out loss Δ {row[claims.LEARNED]:+.3f} nats, "
+            f"95 % CI {row[claims.LEARNED + ' 95% CI']}")
 
 
 def delta_sentence(table: pd.DataFrame) -> str:
