@@ -614,3 +614,45 @@ def test_rows_of_the_committed_frontier_tables_find_their_files(monkeypatch):
         start = cache.read_entry(root / "frontier-stage1.json.gz")["heldout_loss"][r["dataset"]]["per_example"]
         mean = lambda pe: sum(a for a, _ in pe) / sum(n for _, n in pe)  # noqa: E731
         assert r["learning"] == pytest.approx(mean(start) - mean(own), abs=1e-9)
+
+
+def test_measures_on_a_bootstrap_draw_are_the_means_over_the_drawn_examples():
+    """``measures`` weighs each example by how often a draw holds it (one matrix product for all points); the
+    reference here indexes the draw itself, repeats included, and drops examples without tokens by hand."""
+    rng = np.random.default_rng(7)
+
+    def entry():
+        def pe(n):
+            tokens = rng.integers(0, 6, n).astype(float)  # some examples keep no response token
+            return np.stack([rng.uniform(0.5, 3.0, n) * tokens, tokens], axis=1)
+        return {"spec": {"measure": {"heldout": {"datasets": ["alpaca"]}}},
+                "heldout_loss": {"alpaca": {"per_example": pe(9)}, "mmqa": {"per_example": pe(7)}},
+                "eval_items": {t: {"idx": np.arange(5), "gold log-prob": rng.normal(size=5),
+                                   "accuracy": rng.integers(0, 2, 5).astype(float)} for t in ("arc", "piqa")}}
+
+    names = ["p1", "p2", "p3"]
+    entries = {"start": entry(), **{n: entry() for n in names}}
+    table = pd.DataFrame({"name": names, "dataset": "mmqa", "family": "adamw", "setting": 1e-4, "lr": 1e-4,
+                          "seed": 1234, "at": [1, 2, 3], "of": 3})
+    st = study.Study("synthetic", entries, table)
+    draw = {"mmqa": rng.integers(0, 7, 7), "alpaca": rng.integers(0, 9, 9),
+            ("eval", "arc"): rng.integers(0, 5, 5), ("eval", "piqa"): rng.integers(0, 5, 5)}
+    assert len(set(draw["alpaca"])) < 9  # the draw repeats examples, so weights matter
+
+    def by_hand(e, forgetting, d):
+        each = forgetting == "heldout per example"
+        own = lambda x: study.loss_mean(x["heldout_loss"]["mmqa"]["per_example"], d["mmqa"], each)
+        learning = own(entries["start"]) - own(e)
+        if forgetting in study.EVAL_KEYS:
+            ability = lambda x: np.mean([x["eval_items"][t][forgetting][d[("eval", t)]].mean() for t in ("arc", "piqa")])
+            return learning, ability(entries["start"]) - ability(e)
+        s1 = lambda x: study.loss_mean(x["heldout_loss"]["alpaca"]["per_example"], d["alpaca"], each)
+        return learning, s1(e) - s1(entries["start"])
+
+    every = {k: np.arange(n) for k, n in (("mmqa", 7), ("alpaca", 9), (("eval", "arc"), 5), (("eval", "piqa"), 5))}
+    for forgetting in study.FORGETTING:
+        for d in (draw, None):
+            got = study.measures(st, d, forgetting).set_index("name")
+            for n in names:
+                want = by_hand(entries[n], forgetting, d or every)
+                assert got.loc[n, ["learning", "forgetting"]].tolist() == pytest.approx(want, rel=1e-12), (forgetting, n)

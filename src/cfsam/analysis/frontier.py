@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from cfsam.analysis import flatness
-from cfsam.analysis.study import EVAL_KEYS, START, Study, loss_mean, measures, per_example, stage1_set
+from cfsam.analysis.study import EVAL_KEYS, START, Study, loss_mean, measure_arrays, measures, per_example, stage1_set
 from cfsam.pipeline import specs
 from cfsam.pipeline.cache import load_results
 from cfsam.pipeline.presets import load_preset
@@ -88,11 +88,11 @@ def learning_check(study: Study | str, *, n_boot: int = 500, seed: int = 0, min_
     lr = load_preset(preset)["stage2"]["lr"]
     ref = table[(table["family"] == "adamw") & (table["setting"] == lr) & (table["at"] == table["of"])]
     for _, r in ref.iterrows():
-        pts = ref.loc[[r.name]]
+        sub = study.only(ref.loc[[r.name]])
         n = len(per_example(start, r["dataset"]))
 
-        def fall(d):
-            return float(measures(study.only(pts), d)["learning"].iloc[0])
+        def fall(d, sub=sub):
+            return float(measure_arrays(sub, d)[0][0])
         rows.append({"stage": f"stage 2, AdamW lr {lr:g} (end)", "dataset": r["dataset"], "seed": r["seed"],
                      "learning": fall(None), "entries": f"{START} {r['name']}",
                      "se": _bootstrap_se(fall, {r["dataset"]: n, s1: len(per_example(start, s1))}, n_boot, seed)})

@@ -14,7 +14,7 @@ from enum import Enum
 import numpy as np
 import pandas as pd
 
-from cfsam.analysis.study import FORGETTING, Study, measures
+from cfsam.analysis.study import FORGETTING, Study, measure_arrays
 from cfsam.core.errors import UsageError
 
 
@@ -125,10 +125,16 @@ def compare(study: Study | str, dataset: str, a: str = "adamw", b: str = "sam", 
     study = study.only(table)
     sizes = study.draw_sizes(dataset, forgetting)
 
+    fam, sd = table["family"].to_numpy(), table["seed"].to_numpy()
+    rows_of = {(f, s): np.flatnonzero((fam == f) & (sd == s)) for f in (a, b) for s in seeds}
+
+    def curves_of(learn, forget, f):  # ``seed_curves`` on arrays: the bootstrap builds them on every draw
+        return {s: pareto_curve(learn[rows_of[f, s]], forget[rows_of[f, s]]) for s in seeds}
+
     def delta(draws, seed_draw):
-        pts = measures(study, draws, forgetting)
-        ca = seed_curves(pts, a) if a != "none" else {s: _NOTHING for s in seeds}
-        cb = seed_curves(pts, b)
+        learn, forget = measure_arrays(study, draws, forgetting)
+        ca = curves_of(learn, forget, a) if a != "none" else {s: _NOTHING for s in seeds}
+        cb = curves_of(learn, forget, b)
         reach = min(min(ca[s][0].max(), cb[s][0].max()) for s in seeds)
         if not reach > 0:  # in this draw one of them learns nothing: nothing to compare at
             return np.full(len(levels), np.nan), reach

@@ -104,6 +104,7 @@ class Study:
     entries: dict[str, Entry] = field(default_factory=dict)
     table: pd.DataFrame = field(default_factory=pd.DataFrame)
     planned: dict[str, set[str]] = field(default_factory=dict)
+    _stacked: dict = field(default_factory=dict, repr=False, compare=False)  # see ``_losses``
 
     @classmethod
     def of(cls, study: Study | str) -> Study:
@@ -179,41 +180,77 @@ def loss_mean(pe: np.ndarray, idx: np.ndarray, each: bool = False) -> float:
     return float(sub[:, 0].sum() / max(sub[:, 1].sum(), 1.0))
 
 
-def measures(study: Study, draws: dict | None = None, forgetting: str = "heldout") -> pd.DataFrame:
-    """The study's table with the learning and forgetting (as ``FORGETTING[forgetting]`` defines it) of every
-    point, on the held-out examples and eval items ``draws`` (all when None; keys as ``Study.draw_sizes``)."""
+def _weights(draws: dict | None, key, n: int) -> np.ndarray:
+    """How often each of ``n`` examples (or items) is in the draw: a draw is a multiset of indices, so a mean
+    over it is a weighted mean over all of them (all once when ``draws`` is None)."""
+    return np.bincount(draws[key], minlength=n).astype(float) if draws else np.ones(n)
+
+
+def _losses(study: Study, names: tuple, dataset: str, w: np.ndarray, each: bool) -> np.ndarray:
+    """``loss_mean`` of each entry of ``names`` on ``dataset``, for the weights ``w``, as one matrix product
+    (the bootstrap draws hundreds of times over the same entries: their stacked arrays are kept)."""
+    key = ("heldout", names, dataset, each)
+    if key not in study._stacked:
+        pe = np.stack([per_example(study.entries[n], dataset) for n in names])  # (entries, examples, 2)
+        s, c = pe[..., 0], pe[..., 1]
+        if each:  # an example with no response token left has none to weigh
+            study._stacked[key] = (np.where(c > 0, s / np.where(c > 0, c, 1.0), 0.0), (c > 0).astype(float), 0.0)
+        else:
+            study._stacked[key] = (s, c, 1.0)
+    num, den, floor = study._stacked[key]
+    return (num @ w) / np.maximum(den @ w, floor)
+
+
+def _ability(study: Study, names: tuple, tasks: list[str], forgetting: str, draws: dict | None) -> np.ndarray:
+    """Each entry's mean over ``tasks`` of its mean eval measure over the drawn items."""
+    per_task = []
+    for t in tasks:
+        key = ("eval", names, t, forgetting)
+        if key not in study._stacked:
+            study._stacked[key] = np.stack([study.entries[n]["eval_items"][t][forgetting] for n in names])
+        v = study._stacked[key]
+        w = _weights(draws, ("eval", t), v.shape[1])
+        per_task.append((v @ w) / w.sum())
+    return np.mean(per_task, axis=0)
+
+
+def measure_arrays(study: Study, draws: dict | None = None, forgetting: str = "heldout") -> tuple[np.ndarray, np.ndarray]:
+    """The learning and the forgetting of every point of the study's table, in its order (``measures``'
+    columns, as arrays: what a bootstrap draw needs)."""
     if forgetting not in FORGETTING:
         raise UsageError(f"unknown forgetting measure {forgetting!r}; allowed: {', '.join(FORGETTING)}")
-    entries, start, stage1_set = study.entries, study.start, study.stage1_set
+    t, start, stage1_set = study.table, study.start, study.stage1_set
     each = forgetting == "heldout per example"
     tasks = []
     if forgetting in EVAL_KEYS:  # a bootstrap draw names the tasks ``draw_sizes`` checked: not again per draw
         tasks = [k[1] for k in draws if isinstance(k, tuple)] if draws else study.suite()
     if forgetting in EVAL_KEYS and not tasks:
         raise UsageError(f"forgetting measure {forgetting!r} needs eval items in every entry; none are shared")
-
-    def idx(key, n):
-        return draws[key] if draws else np.arange(n)
-
-    def ability(e):
-        return np.mean([e["eval_items"][t][forgetting][idx(("eval", t), len(e["eval_items"][t]["idx"]))].mean()
-                        for t in tasks])
-
-    out, t = study.table.copy(), study.table
     # each point's own starting model (learning) and the model its forgetting is measured from: the study's
     # start unless the table names others (``starts``: points from several stage-1 models, or the base model)
-    own_start = t["start"] if "start" in t else ["start"] * len(t)
-    reference = t["reference"] if "reference" in t else own_start
-    learn, forget = [], []
-    for name, own, s0, r0 in zip(t["name"], t["dataset"], own_start, reference):
-        e, s0, r0 = entries[name], entries[s0], entries[r0]
-        i_own = idx(own, len(per_example(start, own)))
-        learn.append(loss_mean(per_example(s0, own), i_own, each) - loss_mean(per_example(e, own), i_own, each))
-        if tasks:
-            forget.append(ability(r0) - ability(e))
-        else:
-            i_s1 = idx(stage1_set, len(per_example(start, stage1_set)))
-            forget.append(loss_mean(per_example(e, stage1_set), i_s1, each)
-                          - loss_mean(per_example(r0, stage1_set), i_s1, each))
+    if "layout" not in study._stacked:
+        own_start = tuple(t["start"]) if "start" in t else ("start",) * len(t)
+        study._stacked["layout"] = (tuple(t["name"]), own_start,
+                                    tuple(t["reference"]) if "reference" in t else own_start, t["dataset"].to_numpy())
+    names, own_start, reference, own = study._stacked["layout"]
+    learn = np.empty(len(t))
+    for ds in dict.fromkeys(own):
+        rows = np.flatnonzero(own == ds)
+        w = _weights(draws, ds, len(per_example(start, ds)))
+        learn[rows] = (_losses(study, tuple(own_start[i] for i in rows), ds, w, each)
+                       - _losses(study, tuple(names[i] for i in rows), ds, w, each))
+    if tasks:
+        forget = _ability(study, reference, tasks, forgetting, draws) - _ability(study, names, tasks, forgetting, draws)
+    else:
+        w = _weights(draws, stage1_set, len(per_example(start, stage1_set)))
+        forget = _losses(study, names, stage1_set, w, each) - _losses(study, reference, stage1_set, w, each)
+    return learn, forget
+
+
+def measures(study: Study, draws: dict | None = None, forgetting: str = "heldout") -> pd.DataFrame:
+    """The study's table with the learning and forgetting (as ``FORGETTING[forgetting]`` defines it) of every
+    point, on the held-out examples and eval items ``draws`` (all when None; keys as ``Study.draw_sizes``)."""
+    learn, forget = measure_arrays(study, draws, forgetting)
+    out = study.table.copy()
     out["learning"], out["forgetting"] = learn, forget
     return out

@@ -22,7 +22,7 @@ import pandas as pd
 from cfsam.analysis import claims
 from cfsam.analysis.frontier import learning_check
 from cfsam.analysis.fronts import Effect, compare, every_seed
-from cfsam.analysis.study import Study, measures
+from cfsam.analysis.study import Study, measure_arrays, measures
 
 
 class Verdict(Enum):
@@ -108,14 +108,17 @@ def same_lr(study: Study | str, dataset: str, a: str, b: str, setting, lr: float
     sizes = sub.draw_sizes(dataset)
     seeds = sorted({p[0] for p in pairs})
 
+    row = {n: i for i, n in enumerate(sub.table["name"])}
+    ib, ia = (np.array([row[kb[p]] for p in pairs]), np.array([row[ka[p]] if ka[p] else -1 for p in pairs]))
+    pair_seeds = np.array([p[0] for p in pairs])
+
     def delta(draws, seed_draw):
-        pts = measures(sub, draws).set_index("name")
-        per_seed = {}
-        for p in pairs:
-            fb, lb = pts.loc[kb[p], ["forgetting", "learning"]]
-            fa, la = pts.loc[ka[p], ["forgetting", "learning"]] if ka[p] else (0.0, 0.0)
-            per_seed.setdefault(p[0], []).append((fb - fa, lb - la))
-        return np.mean([np.mean(per_seed[s], axis=0) for s in seed_draw], axis=0)
+        learn, forget = measure_arrays(sub, draws)
+        # a = "none": b against the stage-1 model, which neither learned nor forgot
+        fa, la = (np.where(ia >= 0, forget[ia], 0.0), np.where(ia >= 0, learn[ia], 0.0))
+        d = np.stack([forget[ib] - fa, learn[ib] - la], axis=1)
+        per_seed = {s: d[pair_seeds == s].mean(axis=0) for s in seeds}
+        return np.mean([per_seed[s] for s in seed_draw], axis=0)
 
     point = delta(None, seeds)
     rng = np.random.default_rng(seed)
