@@ -59,4 +59,4 @@ book: venv
 test: venv
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "chromium is not installed: tests/test_browser.py will be skipped"
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests  # the slowest, so that a slow suite shows where
