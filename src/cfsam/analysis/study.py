@@ -20,6 +20,7 @@ number is two steps from its ``results/<preset>/<name>.json.gz``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -126,6 +127,16 @@ class Study:
             arrays(e)
         return cls(study, out, pd.DataFrame(rows), planned)
 
+    @cached_property
+    def layout(self) -> tuple[tuple, tuple, tuple, np.ndarray]:
+        """Per point of the table: its name, its own starting model (learning) and the model its forgetting is
+        measured from (the study's start unless the table names others: ``starts`` has points from several
+        stage-1 models, or the base model), and its stage-2 set; read once, since a bootstrap reads it per draw."""
+        t = self.table
+        own_start = tuple(t["start"]) if "start" in t else ("start",) * len(t)
+        return (tuple(t["name"]), own_start, tuple(t["reference"]) if "reference" in t else own_start,
+                t["dataset"].to_numpy())
+
     @property
     def empty(self) -> bool:
         return self.table.empty
@@ -219,21 +230,15 @@ def measure_arrays(study: Study, draws: dict | None = None, forgetting: str = "h
     columns, as arrays: what a bootstrap draw needs)."""
     if forgetting not in FORGETTING:
         raise UsageError(f"unknown forgetting measure {forgetting!r}; allowed: {', '.join(FORGETTING)}")
-    t, start, stage1_set = study.table, study.start, study.stage1_set
+    start, stage1_set = study.start, study.stage1_set
     each = forgetting == "heldout per example"
     tasks = []
     if forgetting in EVAL_KEYS:  # a bootstrap draw names the tasks ``draw_sizes`` checked: not again per draw
         tasks = [k[1] for k in draws if isinstance(k, tuple)] if draws else study.suite()
     if forgetting in EVAL_KEYS and not tasks:
         raise UsageError(f"forgetting measure {forgetting!r} needs eval items in every entry; none are shared")
-    # each point's own starting model (learning) and the model its forgetting is measured from: the study's
-    # start unless the table names others (``starts``: points from several stage-1 models, or the base model)
-    if "layout" not in study._stacked:
-        own_start = tuple(t["start"]) if "start" in t else ("start",) * len(t)
-        study._stacked["layout"] = (tuple(t["name"]), own_start,
-                                    tuple(t["reference"]) if "reference" in t else own_start, t["dataset"].to_numpy())
-    names, own_start, reference, own = study._stacked["layout"]
-    learn = np.empty(len(t))
+    names, own_start, reference, own = study.layout
+    learn = np.empty(len(names))
     for ds in dict.fromkeys(own):
         rows = np.flatnonzero(own == ds)
         w = _weights(draws, ds, len(per_example(start, ds)))
